@@ -1,0 +1,58 @@
+"""Run-time measurement of what a backward pass costs, the input of the break-even alignment."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class CostMeter:
+    """Exponential moving averages of measured pass times, per example.
+
+    - backward/forward ratio: control micro-batch backward time over its forward time;
+    - cost ratio c: time per prediction example (no-grad trunk forward, head forward and backward) over time per
+      control example (forward and backward). Both passes run at their own batch sizes, so c includes what
+      smaller batches cost on this hardware; it is the c of `theory.break_even_rho2`.
+    """
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self.backward_forward_ratio: float | None = None
+        self.cost_ratio: float | None = None
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def update(self, prediction_seconds: float, num_prediction: int, forward_seconds: float, backward_seconds: float, num_control: int) -> None:
+        if forward_seconds <= 0 or num_prediction <= 0:
+            return
+        self.backward_forward_ratio = self._average(self.backward_forward_ratio, backward_seconds / forward_seconds)
+        per_control = (forward_seconds + backward_seconds) / num_control
+        self.cost_ratio = self._average(self.cost_ratio, min(1.0, (prediction_seconds / num_prediction) / per_control))
+
+    def state_dict(self) -> dict:
+        return {"backward_forward_ratio": self.backward_forward_ratio, "cost_ratio": self.cost_ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.backward_forward_ratio = state["backward_forward_ratio"]
+        self.cost_ratio = state["cost_ratio"]
+
+
+class Stopwatch:
+    """Wall-clock laps that wait for the accelerator first when `synchronize` is set (CUDA runs asynchronously)."""
+
+    def __init__(self, device: torch.device, synchronize: bool):
+        self.synchronize = synchronize and device.type == "cuda"
+        self.device = device
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.synchronize:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        elapsed, self.last = now - self.last, now
+        return elapsed

@@ -1,0 +1,143 @@
+"""The control-variate estimator as pure functions on tensors.
+
+Notation (loss units: the gradient of the loss the model returns for a micro-batch):
+    B   the per-device micro-batch of n examples, split at random into control C (n_c) and prediction P (n_p)
+    r   = n / n_c, the control scale: E_C[r * sum_{i in C} x_i] = sum_{i in B} x_i for a uniformly random C
+    S_X the head-side signal of X (head gradient, or summed logit errors), exact and cheap for every example
+    A   a linear predictor, signal -> trunk gradient; beta a coefficient per trunk parameter tensor
+
+Trunk estimate:  r * g_trunk(C) + beta * A(S_B - r * S_C)
+Head:            the exact gradient of B (control and prediction micro-batches together)
+
+Unbiasedness in one line: A and beta are fixed before C is drawn, so
+E_C[r g(C) - beta A(r S_C)] + beta A(S_B) = g(B) - beta A(S_B) + beta A(S_B) = g(B).
+A predictor fitted on the current C would break the first equality, which is why refits only ever use
+earlier control batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def control_size(batch_size: int, control_fraction: float) -> int:
+    """Examples in the control micro-batch: max(1, round(f n)), never more than n."""
+    return min(batch_size, max(1, round(control_fraction * batch_size)))
+
+
+def split_batch_indices(batch_size: int, num_control: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uniformly random split of range(n) into control and prediction indices, each sorted."""
+    order = torch.randperm(batch_size, generator=generator)
+    return order[:num_control].sort().values, order[num_control:].sort().values
+
+
+def split_generator(seed: int, step: int, micro_step: int) -> torch.Generator:
+    """A generator determined by (seed, optimizer step, micro-batch): reproducible, identical on every rank,
+    and with no state to checkpoint."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro_step)
+
+
+def subset_loss_weights(loss_is_sum_normalised: bool, batch_size: int, num_control: int) -> tuple[float, float]:
+    """Weights (w_C, w_P) with loss(B) = w_C loss(C) + w_P loss(P).
+
+    A loss normalised by `num_items_in_batch` is a sum over examples divided by a constant, so it is additive
+    (weights 1, 1); a per-micro-batch mean is not, and each part is weighted by its share of the examples.
+    """
+    if loss_is_sum_normalised:
+        return 1.0, 1.0
+    return num_control / batch_size, (batch_size - num_control) / batch_size
+
+
+def signal_difference(batch_signal: torch.Tensor, control_signal: torch.Tensor, control_scale: float) -> torch.Tensor:
+    """S_B - r S_C: what the predictor maps to the trunk correction."""
+    return batch_signal - control_scale * control_signal
+
+
+def apply_coefficients(prediction: torch.Tensor, coefficients: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
+    """beta * prediction, one coefficient per parameter tensor (the flat vector is split by `numels`)."""
+    return prediction * torch.repeat_interleave(coefficients.to(prediction), torch.tensor(numels, device=prediction.device))
+
+
+def trunk_correction(
+    predict: Callable[[torch.Tensor], torch.Tensor | None],
+    batch_signal: torch.Tensor,
+    control_signal: torch.Tensor,
+    control_scale: float,
+    coefficients: torch.Tensor,
+    numels: Sequence[int],
+) -> torch.Tensor | None:
+    """beta * A(S_B - r S_C), flat over the trunk; None when the predictor predicts nothing."""
+    prediction = predict(signal_difference(batch_signal, control_signal, control_scale))
+    return None if prediction is None else apply_coefficients(prediction, coefficients, numels)
+
+
+def control_variate_estimate(
+    control_trunk_grad: torch.Tensor,
+    predict: Callable[[torch.Tensor], torch.Tensor | None],
+    batch_signal: torch.Tensor,
+    control_signal: torch.Tensor,
+    control_scale: float,
+    coefficients: torch.Tensor,
+    numels: Sequence[int],
+) -> torch.Tensor:
+    """The trunk estimate r g(C) + beta A(S_B - r S_C) from the control micro-batch's (summed) trunk gradient."""
+    correction = trunk_correction(predict, batch_signal, control_signal, control_scale, coefficients, numels)
+    estimate = control_scale * control_trunk_grad
+    return estimate if correction is None else estimate + correction
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of two flat vectors (0 when either is zero)."""
+    denominator = a.norm() * b.norm()
+    return float(a.dot(b) / denominator) if denominator > 0 else 0.0
+
+
+def relative_residual(true: torch.Tensor, predicted: torch.Tensor) -> float:
+    """||true - predicted||^2 / ||true||^2: 1 for the zero predictor, 0 for a perfect one."""
+    denominator = true.pow(2).sum()
+    return float((true - predicted).pow(2).sum() / denominator) if denominator > 0 else 0.0
+
+
+class ControlVariateCoefficients:
+    """beta per trunk parameter tensor, fitted online from earlier control batches.
+
+    The variance-optimal coefficient of a control variate is beta* = Cov(g, g_hat) / Var(g_hat); per tensor it
+    is estimated as sum_t <g_t, g_hat_t> / sum_t ||g_hat_t||^2 over past control batches t, with exponential
+    forgetting (`decay`) since the predictor and the gradients move during training. It is clipped to
+    [0, `max_value`]: a negative beta means the predictor is worse than useless for that tensor, and large
+    values come only from noise. Fixed before each C is drawn, so the estimator stays unbiased.
+    `mode="fixed"` keeps beta = `fixed_value` (1 is the paper's plain control variate).
+    """
+
+    def __init__(self, num_tensors: int, mode: str = "fitted", fixed_value: float = 1.0, decay: float = 0.95, max_value: float = 2.0):
+        self.mode = mode
+        self.fixed_value = fixed_value
+        self.decay = decay
+        self.max_value = max_value
+        self.numerator = torch.zeros(num_tensors, dtype=torch.float64)
+        self.denominator = torch.zeros(num_tensors, dtype=torch.float64)
+
+    @property
+    def values(self) -> torch.Tensor:
+        if self.mode == "fixed":
+            return torch.full_like(self.numerator, self.fixed_value, dtype=torch.float32)
+        beta = torch.where(self.denominator > 0, self.numerator / self.denominator.clamp_min(1e-300), torch.zeros_like(self.numerator))
+        return beta.clamp(0.0, self.max_value).float()
+
+    def update(self, true: torch.Tensor, predicted: torch.Tensor, numels: Sequence[int]) -> None:
+        """Add one control batch's (true, raw predicted) flat trunk gradients."""
+        true_parts = true.double().split(list(numels))
+        predicted_parts = predicted.double().split(list(numels))
+        numerator = torch.stack([(t * p).sum() for t, p in zip(true_parts, predicted_parts)]).cpu()
+        denominator = torch.stack([p.pow(2).sum() for p in predicted_parts]).cpu()
+        self.numerator.mul_(self.decay).add_(numerator)
+        self.denominator.mul_(self.decay).add_(denominator)
+
+    def state_dict(self) -> dict:
+        return {"numerator": self.numerator.clone(), "denominator": self.denominator.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.numerator.copy_(state["numerator"])
+        self.denominator.copy_(state["denominator"])

@@ -1,0 +1,377 @@
+"""`PredictedGradientTrainer`: `transformers.Trainer` with the control-variate estimator in `training_step`."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from . import theory
+from .arguments import PredictedGradientArguments
+from .costs import CostMeter, Stopwatch
+from .estimator import (
+    ControlVariateCoefficients,
+    apply_coefficients,
+    control_size,
+    cosine_similarity,
+    relative_residual,
+    signal_difference,
+    split_batch_indices,
+    split_generator,
+    subset_loss_weights,
+)
+from .heads import ModelPartition, capture_head
+from .predictors import make_predictor, mean_logit_jacobian
+
+logger = logging.get_logger(__name__)
+
+LGP_STATE_NAME = "lgp_state.pt"
+
+
+class PredictedGradientTrainer(Trainer):
+    """A `Trainer` that runs a full backward on a random control fraction of each batch only.
+
+    Each per-device micro-batch B is split at random into a control part C (forward and backward) and a
+    prediction part P (trunk forward without autograd, head forward and backward with the model's own loss).
+    The head gets its exact gradient over B; the trunk gets r g(C) + beta A(S_B - r S_C) (`estimator`), an
+    unbiased estimate of g(B) because the predictor A and the coefficients beta are fitted from earlier control
+    batches only. Everything else (callbacks, logging, evaluation, saving, accumulation, DDP, mixed precision) is
+    the base class's: the extra gradient terms are written into `.grad` before the control backward, so DDP's
+    reducer, the fp16 scaler (they are pre-multiplied by its scale) and clipping see one ordinary gradient.
+
+    Overridden hooks: `training_step` (the estimator), `log` (adds the `lgp/*` statistics), `_save_checkpoint` and
+    `_load_from_checkpoint` (the predictor state travels with checkpoints).
+    """
+
+    _tag_names = ["lgp-hf", "predicted-gradients"]
+
+    def __init__(self, model=None, args: PredictedGradientArguments | None = None, *pargs, **kwargs):
+        if args is None:
+            args = PredictedGradientArguments(output_dir="trainer_output")
+        if not isinstance(args, PredictedGradientArguments):
+            raise ValueError(
+                f"args: got {type(args).__name__}; PredictedGradientTrainer needs PredictedGradientArguments "
+                "(a TrainingArguments subclass with the estimator's settings)."
+            )
+        super().__init__(model, args, *pargs, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "PredictedGradientTrainer supports single-device and DDP training (accelerate launch, "
+                "--multi_gpu or multi-process CPU), with fp16/bf16; DeepSpeed and FSDP shard or hide `.grad`, "
+                "which the estimator writes, and are not supported."
+            )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                "PredictedGradientTrainer does not support torch.nn.DataParallel (several GPUs in one process); "
+                "launch one process per GPU with `accelerate launch --multi_gpu`."
+            )
+        self.partition = ModelPartition.from_model(self.model, self.args.head_modules)
+        self.predictor = make_predictor(
+            self.args.predictor, self.args.predictor_window_size, self.args.predictor_ridge, self.args.predictor_refit_steps
+        )
+        self.coefficients = ControlVariateCoefficients(
+            len(self.partition.trunk_params), mode=self.args.control_variate_coefficient
+        )
+        self.cost_meter = CostMeter()
+        self._trunk_numels = [p.numel() for p in self.partition.trunk_params]
+        self._auto = self.args.control_fraction == "auto"
+        self._control_fraction = self.args.auto_initial_control_fraction if self._auto else self.args.control_fraction
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._totals = {"alignment_sum": 0.0, "observations": 0, "last_alignment": None, "control_examples": 0, "examples": 0, "fallback_steps": 0}
+        self._step_sums: dict | None = None
+        self._micro_step = 0
+        self._warned_single_example = False
+
+    # ------------------------------------------------------------------ the estimator
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One micro-batch: the estimator when f < 1, the base class's step when the batch cannot be split."""
+        batch_size = _batch_size(inputs)
+        num_control = control_size(batch_size, self._control_fraction)
+        if num_control >= batch_size and not self._auto:
+            if batch_size == 1 and self._control_fraction < 1 and not self._warned_single_example:
+                logger.warning("A batch of one example cannot be split into control and prediction parts: full backward.")
+                self._warned_single_example = True
+            self._step_sums = None  # this optimizer step is not an estimator step: observe nothing
+            self._end_micro_step()
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        if self._micro_step == 0:
+            self._step_sums = {"control": None, "applied": None, "jacobian": None}
+        generator = split_generator(self.args.seed, self.state.global_step, self._micro_step)
+        control_index, prediction_index = split_batch_indices(batch_size, num_control, generator)
+        num_prediction = batch_size - num_control
+
+        sum_normalised = self._loss_is_sum_normalised(num_items_in_batch)
+        weight_control, weight_prediction = subset_loss_weights(sum_normalised, batch_size, num_control)
+        accumulation = 1 if sum_normalised else self.current_gradient_accumulation_steps
+        control_scale = batch_size / num_control
+        measure = self.state.global_step % max(1, int(self.args.logging_steps)) == 0
+        stopwatch = Stopwatch(self.args.device, synchronize=measure)
+
+        # Prediction micro-batch: no-grad trunk, differentiable head and loss.
+        if num_prediction:
+            prediction_inputs = _select_examples(inputs, prediction_index, batch_size)
+            with torch.no_grad(), capture_head(self.partition, head_only_autograd=True) as capture, self.compute_loss_context_manager():
+                loss_prediction = self.compute_loss(model, prediction_inputs, num_items_in_batch=num_items_in_batch)
+            head_prediction, signal_prediction = self._head_gradients(loss_prediction, capture.logits, retain_graph=False)
+            prediction_seconds = stopwatch.lap()
+
+        # Control micro-batch: forward with autograd; head gradient first (the graph is kept for the backward).
+        control_inputs = _select_examples(inputs, control_index, batch_size) if num_prediction else inputs
+        with capture_head(self.partition) as capture, self.compute_loss_context_manager():
+            loss_control = self.compute_loss(model, control_inputs, num_items_in_batch=num_items_in_batch)
+        forward_seconds = stopwatch.lap()
+        head_control, signal_control = self._head_gradients(loss_control, capture.logits, retain_graph=True)
+        if self.accelerator.sync_gradients and self.predictor.needs_jacobian(self.state.global_step):
+            self._step_sums["jacobian"] = mean_logit_jacobian(capture.logits, self.partition.trunk_params, num_control)
+            stopwatch.lap()  # refit work is not part of the backward being measured
+
+        coefficient = control_scale * weight_control / accumulation
+        if num_prediction:
+            batch_signal = weight_control * signal_control + weight_prediction * signal_prediction
+            difference = signal_difference(batch_signal, weight_control * signal_control, control_scale) / accumulation
+            head_correction = [
+                (weight_control * hc + weight_prediction * hp) / accumulation - coefficient * hc
+                for hc, hp in zip(head_control, head_prediction)
+            ]
+            trunk_correction = self._trunk_correction(difference)
+        else:
+            difference, head_correction, trunk_correction = None, None, None
+        loss_scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
+        if head_correction is not None:
+            _add_to_grads(self.partition.head_params, head_correction, loss_scale)
+        if trunk_correction is not None:
+            _add_to_grads(self.partition.trunk_params, trunk_correction.split(self._trunk_numels), loss_scale)
+            self._step_sums["applied"] = _add(self._step_sums["applied"], difference)
+        self._step_sums["control"] = _add(self._step_sums["control"], coefficient * signal_control)
+
+        self.accelerator.backward(loss_control * coefficient)
+        backward_seconds = stopwatch.lap()
+        if measure and num_prediction:
+            self.cost_meter.update(prediction_seconds, num_prediction, forward_seconds, backward_seconds, num_control)
+
+        self._totals["control_examples"] += num_control
+        self._totals["examples"] += batch_size
+        if self.accelerator.sync_gradients:
+            self._observe(loss_scale)
+        self._end_micro_step()
+        loss = weight_control * loss_control.detach()
+        if num_prediction:
+            loss = loss + weight_prediction * loss_prediction.detach()
+        return loss / accumulation
+
+    def _trunk_correction(self, difference: torch.Tensor) -> torch.Tensor | None:
+        """beta * A(S_B - r S_C), or None (control-only update) when there is no prediction or it is not finite."""
+        prediction = self.predictor.predict(difference)
+        if prediction is None:
+            return None
+        correction = apply_coefficients(prediction, self.coefficients.values, self._trunk_numels)
+        if not torch.isfinite(correction).all():
+            self._record_fallback("the predicted trunk gradient is not finite")
+            return None
+        return correction
+
+    def _observe(self, loss_scale: float) -> None:
+        """Score the predictor on this step's control batches, then let it (and beta) learn from them.
+
+        Runs after the last backward of an optimizer step. The control part of the trunk gradient is what `.grad`
+        holds minus the corrections that were added; summed over micro-batches (and averaged over ranks, like
+        `.grad`), it pairs with the summed control signal. Scoring happens before `observe`, so the alignment is
+        measured with a predictor that has not seen this batch.
+        """
+        sums, self._step_sums = self._step_sums, None
+        if sums is None or sums["control"] is None or any(p.grad is None for p in self.partition.trunk_params):
+            return
+        true = torch.cat([p.grad.reshape(-1).float() for p in self.partition.trunk_params]) / loss_scale
+        if not torch.isfinite(true).all():
+            return  # an fp16 overflow: the scaler skips this step, and the predictor learns nothing from it
+        control, applied = self._all_ranks_mean(sums["control"]), sums["applied"]
+        beta = self.coefficients.values
+        if applied is not None:
+            true -= apply_coefficients(self.predictor.predict(self._all_ranks_mean(applied)), beta, self._trunk_numels)
+        raw = self.predictor.predict(control)
+        if raw is None:
+            alignment, residual = 0.0, 1.0
+        else:
+            predicted = apply_coefficients(raw, beta, self._trunk_numels)
+            alignment, residual = cosine_similarity(predicted, true), relative_residual(true, predicted)
+            self.coefficients.update(true, raw, self._trunk_numels)
+        jacobian = sums["jacobian"]
+        if jacobian is not None:
+            jacobian = self._all_ranks_mean(jacobian)
+        try:
+            self.predictor.observe(control, true, jacobian)
+        except (FloatingPointError, torch.linalg.LinAlgError) as error:
+            self._record_fallback(f"the predictor fit failed ({error})")
+        self._metrics["lgp/alignment"].append(alignment)
+        self._metrics["lgp/predictor_residual"].append(residual)
+        self._totals["alignment_sum"] += alignment
+        self._totals["observations"] += 1
+        self._totals["last_alignment"] = alignment
+        if self._auto and (self.state.global_step + 1) % self.args.predictor_refit_steps == 0:
+            self._update_control_fraction()
+
+    def _update_control_fraction(self) -> None:
+        """`control_fraction="auto"`: f minimising estimator variance per second (theory.optimal_control_fraction)
+        for the alignment measured since the last refit point and the measured cost ratio. Changed only here,
+        between optimizer steps, so each step's estimator is unbiased."""
+        recent = self._metrics["lgp/alignment"][-self.args.predictor_refit_steps :]
+        if not recent or self.cost_meter.cost_ratio is None:
+            return
+        rho = max(0.0, sum(recent) / len(recent))
+        self._control_fraction = theory.optimal_control_fraction(
+            min(rho, 1.0), self.cost_meter.cost_ratio, min_fraction=self.args.auto_min_control_fraction
+        )
+
+    def _head_gradients(self, loss: torch.Tensor, logits: torch.Tensor | None, retain_graph: bool):
+        """Exact head gradients of `loss` and the predictor's signal (flat head gradient or summed logit errors)."""
+        if logits is None or not loss.requires_grad:
+            raise RuntimeError(
+                f"The head modules {self.partition.head_module_names} did not run under autograd in this forward "
+                "pass, so their gradient (and input) cannot be captured; name the model's final layers with "
+                "head_modules=[...]."
+            )
+        params = self.partition.head_params
+        grads = torch.autograd.grad(loss, [*params, logits], retain_graph=retain_graph, allow_unused=True)
+        head = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads[:-1])]
+        if self.predictor.signal == "logit_error":
+            logit_grad = grads[-1] if grads[-1] is not None else torch.zeros_like(logits)
+            signal = logit_grad.reshape(-1, logit_grad.shape[-1]).sum(0).float()
+        else:
+            signal = torch.cat([g.reshape(-1).float() for g in head])
+        return head, signal
+
+    def _loss_is_sum_normalised(self, num_items_in_batch) -> bool:
+        """The base class's rule for whether the loss is already scaled for gradient accumulation."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def _all_ranks_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.contiguous(), reduction="mean")
+
+    def _end_micro_step(self) -> None:
+        self._micro_step = 0 if self.accelerator.sync_gradients else self._micro_step + 1
+
+    def _record_fallback(self, reason: str) -> None:
+        self._totals["fallback_steps"] += 1
+        logger.warning(f"{reason}; this step uses the control-only trunk gradient (still unbiased).")
+
+    # ------------------------------------------------------------------ reporting
+
+    def break_even_alignment(self) -> float | None:
+        """Alignment above which the current control fraction beats plain backprop (None before costs are measured)."""
+        if self.cost_meter.cost_ratio is None or self._control_fraction >= 1:
+            return None
+        return theory.break_even_alignment(self._control_fraction, self.cost_meter.cost_ratio)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the `lgp/*` statistics (means since the last log) to training logs."""
+        if "loss" in logs:
+            for key, values in self._metrics.items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+            self._metrics.clear()
+            logs["lgp/control_fraction"] = self._control_fraction
+            logs["lgp/fallback_steps"] = self._totals["fallback_steps"]
+            if self.cost_meter.cost_ratio is not None:
+                logs["lgp/backward_forward_ratio"] = self.cost_meter.backward_forward_ratio
+                logs["lgp/cost_ratio"] = self.cost_meter.cost_ratio
+            break_even = self.break_even_alignment()
+            if break_even is not None:
+                logs["lgp/break_even_alignment"] = break_even
+        super().log(logs, start_time)
+
+    def lgp_summary(self) -> dict[str, float | None]:
+        """Statistics of the run so far: alignment, break-even, measured costs, backward work skipped."""
+        totals = self._totals
+        return {
+            "lgp_predictor": self.args.predictor,
+            "lgp_control_fraction": self._control_fraction,
+            "lgp_mean_alignment": totals["alignment_sum"] / totals["observations"] if totals["observations"] else None,
+            "lgp_final_alignment": totals["last_alignment"],
+            "lgp_break_even_alignment": self.break_even_alignment(),
+            "lgp_backward_forward_ratio": self.cost_meter.backward_forward_ratio,
+            "lgp_cost_ratio": self.cost_meter.cost_ratio,
+            "lgp_backward_work_skipped": 1 - totals["control_examples"] / totals["examples"] if totals["examples"] else 0.0,
+            "lgp_fallback_steps": totals["fallback_steps"],
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _lgp_state(self) -> dict:
+        return {
+            "predictor": self.args.predictor,
+            "predictor_state": self.predictor.state_dict(),
+            "coefficients": self.coefficients.state_dict(),
+            "costs": self.cost_meter.state_dict(),
+            "control_fraction": self._control_fraction,
+            "totals": dict(self._totals),
+        }
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self._lgp_state(), os.path.join(folder, LGP_STATE_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, LGP_STATE_NAME)
+        if not os.path.isfile(path):
+            logger.warning(f"{resume_from_checkpoint} holds no {LGP_STATE_NAME} (not an lgp_hf checkpoint): the predictor starts fresh.")
+            return
+        state = torch.load(path, map_location=self.args.device, weights_only=False)
+        if state["predictor"] != self.args.predictor:
+            raise ValueError(
+                f"predictor: the checkpoint was trained with predictor={state['predictor']!r}, not {self.args.predictor!r}; "
+                "resume with the same predictor."
+            )
+        self.predictor.load_state_dict(state["predictor_state"])
+        self.coefficients.load_state_dict(state["coefficients"])
+        self.cost_meter.load_state_dict(state["costs"])
+        self._control_fraction = state["control_fraction"]
+        self._totals.update(state["totals"])
+
+
+def _batch_size(inputs: dict) -> int:
+    labels = inputs.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() > 0:
+        return labels.shape[0]
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("The batch holds no tensor with a batch dimension.")
+
+
+def _select_examples(inputs: dict, index: torch.Tensor, batch_size: int) -> dict:
+    """The examples at `index` of every per-example tensor (first dimension = batch size); others as they are."""
+    return {
+        key: value[index.to(value.device)] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size else value
+        for key, value in inputs.items()
+    }
+
+
+def _add_to_grads(params, values, scale: float) -> None:
+    """p.grad += scale * value, creating the gradient where there is none yet."""
+    for param, value in zip(params, values):
+        value = value.reshape(param.shape).to(param.dtype) * scale
+        if param.grad is None:
+            param.grad = value.contiguous()
+        else:
+            param.grad.add_(value)
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value.clone() if total is None else total + value
