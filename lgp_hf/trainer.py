@@ -85,6 +85,7 @@ class PredictedGradientTrainer(Trainer):
         self._step_sums: dict | None = None
         self._micro_step = 0
         self._warned_single_example = False
+        self._additive_loss: bool | None = None
 
     # ------------------------------------------------------------------ the estimator
 
@@ -110,9 +111,9 @@ class PredictedGradientTrainer(Trainer):
         control_index, prediction_index = split_batch_indices(batch_size, num_control, generator)
         num_prediction = batch_size - num_control
 
-        sum_normalised = self._loss_is_sum_normalised(num_items_in_batch)
-        weight_control, weight_prediction = subset_loss_weights(sum_normalised, batch_size, num_control)
-        accumulation = 1 if sum_normalised else self.current_gradient_accumulation_steps
+        additive = self._loss_is_additive(model, inputs, num_items_in_batch)
+        weight_control, weight_prediction = subset_loss_weights(additive, batch_size, num_control)
+        accumulation = 1 if self._loss_is_scaled_for_ga(num_items_in_batch) else self.current_gradient_accumulation_steps
         control_scale = batch_size / num_control
         measure = self.state.global_step % max(1, int(self.args.logging_steps)) == 0
         stopwatch = Stopwatch(self.args.device, synchronize=measure)
@@ -250,11 +251,31 @@ class PredictedGradientTrainer(Trainer):
             signal = torch.cat([g.reshape(-1).float() for g in head])
         return head, signal
 
-    def _loss_is_sum_normalised(self, num_items_in_batch) -> bool:
-        """The base class's rule for whether the loss is already scaled for gradient accumulation."""
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """The base class's rule for whether the loss is already scaled for gradient accumulation (followed as is,
+        so that f < 1 estimates the very gradient that f = 1, the base class's step, computes)."""
         if self.loss_is_scaled_for_ga is not None:
             return self.loss_is_scaled_for_ga
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def _loss_is_additive(self, model, inputs, num_items_in_batch) -> bool:
+        """Whether the loss is a sum over examples divided by `num_items_in_batch` (so loss(B) = loss(C) + loss(P)).
+
+        Accepting loss kwargs does not make a model use them (BERT's regression loss is a plain mean while its
+        classification loss is normalised by `num_items_in_batch`), so this is measured once: the loss of the
+        batch with `num_items_in_batch` doubled must halve. The probe runs in eval mode without autograd, so it
+        draws no random numbers and changes nothing.
+        """
+        if num_items_in_batch is None:
+            return False
+        if self._additive_loss is None:
+            model.eval()
+            with torch.no_grad(), self.compute_loss_context_manager():
+                once = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                twice = self.compute_loss(model, inputs, num_items_in_batch=2 * num_items_in_batch)
+            model.train()
+            self._additive_loss = bool(torch.isclose(once.float(), 2 * twice.float(), rtol=1e-3, atol=1e-12))
+        return self._additive_loss
 
     def _all_ranks_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
