@@ -96,6 +96,8 @@ class WindowPredictor(GradientPredictor):
         self._dual_map: torch.Tensor | None = None  # (n, d): (H H^T + lambda I)^-1 H, refitted lazily
 
     def observe(self, signal, trunk_grad, jacobian=None):
+        if not (torch.isfinite(signal).all() and torch.isfinite(trunk_grad).all()):
+            raise FloatingPointError("a control batch's signal or trunk gradient is not finite; the pair is not kept")
         if self.signals is None:
             self.signals = signal.new_zeros(self.window_size, signal.numel(), dtype=torch.float32)
             self.gradients = trunk_grad.new_zeros(self.window_size, trunk_grad.numel(), dtype=torch.float32)

@@ -7,11 +7,12 @@ from collections import defaultdict
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils import logging
 
 from . import theory
 from .arguments import PredictedGradientArguments
+from .checkpoints import reload_renamed_weights
 from .costs import CostMeter, Stopwatch
 from .estimator import (
     ControlVariateCoefficients,
@@ -25,6 +26,7 @@ from .estimator import (
     subset_loss_weights,
 )
 from .heads import ModelPartition, capture_head
+from .model_card import write_model_card
 from .predictors import make_predictor, mean_logit_jacobian
 
 logger = logging.get_logger(__name__)
@@ -58,6 +60,8 @@ class PredictedGradientTrainer(Trainer):
                 "(a TrainingArguments subclass with the estimator's settings)."
             )
         super().__init__(model, args, *pargs, **kwargs)
+        if hasattr(self.model, "add_model_tags"):  # transformers' Trainer does not: push_to_hub's card gets them
+            self.model.add_model_tags(self._tag_names)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "PredictedGradientTrainer supports single-device and DDP training (accelerate launch, "
@@ -86,6 +90,7 @@ class PredictedGradientTrainer(Trainer):
         self._micro_step = 0
         self._warned_single_example = False
         self._additive_loss: bool | None = None
+        self._recent_alignment: list[float] = []
 
     # ------------------------------------------------------------------ the estimator
 
@@ -101,6 +106,7 @@ class PredictedGradientTrainer(Trainer):
             self._end_micro_step()
             return super().training_step(model, inputs, num_items_in_batch)
 
+        self._check_labels(inputs)
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
@@ -171,8 +177,10 @@ class PredictedGradientTrainer(Trainer):
         return loss / accumulation
 
     def _trunk_correction(self, difference: torch.Tensor) -> torch.Tensor | None:
-        """beta * A(S_B - r S_C), or None (control-only update) when there is no prediction or it is not finite."""
-        prediction = self.predictor.predict(difference)
+        """beta * A(S_B - r S_C), or None (control-only update) when there is no prediction, its fit fails or it
+        is not finite: a fault in the predictor never reaches the optimizer, and the control-only estimate that
+        replaces it is still unbiased."""
+        prediction = self._predict(difference)
         if prediction is None:
             return None
         correction = apply_coefficients(prediction, self.coefficients.values, self._trunk_numels)
@@ -180,6 +188,13 @@ class PredictedGradientTrainer(Trainer):
             self._record_fallback("the predicted trunk gradient is not finite")
             return None
         return correction
+
+    def _predict(self, signal: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return self.predictor.predict(signal)
+        except (FloatingPointError, torch.linalg.LinAlgError) as error:
+            self._record_fallback(f"the predictor fit failed ({error})")
+            return None
 
     def _observe(self, loss_scale: float) -> None:
         """Score the predictor on this step's control batches, then let it (and beta) learn from them.
@@ -199,7 +214,7 @@ class PredictedGradientTrainer(Trainer):
         beta = self.coefficients.values
         if applied is not None:
             true -= apply_coefficients(self.predictor.predict(self._all_ranks_mean(applied)), beta, self._trunk_numels)
-        raw = self.predictor.predict(control)
+        raw = self._predict(control)
         if raw is None:
             alignment, residual = 0.0, 1.0
         else:
@@ -218,6 +233,7 @@ class PredictedGradientTrainer(Trainer):
         self._totals["alignment_sum"] += alignment
         self._totals["observations"] += 1
         self._totals["last_alignment"] = alignment
+        self._recent_alignment = [*self._recent_alignment, alignment][-self.args.predictor_refit_steps :]
         if self._auto and (self.state.global_step + 1) % self.args.predictor_refit_steps == 0:
             self._update_control_fraction()
 
@@ -225,7 +241,7 @@ class PredictedGradientTrainer(Trainer):
         """`control_fraction="auto"`: f minimising estimator variance per second (theory.optimal_control_fraction)
         for the alignment measured since the last refit point and the measured cost ratio. Changed only here,
         between optimizer steps, so each step's estimator is unbiased."""
-        recent = self._metrics["lgp/alignment"][-self.args.predictor_refit_steps :]
+        recent = self._recent_alignment
         if not recent or self.cost_meter.cost_ratio is None:
             return
         rho = max(0.0, sum(recent) / len(recent))
@@ -250,6 +266,15 @@ class PredictedGradientTrainer(Trainer):
         else:
             signal = torch.cat([g.reshape(-1).float() for g in head])
         return head, signal
+
+    def _check_labels(self, inputs: dict) -> None:
+        """A batch without labels has no loss to split: say so before any gradient is written."""
+        if self.label_names and not any(name in inputs for name in self.label_names):
+            raise ValueError(
+                f"The training batch has no labels: expected a key among {self.label_names} (got {sorted(inputs)}); "
+                "PredictedGradientTrainer needs the model's own loss on every example. Check the collator and "
+                "`label_names`."
+            )
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """The base class's rule for whether the loss is already scaled for gradient accumulation (followed as is,
@@ -329,6 +354,60 @@ class PredictedGradientTrainer(Trainer):
             "lgp_fallback_steps": totals["fallback_steps"],
         }
 
+    # ------------------------------------------------------------------ model card
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        reproduce_command: str | None = None,
+    ) -> None:
+        """Writes `args.output_dir`/README.md: the base class's card (same arguments, same defaults) in lgp_hf's
+        template (`lgp_hf/templates/model_card.md`), with the estimator's settings, the statistics measured so far
+        (`lgp_summary()`, the log history), evaluation results and `reproduce_command` (default: the running
+        command). Main process only. The arguments given are remembered for the cards that later saves write
+        (`save_model`, checkpoints, `push_to_hub`, which calls this method)."""
+        if not self.is_world_process_zero():
+            return
+        given = dict(
+            language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
+            tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
+            reproduce_command=reproduce_command,
+        )
+        self._model_card_kwargs = {**getattr(self, "_model_card_kwargs", {}), **{k: v for k, v in given.items() if v is not None}}
+        write_model_card(self, self.args.output_dir, **self._model_card_kwargs)
+
+    def _write_model_card_quietly(self, folder: str) -> None:
+        """The card of an automatic save: a failure is logged, never allowed to break the save."""
+        try:
+            write_model_card(self, folder, **getattr(self, "_model_card_kwargs", {}))
+        except Exception as error:  # noqa: BLE001 - a model card is documentation, not part of the checkpoint
+            logger.warning(f"Could not write the model card in {folder}: {error!r}")
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The base class's save, plus the model card (README.md) in the same folder: checkpoints and `save_model`."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save and self.is_world_process_zero():
+            self._write_model_card_quietly(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Refreshes `output_dir`/README.md before a checkpoint push uploads that folder (when the base class will
+        push: not with hub_strategy="end", nor while an earlier push is running unless hub_always_push)."""
+        if (
+            self.is_world_process_zero()
+            and self.args.hub_strategy != HubStrategy.END
+            and (self.args.hub_always_push or getattr(self, "push_in_progress", None) is None or self.push_in_progress.is_done())
+        ):
+            self._write_model_card_quietly(self.args.output_dir)
+        super()._push_from_checkpoint(checkpoint_folder)
+
     # ------------------------------------------------------------------ checkpoints
 
     def _lgp_state(self) -> dict:
@@ -338,6 +417,7 @@ class PredictedGradientTrainer(Trainer):
             "coefficients": self.coefficients.state_dict(),
             "costs": self.cost_meter.state_dict(),
             "control_fraction": self._control_fraction,
+            "recent_alignment": list(self._recent_alignment),
             "totals": dict(self._totals),
         }
 
@@ -349,6 +429,7 @@ class PredictedGradientTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        reload_renamed_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
         path = os.path.join(resume_from_checkpoint, LGP_STATE_NAME)
         if not os.path.isfile(path):
             logger.warning(f"{resume_from_checkpoint} holds no {LGP_STATE_NAME} (not an lgp_hf checkpoint): the predictor starts fresh.")
@@ -363,6 +444,7 @@ class PredictedGradientTrainer(Trainer):
         self.coefficients.load_state_dict(state["coefficients"])
         self.cost_meter.load_state_dict(state["costs"])
         self._control_fraction = state["control_fraction"]
+        self._recent_alignment = list(state["recent_alignment"])
         self._totals.update(state["totals"])
 
 

@@ -1,0 +1,464 @@
+"""Model cards for models trained with `PredictedGradientTrainer`: the method, its settings and what the run measured.
+
+`build_model_card` renders the card from plain values (the package's Jinja template, `templates/model_card.md`,
+through `huggingface_hub.ModelCard.from_template`); `model_card_from_trainer` collects those values from a trainer
+(`lgp_summary()`, its arguments and its log history) and `write_model_card` saves the result as a folder's
+README.md. Nothing here contacts the Hub.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
+PAPER_URL = "https://arxiv.org/abs/2511.05187"
+LGP_TAGS = ("lgp-hf", "predicted-gradients")
+NOT_MEASURED = "not measured"
+TRAINER_TAG = "generated_from_trainer"
+
+# Statistics rows: (key in `statistics`, label, formatter).
+_PERCENT, _NUMBER, _INTEGER, _DURATION = "percent", "number", "integer", "duration"
+STATISTICS_ROWS = (
+    ("lgp_mean_alignment", "Mean alignment", _NUMBER),
+    ("lgp_final_alignment", "Final alignment", _NUMBER),
+    ("lgp_break_even_alignment", "Break-even alignment (at the final control fraction and cost ratio)", _NUMBER),
+    ("lgp_backward_work_skipped", "Backward work skipped (examples without a full backward)", _PERCENT),
+    ("lgp_backward_forward_ratio", "Backward/forward time ratio", _NUMBER),
+    ("lgp_cost_ratio", "Cost ratio c (time per predicted example / per control example)", _NUMBER),
+    ("lgp_control_fraction", "Control fraction (final)", _NUMBER),
+    ("lgp_fallback_steps", "Steps that fell back to the control-only gradient", _INTEGER),
+    ("global_step", "Optimizer steps", _INTEGER),
+    ("train_runtime", "Wall-clock training time", _DURATION),
+)
+# Keys of an evaluation log entry that are not results.
+_EVAL_BOOKKEEPING = {"runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "epoch", "step"}
+# Training log columns: (log key, column title).
+TRAINING_LOG_COLUMNS = (
+    ("step", "Step"),
+    ("epoch", "Epoch"),
+    ("loss", "Training loss"),
+    ("lgp/alignment", "Alignment"),
+    ("lgp/predictor_residual", "Predictor residual"),
+    ("lgp/control_fraction", "Control fraction"),
+)
+MAX_TABLE_ROWS = 30
+# Command-line options whose values must not end up in a public card.
+_SECRET_OPTION = re.compile(r"^--?(\w+[_-])?(token|api[_-]key|password|secret)$")
+
+
+# ---------------------------------------------------------------------------------------------------- formatting
+
+
+def format_number(value: Any) -> str:
+    """How the card writes a measured number: 4 decimals (scientific below 1e-3), `"not measured"` for None."""
+    if value is None:
+        return NOT_MEASURED
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"
+    return str(value)
+
+
+def format_percent(value: float | None) -> str:
+    return NOT_MEASURED if value is None else f"{100 * value:.1f}%"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return NOT_MEASURED
+    text = f"{seconds:.1f} s"
+    if seconds >= 60:
+        minutes, secs = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        text += f" ({hours}:{minutes:02d}:{secs:02d})"
+    return text
+
+
+def format_statistic(kind: str, value: Any) -> str:
+    if kind == _PERCENT:
+        return format_percent(value)
+    if kind == _DURATION:
+        return format_duration(value)
+    return format_number(value)
+
+
+def metric_label(key: str) -> str:
+    """`eval_accuracy` / `accuracy` -> `Accuracy`, `f1_macro` -> `F1 Macro` (the base Trainer's card style)."""
+    return " ".join(part.capitalize() for part in key.removeprefix("eval_").split("_"))
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], max_rows: int = MAX_TABLE_ROWS) -> str:
+    """A Markdown table of `rows` (columns in first-seen order; missing cells empty), at most `max_rows` rows
+    evenly spread over the run, the last one always included."""
+    rows = list(rows)
+    if not rows:
+        return ""
+    note = ""
+    if len(rows) > max_rows:
+        keep = sorted({round(i * (len(rows) - 1) / (max_rows - 1)) for i in range(max_rows)})
+        note = f"\n\n{len(keep)} of {len(rows)} logged entries shown."
+        rows = [rows[i] for i in keep]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(":---:" for _ in columns) + "|"]
+    for row in rows:
+        cells = ["" if row.get(column) is None else format_number(row[column]) for column in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + note
+
+
+def redact_command(argv: Sequence[str]) -> list[str]:
+    """`argv` with the values of token, API key, password and secret options replaced by `***`."""
+    redacted, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            redacted.append("***")
+            hide_next = False
+            continue
+        name, sep, _ = arg.partition("=")
+        if _SECRET_OPTION.match(name):
+            if sep:
+                redacted.append(f"{name}=***")
+            else:
+                redacted.append(arg)
+                hide_next = True
+            continue
+        redacted.append(arg)
+    return redacted
+
+
+def default_reproduce_command(argv: Sequence[str] | None = None, num_processes: int = 1) -> str | None:
+    """The command that is running, from `sys.argv` (None in an interactive session): `python script.py ...`, or
+    `accelerate launch --num_processes N script.py ...` for a multi-process run. Secrets are redacted."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or argv[0] in ("", "-c", "-"):
+        return None
+    if num_processes > 1:
+        prefix = ["accelerate", "launch", "--num_processes", str(num_processes)]
+    elif argv[0].endswith(".py"):
+        prefix = ["python"]
+    else:
+        prefix = []
+    return shlex.join(prefix + redact_command(argv))
+
+
+def _as_list(value: str | Iterable[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [v for v in value if v is not None]
+
+
+def _merge_tags(*groups: str | Iterable[str] | None) -> list[str]:
+    return list(dict.fromkeys(tag for group in groups for tag in _as_list(group)))
+
+
+# ---------------------------------------------------------------------------------------------------- the card
+
+
+def build_model_card(
+    *,
+    model_name: str,
+    lgp_hyperparameters: Mapping[str, Any],
+    training_hyperparameters: Mapping[str, Any],
+    statistics: Mapping[str, Any],
+    eval_results: Mapping[str, float] | None = None,
+    training_log: Sequence[Mapping[str, Any]] | None = None,
+    eval_log: Sequence[Mapping[str, Any]] | None = None,
+    base_model: str | None = None,
+    datasets: str | Sequence[str] | None = None,
+    dataset_names: str | Sequence[str] | None = None,
+    tags: str | Sequence[str] | None = None,
+    task: str | None = None,
+    language: str | Sequence[str] | None = None,
+    license: str | None = None,
+    reproduce_command: str | None = None,
+    framework_versions: Mapping[str, str] | None = None,
+    model_description: str | None = None,
+    template_path: str | os.PathLike | None = None,
+) -> ModelCard:
+    """The model card of a model trained with lgp_hf, from plain values.
+
+    Args:
+        model_name: the card's title and the model-index name.
+        lgp_hyperparameters: the estimator's settings (`control_fraction`, `predictor`, ...), written as given.
+        training_hyperparameters: the usual ones (`learning_rate`, `train_batch_size`, ...), written as given.
+        statistics: measured values keyed like `PredictedGradientTrainer.lgp_summary()`, plus `global_step` and
+            `train_runtime` (seconds, None while training is in progress); written with `STATISTICS_ROWS`'
+            formats, None as "not measured".
+        eval_results: the final evaluation metrics without the `eval_` prefix (`{"loss": ..., "accuracy": ...}`).
+            Every metric but the loss goes to the `metrics` metadata and, with `task`, to the model-index.
+        training_log / eval_log: rows of the training-log and evaluation tables (column title -> value).
+        base_model: the Hub id of the model this one was fine-tuned from (metadata `base_model`).
+        datasets: Hub ids of the training data (metadata `datasets`); dataset_names: their display names.
+        tags: more tags; `lgp-hf` and `predicted-gradients` are always first.
+        task: the task type (`image-classification`, ...) of the model-index results.
+        reproduce_command: the command that trained the model.
+        framework_versions: package name -> version.
+        template_path: a Jinja template in `huggingface_hub.ModelCard` style; defaults to the package's.
+    """
+    datasets = _as_list(datasets)
+    dataset_names = _as_list(dataset_names) or datasets
+    metrics = {
+        key: float(value)
+        for key, value in (eval_results or {}).items()
+        if key != "loss" and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    model_index = None
+    if metrics and task:
+        dataset_type = datasets[0] if datasets else "custom"
+        dataset_name = dataset_names[0] if dataset_names else "Evaluation set"
+        model_index = [
+            EvalResult(
+                task_type=task, dataset_type=dataset_type, dataset_name=dataset_name, metric_type=key,
+                metric_name=metric_label(key), metric_value=value,
+            )
+            for key, value in metrics.items()
+        ]
+    card_data = ModelCardData(
+        language=_as_list(language) or None,
+        license=license,
+        library_name="transformers",
+        tags=_merge_tags(LGP_TAGS, tags),
+        base_model=base_model or None,
+        datasets=datasets or None,
+        metrics=list(metrics) or None,
+        model_name=model_name,
+        eval_results=model_index,
+    )
+
+    if base_model:
+        summary = f"This model is a fine-tuned version of [{base_model}](https://huggingface.co/{base_model})"
+    else:
+        summary = "This model was trained from scratch"
+    if dataset_names:
+        summary += " on " + (f"the {dataset_names[0]} dataset" if len(dataset_names) == 1 else "the " + ", ".join(dataset_names[:-1]) + f" and {dataset_names[-1]} datasets")
+    summary += f", with predicted gradients (lgp_hf, [arXiv 2511.05187]({PAPER_URL}))."
+
+    statistics_rows = [
+        (label, format_statistic(kind, statistics.get(key)))
+        for key, label, kind in STATISTICS_ROWS
+        if key in statistics
+    ]
+    if "train_runtime" in statistics and statistics["train_runtime"] is None:
+        statistics_rows = [
+            (label, "training in progress" if label == "Wall-clock training time" else value) for label, value in statistics_rows
+        ]
+    mean, break_even = statistics.get("lgp_mean_alignment"), statistics.get("lgp_break_even_alignment")
+    verdict = None
+    if mean is not None and break_even is not None:
+        side = "above" if mean > break_even else "at or below"
+        effect = "saved compute" if mean > break_even else "did not save compute"
+        verdict = (
+            f"The mean alignment ({format_number(mean)}) is {side} the break-even alignment ({format_number(break_even)}): "
+            f"at equal variance, predicted gradients {effect} compared with plain backpropagation in this run."
+        )
+
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path or TEMPLATE_PATH),
+        model_name=model_name,
+        summary=summary,
+        model_description=model_description,
+        lgp_hyperparameters=[(name, str(value)) for name, value in lgp_hyperparameters.items()],
+        training_hyperparameters=[(name, str(value)) for name, value in training_hyperparameters.items()],
+        statistics=statistics_rows,
+        verdict=verdict,
+        training_log_table=markdown_table(training_log or []),
+        eval_results=[(metric_label(key), format_number(value)) for key, value in (eval_results or {}).items()],
+        eval_log_table=markdown_table(eval_log or []),
+        reproduce_command=reproduce_command,
+        framework_versions=list((framework_versions or {}).items()),
+    )
+    return card
+
+
+# ---------------------------------------------------------------------------------------------------- from a trainer
+
+
+def lgp_hyperparameters_from_trainer(trainer) -> dict[str, Any]:
+    """The estimator's settings as `PredictedGradientArguments` field names, head modules as resolved."""
+    args = trainer.args
+    settings: dict[str, Any] = {}
+    if args.control_fraction == "auto":
+        settings["control_fraction"] = (
+            f"auto (initial {args.auto_initial_control_fraction}, minimum {args.auto_min_control_fraction}, "
+            f"final {format_number(trainer.lgp_summary()['lgp_control_fraction'])})"
+        )
+    else:
+        settings["control_fraction"] = args.control_fraction
+    settings["predictor"] = args.predictor
+    settings["predictor_refit_steps"] = args.predictor_refit_steps
+    settings["predictor_window_size"] = args.predictor_window_size
+    settings["predictor_ridge"] = args.predictor_ridge
+    settings["control_variate_coefficient"] = args.control_variate_coefficient
+    settings["head_modules"] = ", ".join(trainer.partition.head_module_names)
+    return settings
+
+
+def training_hyperparameters_from_trainer(trainer) -> dict[str, Any]:
+    """The usual hyperparameters, as the base Trainer's model card lists them."""
+    from transformers.modelcard import extract_hyperparameters_from_trainer
+
+    return extract_hyperparameters_from_trainer(trainer)
+
+
+def eval_results_from_log(log_history: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    """The metrics of the last evaluation in the log history (without the `eval_` prefix), or None."""
+    for entry in reversed(log_history):
+        results = {
+            key.removeprefix("eval_"): value
+            for key, value in entry.items()
+            if key.startswith("eval_") and key.removeprefix("eval_") not in _EVAL_BOOKKEEPING
+        }
+        if results:
+            return results
+    return None
+
+
+def training_log_from_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {title: entry.get(key) for key, title in TRAINING_LOG_COLUMNS if key in entry}
+        for entry in log_history
+        if "loss" in entry
+    ]
+
+
+def eval_log_from_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for entry in log_history:
+        metrics = {
+            metric_label(key): value
+            for key, value in entry.items()
+            if key.startswith("eval_") and key.removeprefix("eval_") not in _EVAL_BOOKKEEPING
+        }
+        row = {"Step": entry.get("step"), "Epoch": entry.get("epoch"), **metrics}
+        if metrics and (not rows or rows[-1] != row):  # a final evaluate() repeats the last in-training one
+            rows.append(row)
+    return rows
+
+
+def framework_versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    versions = {"lgp_hf": __version__, "Transformers": transformers.__version__, "PyTorch": torch.__version__}
+    try:
+        import datasets
+
+        versions["Datasets"] = datasets.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def _infer_task(model) -> str | None:
+    from transformers.modelcard import TASK_MAPPING
+
+    name = type(model).__name__
+    for task, mapping in TASK_MAPPING.items():
+        for value in mapping.values():
+            if name == value or (isinstance(value, (tuple, list)) and name in value):
+                return task
+    return None
+
+
+def _infer_dataset(trainer) -> str | None:
+    """The Hub name of the trainer's data set when it came from a Hub builder (not csv/json/parquet/...)."""
+    dataset = trainer.eval_dataset if trainer.eval_dataset is not None else trainer.train_dataset
+    if isinstance(dataset, Mapping):
+        dataset = next(iter(dataset.values()), None)
+    builder = getattr(getattr(dataset, "info", None), "builder_name", None)
+    if isinstance(builder, str) and builder and builder not in ("csv", "json", "pandas", "parquet", "text", "arrow", "imagefolder", "audiofolder", "generator"):
+        return builder
+    return None
+
+
+def model_card_from_trainer(
+    trainer,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
+    reproduce_command: str | None = None,
+) -> ModelCard:
+    """The card of `trainer`'s run so far; the arguments are `Trainer.create_model_card`'s (plus
+    `reproduce_command`, which defaults to the running command) and default as in the base Trainer."""
+    model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+    if finetuned_from is None:
+        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if isinstance(name_or_path, str) and name_or_path and not os.path.isdir(name_or_path):
+            finetuned_from = name_or_path
+    if dataset_tags is None:
+        inferred = _infer_dataset(trainer)
+        dataset_tags = [inferred] if inferred else None
+    if dataset is None:
+        dataset = dataset_tags
+    task = _as_list(tasks)[0] if _as_list(tasks) else _infer_task(model)
+    if model_name is None:
+        model_name = Path(trainer.args.output_dir).name or finetuned_from or "model"
+    if reproduce_command is None:
+        reproduce_command = default_reproduce_command(num_processes=trainer.args.world_size)
+
+    log_history = trainer.state.log_history
+    statistics = dict(trainer.lgp_summary())
+    statistics["global_step"] = trainer.state.global_step
+    statistics["train_runtime"] = next(
+        (entry["train_runtime"] for entry in reversed(log_history) if "train_runtime" in entry), None
+    )
+    return build_model_card(
+        model_name=model_name,
+        lgp_hyperparameters=lgp_hyperparameters_from_trainer(trainer),
+        training_hyperparameters=training_hyperparameters_from_trainer(trainer),
+        statistics=statistics,
+        eval_results=eval_results_from_log(log_history),
+        training_log=training_log_from_history(log_history),
+        eval_log=eval_log_from_history(log_history),
+        base_model=finetuned_from,
+        datasets=dataset_tags,
+        dataset_names=dataset,
+        tags=_merge_tags(tags, model.model_tags if getattr(model, "model_tags", None) else None, TRAINER_TAG),
+        task=task,
+        language=language,
+        license=license,
+        reproduce_command=reproduce_command,
+        framework_versions=framework_versions(),
+    )
+
+
+def write_model_card(trainer, folder: str | os.PathLike, **kwargs) -> Path:
+    """Writes `model_card_from_trainer(trainer, **kwargs)` as `folder`/README.md and returns its path. Tags of a
+    card already there are kept (as the base Trainer does); a PEFT card is then updated by the PEFT model."""
+    path = Path(folder) / "README.md"
+    is_peft_library = False
+    if path.is_file():
+        try:
+            existing = ModelCard.load(path, ignore_metadata_errors=True).data
+            kwargs["tags"] = _merge_tags(kwargs.get("tags"), existing.tags)
+            is_peft_library = existing.get("library_name") == "peft"
+        except Exception:  # an unreadable README is replaced
+            pass
+    model_card_from_trainer(trainer, **kwargs).save(path)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if is_peft_library and hasattr(model, "create_or_update_model_card"):
+        model.create_or_update_model_card(str(folder))
+    return path

@@ -1,0 +1,173 @@
+"""Exact resume, faults that never reach the optimizer, the automatic control fraction, run-time errors."""
+
+import logging
+import math
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import lgp_hf.costs
+from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
+from conftest import image_dataset, tiny_vit
+from test_trainer import LinearTrunkRegressor, linear_dataset
+from test_unbiased import BATCH, MODELS, Z_LIMIT, max_z_score
+
+STEPS = 6
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after `step` optimizer steps, as a crash after a checkpoint would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def resume_settings(quiet_args, predictor):
+    return dict(
+        quiet_args, per_device_train_batch_size=8, max_steps=2 * STEPS, learning_rate=1e-2, seed=5, save_strategy="steps",
+        save_steps=STEPS, predictor=predictor, predictor_refit_steps=2, predictor_window_size=4, logging_steps=2,
+    )
+
+
+@pytest.mark.parametrize("predictor", ["ntk", "window", "zero"])
+def test_resume_is_bit_identical(predictor, quiet_args):
+    settings = resume_settings(quiet_args, predictor)
+    dataset = image_dataset(40)
+    straight = PredictedGradientTrainer(model=tiny_vit(seed=2), args=PredictedGradientArguments(**settings), train_dataset=dataset)
+    straight.train()
+
+    resumed_settings = dict(settings, output_dir=settings["output_dir"] + "-resumed")
+    first = PredictedGradientTrainer(
+        model=tiny_vit(seed=2), args=PredictedGradientArguments(**resumed_settings), train_dataset=dataset, callbacks=[StopAt(STEPS)]
+    )
+    first.train()
+    second = PredictedGradientTrainer(model=tiny_vit(seed=9), args=PredictedGradientArguments(**resumed_settings), train_dataset=dataset)
+    second.train(resume_from_checkpoint=f"{resumed_settings['output_dir']}/checkpoint-{STEPS}")
+
+    for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert second.lgp_summary()["lgp_mean_alignment"] == pytest.approx(straight.lgp_summary()["lgp_mean_alignment"])
+
+
+def test_checkpoint_of_plain_trainer_resumes_with_a_fresh_predictor(quiet_args, caplog):
+    dataset = image_dataset(40)
+    plain = TrainingArguments(**dict(quiet_args, per_device_train_batch_size=8, max_steps=STEPS, save_strategy="steps", save_steps=STEPS))
+    Trainer(model=tiny_vit(seed=2), args=plain, train_dataset=dataset).train()
+    args = PredictedGradientArguments(**dict(quiet_args, per_device_train_batch_size=8, max_steps=2 * STEPS))
+    trainer = PredictedGradientTrainer(model=tiny_vit(seed=2), args=args, train_dataset=dataset)
+    with caplog.at_level(logging.WARNING, logger="lgp_hf.trainer"):
+        trainer.train(resume_from_checkpoint=f"{quiet_args['output_dir']}/checkpoint-{STEPS}")
+    assert sum("predictor starts fresh" in r.getMessage() for r in caplog.records) == 1
+    assert trainer.state.global_step == 2 * STEPS
+
+
+def all_finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_prediction_falls_back_to_the_control_estimate(quiet_args):
+    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=8, max_steps=8, logging_steps=4, predictor="window")
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(32))
+    predict = trainer.predictor.predict
+    trainer.predictor.predict = lambda signal: None if (p := predict(signal)) is None else p * float("nan")
+    trainer.train()
+    assert all_finite(trainer.model)
+    assert trainer.lgp_summary()["lgp_fallback_steps"] > 0
+    assert any(log.get("lgp/fallback_steps", 0) > 0 for log in trainer.state.log_history)
+
+
+def test_failed_predictor_fit_falls_back_and_training_continues(quiet_args, monkeypatch):
+    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=8, max_steps=8, predictor="window")
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(32))
+
+    def singular(*args, **kwargs):
+        raise torch.linalg.LinAlgError("singular system (injected)")
+
+    monkeypatch.setattr(torch.linalg, "solve", singular)
+    trainer.train()
+    assert all_finite(trainer.model)
+    assert trainer.state.global_step == 8
+    assert trainer.lgp_summary()["lgp_fallback_steps"] >= 7
+
+
+def fixed_cost_ratio(monkeypatch, cost_ratio):
+    """Pin the measured cost ratio: timings of toy models say nothing about real ones."""
+
+    def update(self, *args, **kwargs):
+        self.cost_ratio, self.backward_forward_ratio = cost_ratio, 2.0
+
+    monkeypatch.setattr(lgp_hf.costs.CostMeter, "update", update)
+
+
+@pytest.mark.parametrize("predictor,expected", [("window", "low"), ("zero", "one")])
+def test_auto_control_fraction_follows_the_predictor(predictor, expected, quiet_args, monkeypatch):
+    fixed_cost_ratio(monkeypatch, 0.3)
+    args = PredictedGradientArguments(
+        **quiet_args, per_device_train_batch_size=16, max_steps=60, learning_rate=0.0, predictor=predictor,
+        predictor_ridge=1e-6, predictor_window_size=16, predictor_refit_steps=10, control_fraction="auto",
+        auto_min_control_fraction=0.125, logging_steps=10,
+    )
+    trainer = PredictedGradientTrainer(model=LinearTrunkRegressor(), args=args, train_dataset=linear_dataset(shared_input=False))
+    trainer.train()
+    fraction = trainer.lgp_summary()["lgp_control_fraction"]
+    assert fraction == (0.125 if expected == "low" else 1.0), fraction
+
+
+def test_auto_control_fraction_keeps_every_step_unbiased(tmp_path, monkeypatch):
+    fixed_cost_ratio(monkeypatch, 0.3)
+    model_factory, dataset_factory = MODELS["vit"]
+    z = max_z_score(model_factory, dataset_factory(), tmp_path, predictor="ntk", control_fraction="auto")
+    assert z < Z_LIMIT
+
+
+def unchanged(trainer, before):
+    return all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters()) and all(
+        p.grad is None for p in trainer.model.parameters()
+    )
+
+
+def test_batch_without_labels_is_refused_before_any_change(quiet_args):
+    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=8, max_steps=2)
+    dataset = image_dataset(16).remove_columns("labels")
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=dataset)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(ValueError, match="no labels"):
+        trainer.train()
+    assert unchanged(trainer, before)
+
+
+class NoLossModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk, self.classifier = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, features, labels=None):
+        return {"logits": self.classifier(self.trunk(features))}
+
+
+class HeadBypassModel(NoLossModel):
+    """Has a `classifier` that its forward never calls: there is no head input to capture."""
+
+    def forward(self, features, labels=None):
+        logits = self.trunk(features)[:, :2]
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.parametrize("model_class,message", [(NoLossModel, "did not return a loss"), (HeadBypassModel, "did not run under autograd")])
+def test_run_time_model_faults_are_refused_before_any_change(model_class, message, quiet_args):
+    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=8, max_steps=2)
+    torch.manual_seed(0)
+    model = model_class()
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({"features": torch.randn(16, 4).numpy(), "labels": torch.randint(0, 2, (16,)).numpy()}).with_format("torch")
+    trainer = PredictedGradientTrainer(model=model, args=args, train_dataset=dataset)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        trainer.train()
+    assert unchanged(trainer, before)
