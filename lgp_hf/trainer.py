@@ -98,11 +98,13 @@ class PredictedGradientTrainer(Trainer):
         """One micro-batch: the estimator when f < 1, the base class's step when the batch cannot be split."""
         batch_size = _batch_size(inputs)
         num_control = control_size(batch_size, self._control_fraction)
+        if self._micro_step == 0:
+            self._step_sums = _new_step_sums()
         if num_control >= batch_size and not self._auto:
             if batch_size == 1 and self._control_fraction < 1 and not self._warned_single_example:
                 logger.warning("A batch of one example cannot be split into control and prediction parts: full backward.")
                 self._warned_single_example = True
-            self._step_sums = None  # this optimizer step is not an estimator step: observe nothing
+            self._step_sums = None  # part of this optimizer step is not an estimator step: observe nothing
             self._end_micro_step()
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -111,8 +113,7 @@ class PredictedGradientTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        if self._micro_step == 0:
-            self._step_sums = {"control": None, "applied": None, "jacobian": None}
+        sums = self._step_sums if self._step_sums is not None else _new_step_sums()  # None: accumulate for nothing
         generator = split_generator(self.args.seed, self.state.global_step, self._micro_step)
         control_index, prediction_index = split_batch_indices(batch_size, num_control, generator)
         num_prediction = batch_size - num_control
@@ -139,7 +140,7 @@ class PredictedGradientTrainer(Trainer):
         forward_seconds = stopwatch.lap()
         head_control, signal_control = self._head_gradients(loss_control, capture.logits, retain_graph=True)
         if self.accelerator.sync_gradients and self.predictor.needs_jacobian(self.state.global_step):
-            self._step_sums["jacobian"] = mean_logit_jacobian(capture.logits, self.partition.trunk_params, num_control)
+            sums["jacobian"] = mean_logit_jacobian(capture.logits, self.partition.trunk_params, num_control)
             stopwatch.lap()  # refit work is not part of the backward being measured
 
         coefficient = control_scale * weight_control / accumulation
@@ -158,8 +159,8 @@ class PredictedGradientTrainer(Trainer):
             _add_to_grads(self.partition.head_params, head_correction, loss_scale)
         if trunk_correction is not None:
             _add_to_grads(self.partition.trunk_params, trunk_correction.split(self._trunk_numels), loss_scale)
-            self._step_sums["applied"] = _add(self._step_sums["applied"], difference)
-        self._step_sums["control"] = _add(self._step_sums["control"], coefficient * signal_control)
+            sums["applied"] = _add(sums["applied"], difference)
+        sums["control"] = _add(sums["control"], coefficient * signal_control)
 
         self.accelerator.backward(loss_control * coefficient)
         backward_seconds = stopwatch.lap()
@@ -474,6 +475,11 @@ def _add_to_grads(params, values, scale: float) -> None:
             param.grad = value.contiguous()
         else:
             param.grad.add_(value)
+
+
+def _new_step_sums() -> dict:
+    """What `_observe` needs of one optimizer step, summed over its micro-batches."""
+    return {"control": None, "applied": None, "jacobian": None}
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
