@@ -153,7 +153,8 @@ def main() -> None:
     )
     (args.output_dir / "README.md").write_text(readme)
     total = sum(p.stat().st_size for p in args.output_dir.iterdir())
-    print(f"wrote {args.output_dir} ({total / 1e6:.2f} MB): {json.dumps({s: sum(c.values()) for s, c in counts.items()})}")
+    rows = {split: sum(c.values()) for split, c in counts.items()}
+    print(f"wrote {args.output_dir} ({total / 1e6:.2f} MB): {rows}")
 
 
 if __name__ == "__main__":
