@@ -312,7 +312,11 @@ def training_hyperparameters_from_trainer(trainer) -> dict[str, Any]:
     """The usual hyperparameters, as the base Trainer's model card lists them."""
     from transformers.modelcard import extract_hyperparameters_from_trainer
 
-    return extract_hyperparameters_from_trainer(trainer)
+    hyperparameters = extract_hyperparameters_from_trainer(trainer)
+    optim = trainer.args.optim
+    if isinstance(hyperparameters.get("optimizer"), str) and hasattr(optim, "value"):  # OptimizerNames.X -> x
+        hyperparameters["optimizer"] = hyperparameters["optimizer"].replace(f"{optim}", optim.value)
+    return hyperparameters
 
 
 def eval_results_from_log(log_history: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
