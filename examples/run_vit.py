@@ -435,6 +435,17 @@ def main():
     if training_args.do_train and trainer.is_world_process_zero():
         plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"))
 
+    # Model card (with the eval results, written last) and, with --push_to_hub, the upload
+    card = {"tasks": "image-classification", "tags": ["image-classification", "vision"]}
+    if model_args.model_name_or_path:
+        card["finetuned_from"] = model_args.model_name_or_path
+    if data_args.dataset_name:
+        card["dataset"] = data_args.dataset_name
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)
+
 
 if __name__ == "__main__":
     main()
