@@ -1,0 +1,315 @@
+"""Code the benchmarks share: data, model, trainers, timing callbacks, tables and result files.
+
+Data loading, the image transforms, the collator and the model come from `examples/run_vit.py`, so the benchmarks
+measure exactly the example's model (a ViT of `run_vit.ModelArguments`' default sizes, 2.7 M parameters, CIFAR-10
+at 32x32) and input pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import PrinterCallback, Trainer, TrainerCallback
+
+from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
+from lgp_hf.estimator import control_size
+from lgp_hf.predictors import PREDICTOR_NAMES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "examples"))
+import run_vit  # noqa: E402  (examples/ is not a package)
+
+#: The full CIFAR-10 (50,000 train / 10,000 test parquet files) next to the repository.
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+# ---------------------------------------------------------------- data and model
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, subset_default: bool) -> None:
+    """--subset / --data_dir / --dataset_name: which CIFAR-10 to use (in that order of precedence)."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--subset",
+        action=argparse.BooleanOptionalAction,
+        default=subset_default,
+        help="Use the CIFAR-10 subset embedded in examples/data (5,000 train / 1,000 test). "
+        f"Default: {'on' if subset_default else 'off'}.",
+    )
+    group.add_argument(
+        "--data_dir",
+        default=str(DEFAULT_DATA_DIR),
+        help="Directory holding train.parquet and test.parquet of the full CIFAR-10 (default: %(default)s).",
+    )
+    group.add_argument("--dataset_name", default=None, help="A Hugging Face Hub data set instead, e.g. uoft-cs/cifar10.")
+
+
+@dataclass
+class ImageData:
+    train: Dataset  # with the example's training transform (random crop, flip)
+    eval: Dataset  # with the evaluation transform
+    labels: list[str]
+    source: str
+
+
+def load_data(args: argparse.Namespace, eval_samples: int | None = None, classes: list[int] | None = None) -> ImageData:
+    """The train and test splits chosen by `add_data_arguments`, with the example's transforms.
+
+    `eval_samples`: a fixed random subset (seed 0, the same for every run) of the test split. `classes`: keep only
+    these label ids, in both splits.
+    """
+    if args.subset:
+        data_args = run_vit.DataTrainingArguments()
+    elif args.dataset_name is not None:
+        data_args = run_vit.DataTrainingArguments(dataset_name=args.dataset_name)
+    else:
+        files = [os.path.join(args.data_dir, name) for name in ("train.parquet", "test.parquet")]
+        missing = [path for path in files if not os.path.isfile(path)]
+        if missing:
+            raise FileNotFoundError(f"{missing} not found: pass --data_dir, --dataset_name, or --subset.")
+        data_args = run_vit.DataTrainingArguments(train_file=files[0], validation_file=files[1])
+    dataset, source, column = run_vit.load_image_dataset(data_args, seed=0)
+    labels = dataset["train"].features[run_vit.LABEL_COLUMN].names
+    if classes is not None:
+        keep = set(classes)
+        dataset = dataset.filter(lambda label: label in keep, input_columns=run_vit.LABEL_COLUMN)
+    eval_split = dataset["validation"].shuffle(seed=0)
+    if eval_samples is not None:
+        eval_split = eval_split.select(range(min(eval_samples, len(eval_split))))
+    size = (run_vit.ModelArguments.image_size,) * 2
+    transform = (column, size, run_vit.CIFAR10_MEAN, run_vit.CIFAR10_STD)
+    train = dataset["train"]
+    train.set_transform(run_vit.make_transform(*transform, train=True, padding=4))
+    eval_split.set_transform(run_vit.make_transform(*transform, train=False, padding=0))
+    return ImageData(train=train, eval=eval_split, labels=labels, source=source)
+
+
+def build_model(labels: list[str], checkpoint: str | None = None):
+    """(model, image processor): a new ViT of the example's default sizes, or the ViT saved at `checkpoint` with a
+    freshly initialised classifier (the fine-tuning regime). Call `transformers.set_seed` first."""
+    model, processor = run_vit.build_model(run_vit.ModelArguments(model_name_or_path=checkpoint), labels)
+    if checkpoint is not None:  # ViT's own initialisation of a linear layer
+        torch.nn.init.trunc_normal_(model.classifier.weight, std=model.config.initializer_range)
+        torch.nn.init.zeros_(model.classifier.bias)
+    return model, processor
+
+
+def first_batch(dataset: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
+    return run_vit.collate_fn([dataset[i] for i in range(batch_size)])
+
+
+# ---------------------------------------------------------------- trainers
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One trainer configuration. Names: `trainer` (transformers.Trainer at the run's batch size), `trainer_b<n>`
+    (transformers.Trainer at batch size n), `lgp_<predictor>_f<fraction>` (PredictedGradientTrainer)."""
+
+    name: str
+    batch_size: int
+    predictor: str | None = None
+    control_fraction: float | None = None
+
+    @property
+    def is_lgp(self) -> bool:
+        return self.predictor is not None
+
+    @property
+    def control_size(self) -> int:
+        """Examples per step with a full backward."""
+        return control_size(self.batch_size, self.control_fraction) if self.is_lgp else self.batch_size
+
+
+def parse_run(name: str, batch_size: int) -> RunSpec:
+    if name == "trainer":
+        return RunSpec(name, batch_size)
+    if match := re.fullmatch(r"trainer_b(\d+)", name):
+        return RunSpec(name, int(match.group(1)))
+    if (match := re.fullmatch(r"lgp_(\w+)_f([0-9.]+)", name)) and match.group(1) in PREDICTOR_NAMES:
+        fraction = float(match.group(2))
+        if 0 < fraction <= 1:
+            return RunSpec(name, batch_size, match.group(1), fraction)
+    raise ValueError(
+        f"run {name!r}: use 'trainer', 'trainer_b<batch size>' or 'lgp_<predictor>_f<fraction in (0, 1]>' "
+        f"with a predictor among {list(PREDICTOR_NAMES)}, e.g. lgp_ntk_f0.25."
+    )
+
+
+def lgp_run_name(predictor: str, fraction: float) -> str:
+    return f"lgp_{predictor}_f{fraction:g}"
+
+
+def training_arguments(spec: RunSpec, output_dir: str, seed: int, **overrides) -> PredictedGradientArguments:
+    """The example's TrainingArguments defaults (AdamW, lr 1e-3, weight decay 0.05, ...) for `spec`, with no
+    evaluation, saving, progress bar or reporting unless `overrides` say otherwise."""
+    settings = {
+        **run_vit.TRAINING_DEFAULTS,
+        "do_train": True,
+        "do_eval": False,
+        "eval_strategy": "no",
+        "disable_tqdm": True,
+        "output_dir": output_dir,
+        "seed": seed,
+        "per_device_train_batch_size": spec.batch_size,
+        **overrides,
+    }
+    if spec.is_lgp:
+        settings.update(predictor=spec.predictor, control_fraction=str(spec.control_fraction))
+    return PredictedGradientArguments(**settings)
+
+
+def accuracy(prediction) -> dict[str, float]:
+    return {"accuracy": float((np.argmax(prediction.predictions, axis=1) == prediction.label_ids).mean())}
+
+
+def make_trainer(spec: RunSpec, model, args, train_dataset, eval_dataset=None, callbacks=()) -> Trainer:
+    """PredictedGradientTrainer for lgp runs, transformers.Trainer otherwise, with the example's collator; the
+    printing of every log entry is turned off (the benchmarks print their own tables)."""
+    trainer_class = PredictedGradientTrainer if spec.is_lgp else Trainer
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=run_vit.collate_fn,
+        compute_metrics=accuracy if eval_dataset is not None else None,
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+# ---------------------------------------------------------------- timing
+
+
+def clock(device: torch.device) -> float:
+    """time.perf_counter() after the accelerator has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class StepTimer(TrainerCallback):
+    """Per optimizer step: `seconds` from on_step_begin to on_step_end (training_step on every micro-batch,
+    clipping, optimizer and scheduler step, zero_grad; waits for the GPU at both ends), and `gap`, the time since
+    the previous step ended (logging, fetching and transforming the next batch); None for the first step."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+        self._begin: float | None = None
+        self._previous_end: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._begin = clock(args.device)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        end = clock(args.device)
+        gap = None if self._previous_end is None else self._begin - self._previous_end
+        self.steps.append({"seconds": end - self._begin, "gap": gap})
+        self._previous_end = end
+
+    def restart_gap(self) -> None:
+        """The next gap starts now (time spent paused, e.g. waiting for another trainer's turn, is not a gap)."""
+        self._previous_end = time.perf_counter()
+
+
+class TrainingBudget(TrainerCallback):
+    """Stops training after `budget_seconds` of training time, evaluating at the end and every
+    `eval_every_seconds` (None: only at the end). Training time is wall-clock time since training began minus the
+    time spent evaluating (and logging at evaluation points). `evaluations` holds, per evaluation, the training
+    seconds and step at which it was asked for, and the metrics."""
+
+    def __init__(self, budget_seconds: float, eval_every_seconds: float | None = None):
+        self.budget_seconds = budget_seconds
+        self.eval_every_seconds = eval_every_seconds
+        self.evaluations: list[dict] = []
+        self.training_seconds = 0.0
+        self._start = self._paused_since = None
+        self._paused = 0.0
+        self._next_eval = eval_every_seconds
+        self._pending: dict | None = None
+
+    def _elapsed(self, device) -> float:
+        return clock(device) - self._start - self._paused
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = clock(args.device)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = self._elapsed(args.device)
+        self.training_seconds = elapsed
+        if elapsed >= self.budget_seconds:
+            control.should_training_stop = True
+            control.should_evaluate = True
+        elif self._next_eval is not None and elapsed >= self._next_eval:
+            control.should_evaluate = True
+            while self._next_eval <= elapsed:
+                self._next_eval += self.eval_every_seconds
+        if control.should_evaluate:
+            self._pending = {"seconds": elapsed, "step": state.global_step}
+            self._paused_since = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self._pending is None:  # an evaluation this callback did not ask for
+            return
+        self.evaluations.append({**self._pending, **{k.removeprefix("eval_"): v for k, v in (metrics or {}).items()}})
+        self._pending = None
+        self._paused += time.perf_counter() - self._paused_since
+        control.should_evaluate = False  # the epoch-end hook would otherwise evaluate the final model twice
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB): VmHWM on Linux, which starts afresh in a new program
+    (ru_maxrss carries the parent's peak over fork and exec, so every spawned child would report at least that)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- output
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table of `rows` (missing values print as '-')."""
+    cells = [[format_value(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(row[i]) for row in cells)) for i, column in enumerate(columns)]
+    lines = [
+        "| " + " | ".join(column.ljust(width) for column, width in zip(columns, widths)) + " |",
+        "|" + "|".join("-" * (width + 2) for width in widths) + "|",
+    ]
+    lines += ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} logical cores"

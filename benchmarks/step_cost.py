@@ -1,0 +1,448 @@
+#!/usr/bin/env python
+"""Time per optimizer step of PredictedGradientTrainer against transformers.Trainer, and against its floor.
+
+Model and data: the ViT of `examples/run_vit.py` (its default sizes, CIFAR-10 at 32x32) on real images (the
+embedded CIFAR-10 subset by default), batch size `--batch_size`, the example's optimizer settings.
+
+What is timed, and why this way. Each configuration runs `trainer.train()` in the main thread of its own
+process, as a user runs it; a TrainerCallback takes the time at `on_step_begin` and `on_step_end` (after
+`torch.cuda.synchronize` on a GPU). That interval is what the training loop spends per optimizer step on the
+trainer's work: `training_step` (for PredictedGradientTrainer also the split, the predictor's prediction and
+fit, the coefficient fit and the statistics), gradient clipping, the optimizer and scheduler step and `zero_grad`. Timing
+`trainer.training_step` in a loop on fixed batches would be more precise but would leave out the work around it
+that the user also pays for, and a different code path (no logging state, no step counter driving the
+trainer's schedules) could flatter the method. What the interval leaves out, the gap between steps (logging, fetching and transforming the next batch),
+does not depend on the trainer; it is measured too (`gap`) and reported as the ratio including the input pipeline.
+
+Interleaving. The configurations and the pass measurements below take turns (A B C ... A B C ...): after
+`--steps_per_turn` optimizer steps a callback hands the turn to the next process and waits, outside the timed
+interval, so exactly one process computes at a time and slow phases of the machine hit every configuration
+alike. No turn starts before every process is set up. The first `--warmup_rounds` rounds are discarded;
+statistics are medians over the remaining steps (the mean, which includes occasional expensive steps, is
+reported too). Processes rather than threads: PyTorch's intra-op thread pool behaves differently when it is
+driven from a secondary Python thread (on a loaded 2-core machine a step there ran 5x faster than the same step
+in a main thread), and users train in the main thread.
+
+Floor. In its own process of the same rotation, on the same initial model and one fixed batch of
+`--batch_size` examples: t_f = forward with autograd, t_b = backward, t_p = no-grad trunk forward plus head
+forward and backward (the prediction pass). c = t_p / (t_f + t_b) and the floor of a step at control fraction f
+(f = control micro-batch / batch, as rounded) is f + (1 - f) c, in units of a Trainer step; it ignores the
+optimizer step and every overhead of the method. The goal on CPU: at f = `--goal_fraction` the ratio to Trainer
+is at most `--goal` times the floor; the script prints whether it holds. `c_trainer` is the trainer's own
+running estimate (`lgp/cost_ratio`), measured at the split batch sizes, so it includes what smaller batches
+cost on this hardware.
+
+Memory. Each process holds one configuration, so its peaks do not mix with others': peak RSS (VmHWM) on CPU or
+peak CUDA memory allocated on a GPU over the whole run, and the part added by training (peak minus the value
+once the model, data and trainer were built).
+
+`--profile` then runs `--profile_steps` steps of PredictedGradientTrainer at f = `--goal_fraction` (first of
+`--predictors`) under cProfile, enabled only inside `training_step`, and prints the top entries by cumulative and
+by own time.
+
+Writes `--output_dir`/step_cost.json (settings, every step and pass time, the table) and step_cost.png (ratio to
+Trainer against f with the floor; memory); with --profile also profile.txt.
+
+    python benchmarks/step_cost.py                  # defaults: about 5 minutes on 2 CPU cores (6 with --profile)
+    python benchmarks/step_cost.py --profile --predictors ntk window zero
+    python benchmarks/step_cost.py --rounds 2 --steps_per_turn 2 --batch_size 16 --profile --profile_steps 3   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import multiprocessing
+import pstats
+import queue
+import statistics
+import traceback
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import set_seed
+
+import common
+from lgp_hf.heads import ModelPartition, capture_head
+
+PASSES = "passes"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--batch_size", type=int, default=128, help="Per-device batch size n of every trainer.")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0], help="Control fractions f.")
+    parser.add_argument("--predictors", nargs="+", default=["ntk"], help="Predictors (ntk, window, zero), each at every f.")
+    parser.add_argument("--rounds", type=int, default=8, help="Rounds of the rotation (every configuration once per round).")
+    parser.add_argument("--steps_per_turn", type=int, default=4, help="Optimizer steps per configuration per round.")
+    parser.add_argument("--warmup_rounds", type=int, default=1, help="First rounds left out of the statistics.")
+    parser.add_argument("--goal_fraction", type=float, default=0.25, help="f at which the goal is checked.")
+    parser.add_argument("--goal", type=float, default=1.10, help="Goal: ratio to Trainer at most this times the floor.")
+    parser.add_argument("--profile", action="store_true", help="Profile PredictedGradientTrainer.training_step.")
+    parser.add_argument("--profile_steps", type=int, default=25, help="Steps profiled.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", type=Path, default=common.RESULTS_DIR / "step_cost")
+    common.add_data_arguments(parser, subset_default=True)
+    args = parser.parse_args(argv)
+    if args.rounds <= args.warmup_rounds:
+        parser.error(f"--rounds ({args.rounds}) must exceed --warmup_rounds ({args.warmup_rounds}).")
+    return args
+
+
+def run_specs(args) -> list[common.RunSpec]:
+    lgp = [
+        common.RunSpec(common.lgp_run_name(predictor, fraction), args.batch_size, predictor, fraction)
+        for predictor in args.predictors
+        for fraction in args.fractions
+    ]
+    return [common.parse_run("trainer", args.batch_size), *lgp]
+
+
+def trainer_arguments(spec: common.RunSpec, args, max_steps: int):
+    return common.training_arguments(
+        spec, str(args.output_dir / "trainer_output"), args.seed, max_steps=max_steps, lr_scheduler_type="constant"
+    )
+
+
+# ---------------------------------------------------------------- the rotation
+
+
+class Rotation:
+    """Turn-taking between processes: participant i computes only between `wait(i)` and `pass_turn(i)`, and the
+    turn goes round in index order, skipping finished participants. Made before the processes start, which
+    inherit its semaphores; `messages` carries their ready signals, results and errors to the parent."""
+
+    def __init__(self, context, size: int):
+        self._turns = [context.Semaphore(0) for _ in range(size)]
+        self._finished = context.Array("b", size)
+        self._aborted = context.Value("b", 0)
+        self.messages = context.Queue()
+
+    def arrive(self, index: int) -> None:
+        self.messages.put(("ready", index, None))
+
+    def start(self) -> None:
+        self._turns[0].release()
+
+    def wait(self, index: int) -> None:
+        self._turns[index].acquire()
+        if self._aborted.value:
+            raise RuntimeError("another process of the rotation failed")
+
+    def pass_turn(self, index: int, finished: bool = False) -> None:
+        if finished:
+            self._finished[index] = 1
+        size = len(self._turns)
+        for offset in range(1, size + 1):
+            following = (index + offset) % size
+            if not self._finished[following]:
+                self._turns[following].release()
+                return
+
+    def abort(self) -> None:
+        self._aborted.value = 1
+        for turn in self._turns:
+            turn.release()
+
+
+class TurnTimer(common.StepTimer):
+    """StepTimer that takes part in a Rotation: signals that it is ready and waits for its turn before the first
+    step, and hands the turn on after every `steps_per_turn` steps (outside the timed interval) and at the end."""
+
+    def __init__(self, index: int, rotation: Rotation, steps_per_turn: int):
+        super().__init__()
+        self.index, self.rotation, self.steps_per_turn = index, rotation, steps_per_turn
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.rotation.arrive(self.index)
+        self.rotation.wait(self.index)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if len(self.steps) % self.steps_per_turn == 0 and state.global_step < state.max_steps:
+            self.rotation.pass_turn(self.index)
+            self.rotation.wait(self.index)
+            self.restart_gap()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.rotation.pass_turn(self.index, finished=True)
+
+
+def time_passes(model, partition: ModelPartition, batch: dict, device: torch.device) -> dict[str, float]:
+    """Seconds of a forward with autograd, its backward, and a prediction pass (no-grad trunk forward, head
+    forward and backward: what PredictedGradientTrainer runs on the prediction micro-batch), on `batch`."""
+    start = common.clock(device)
+    loss = model(**batch).loss
+    forward_end = common.clock(device)
+    loss.backward()
+    backward_end = common.clock(device)
+    model.zero_grad(set_to_none=True)
+    prediction_start = common.clock(device)
+    with torch.no_grad(), capture_head(partition, head_only_autograd=True) as capture:
+        loss = model(**batch).loss
+    torch.autograd.grad(loss, [*partition.head_params, capture.logits])
+    prediction_end = common.clock(device)
+    return {
+        "forward": forward_end - start,
+        "backward": backward_end - forward_end,
+        "prediction": prediction_end - prediction_start,
+    }
+
+
+def measure_passes(model, batch: dict, index: int, rotation: Rotation, args) -> list[dict]:
+    """`--steps_per_turn` pass timings per turn, for `--rounds` turns of the rotation."""
+    device = PartialState().device
+    model.to(device).train()
+    batch = {key: value.to(device) for key, value in batch.items()}
+    partition = ModelPartition.from_model(model)
+    records = []
+    rotation.arrive(index)
+    for round_index in range(args.rounds):
+        rotation.wait(index)
+        records += [{"round": round_index, **time_passes(model, partition, batch, device)} for _ in range(args.steps_per_turn)]
+        rotation.pass_turn(index, finished=round_index == args.rounds - 1)
+    return records
+
+
+def memory_now(device: torch.device) -> float:
+    """MiB: peak RSS of this process on CPU, peak CUDA memory allocated on a GPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else common.peak_rss_mib()
+
+
+def participant(index: int, spec: common.RunSpec | None, args, rotation: Rotation) -> None:
+    """One process of the rotation: the trainer of `spec`, or the pass measurements when `spec` is None. Every
+    process builds the same initial model (same seed)."""
+    try:
+        data = common.load_data(args)
+        set_seed(args.seed)
+        model, _ = common.build_model(data.labels)
+        if spec is None:
+            result = {"passes": measure_passes(model, common.first_batch(data.train, args.batch_size), index, rotation, args)}
+        else:
+            timer = TurnTimer(index, rotation, args.steps_per_turn)
+            trainer = common.make_trainer(
+                spec, model, trainer_arguments(spec, args, args.rounds * args.steps_per_turn), data.train, callbacks=[timer]
+            )
+            device = trainer.args.device
+            before = memory_now(device)
+            trainer.train()
+            result = {
+                "steps": timer.steps,
+                "c_trainer": getattr(getattr(trainer, "cost_meter", None), "cost_ratio", None),
+                "memory_before_mib": before,
+                "memory_peak_mib": memory_now(device),
+            }
+        rotation.messages.put(("result", index, result))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which stops the rotation
+        rotation.messages.put(("error", index, traceback.format_exc()))
+        rotation.abort()
+
+
+def run_rotation(specs: list[common.RunSpec], args) -> tuple[dict[str, dict], list[dict]]:
+    """Runs every configuration and the pass measurements interleaved, one process each; returns (per
+    configuration: steps, c_trainer, memory), pass records."""
+    participants = [*specs, None]
+    names = [spec.name for spec in specs] + [PASSES]
+    context = multiprocessing.get_context("spawn")
+    rotation = Rotation(context, len(participants))
+    processes = [
+        context.Process(target=participant, args=(index, spec, args, rotation), name=name)
+        for index, (spec, name) in enumerate(zip(participants, names))
+    ]
+    for process in processes:
+        process.start()
+    ready, results = set(), {}
+    try:
+        while len(results) < len(processes):
+            try:
+                kind, index, payload = rotation.messages.get(timeout=10)
+            except queue.Empty:
+                dead = [p.name for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"step_cost: the processes of {dead} died without a report") from None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"step_cost: {names[index]} failed:\n{payload}")
+            if kind == "ready":
+                ready.add(index)
+                if len(ready) == len(processes):
+                    rotation.start()
+            else:
+                results[names[index]] = payload
+    except BaseException:
+        rotation.abort()
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+        raise
+    for process in processes:
+        process.join()
+    return {spec.name: results[spec.name] for spec in specs}, results[PASSES]["passes"]
+
+
+# ---------------------------------------------------------------- profile and report
+
+
+def profile_training_step(args) -> str:
+    """cProfile statistics of PredictedGradientTrainer.training_step over `--profile_steps` steps."""
+    predictor = args.predictors[0]
+    spec = common.RunSpec(common.lgp_run_name(predictor, args.goal_fraction), args.batch_size, predictor, args.goal_fraction)
+    data = common.load_data(args)
+    set_seed(args.seed)
+    model, _ = common.build_model(data.labels)
+    trainer = common.make_trainer(spec, model, trainer_arguments(spec, args, args.profile_steps), data.train)
+    profiler = cProfile.Profile()
+    training_step = trainer.training_step
+
+    def profiled_training_step(*step_args, **step_kwargs):
+        profiler.enable()
+        try:
+            return training_step(*step_args, **step_kwargs)
+        finally:
+            profiler.disable()
+
+    trainer.training_step = profiled_training_step
+    trainer.train()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).strip_dirs()
+    out.write(f"cProfile of {spec.name}: training_step over {args.profile_steps} steps, by cumulative time\n")
+    stats.sort_stats("cumulative").print_stats(25)
+    out.write("by own time\n")
+    stats.sort_stats("tottime").print_stats(25)
+    return out.getvalue()
+
+
+def median_of(records: list[dict], key: str) -> float | None:
+    values = [record[key] for record in records if record[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(specs, runs: dict[str, dict], passes: list[dict], args) -> tuple[list[dict], dict]:
+    kept_passes = [record for record in passes if record["round"] >= args.warmup_rounds]
+    forward, backward, prediction = (median_of(kept_passes, key) for key in ("forward", "backward", "prediction"))
+    cost_ratio = prediction / (forward + backward)
+    costs = {
+        "forward_s": forward,
+        "backward_s": backward,
+        "prediction_pass_s": prediction,
+        "backward_forward_ratio": backward / forward,
+        "cost_ratio_c": cost_ratio,
+    }
+    skip = args.warmup_rounds * args.steps_per_turn
+    rows = []
+    for spec in specs:
+        run = runs[spec.name]
+        steps = run["steps"][skip:]
+        fraction = spec.control_size / spec.batch_size
+        rows.append({
+            "run": spec.name,
+            "f": fraction,
+            "median_step_s": median_of(steps, "seconds"),
+            "mean_step_s": statistics.fmean(step["seconds"] for step in steps),
+            "median_gap_s": median_of(steps, "gap"),
+            "floor": fraction + (1 - fraction) * cost_ratio,
+            "c_trainer": run["c_trainer"],
+            "steps_timed": len(steps),
+            "peak_mib": run["memory_peak_mib"],
+            "train_mib": run["memory_peak_mib"] - run["memory_before_mib"],
+        })
+    base = rows[0]
+    for row in rows:
+        row["ratio"] = row["median_step_s"] / base["median_step_s"]
+        row["ratio_mean"] = row["mean_step_s"] / base["mean_step_s"]
+        row["ratio_with_gap"] = (row["median_step_s"] + row["median_gap_s"]) / (base["median_step_s"] + base["median_gap_s"])
+        row["ratio_over_floor"] = row["ratio"] / row["floor"]
+        row["peak_vs_trainer_mib"] = row["peak_mib"] - base["peak_mib"]
+    return rows, costs
+
+
+def goal_lines(specs, rows, args) -> list[str]:
+    lines = []
+    for spec, row in zip(specs, rows):
+        if spec.is_lgp and spec.control_fraction == args.goal_fraction:
+            holds = row["ratio_over_floor"] <= args.goal
+            lines.append(
+                f"goal at f = {args.goal_fraction:g} ({spec.name}): ratio to Trainer {row['ratio']:.3f} = "
+                f"{row['ratio_over_floor']:.3f} x floor {row['floor']:.3f}; "
+                f"{'HOLDS' if holds else 'DOES NOT HOLD'} (<= {args.goal:g} x floor)"
+            )
+    return lines or [f"goal: no configuration at f = {args.goal_fraction:g} (add it to --fractions)"]
+
+
+def plot(specs, rows, costs, args, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.5), layout="tight")
+    ratio_axes, memory_axes = figure.subplots(1, 2)
+    grid = [i / 100 for i in range(1, 101)]
+    c = costs["cost_ratio_c"]
+    ratio_axes.plot(grid, [f + (1 - f) * c for f in grid], color="black", label=f"floor f + (1 - f) c, c = {c:.2f}")
+    ratio_axes.plot(grid, [args.goal * (f + (1 - f) * c) for f in grid], color="black", ls="--", label=f"{args.goal:g} x floor")
+    for predictor in args.predictors:
+        points = [(row["f"], row["ratio"]) for spec, row in zip(specs, rows) if spec.predictor == predictor]
+        ratio_axes.plot(*zip(*points), marker="o", label=f"PredictedGradientTrainer ({predictor}), median step")
+    ratio_axes.axhline(1, color="gray", lw=0.8)
+    ratio_axes.set(xlabel="control fraction f", ylabel="step time / Trainer step time", title=f"step cost, batch {args.batch_size}")
+    ratio_axes.legend(fontsize=8)
+    ratio_axes.grid(alpha=0.3)
+    names = [row["run"] for row in rows]
+    before = [row["peak_mib"] - row["train_mib"] for row in rows]
+    memory_axes.bar(names, before, color="lightgray", label="model, data, libraries (before training)")
+    memory_axes.bar(names, [row["train_mib"] for row in rows], bottom=before, label="added by training")
+    kind = "peak CUDA memory allocated" if torch.cuda.is_available() else "peak RSS"
+    memory_axes.set(ylabel=f"{kind} (MiB)", title="memory, one process per configuration")
+    memory_axes.legend(fontsize=8)
+    memory_axes.tick_params(axis="x", rotation=45, labelsize=8)
+    figure.savefig(path, dpi=120)
+
+
+COLUMNS = [
+    "run", "f", "median_step_s", "mean_step_s", "ratio", "ratio_mean", "ratio_with_gap", "floor", "ratio_over_floor",
+    "c_trainer", "peak_mib", "train_mib", "peak_vs_trainer_mib",
+]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    specs = run_specs(args)
+    print(f"Interleaving {[spec.name for spec in specs]} and the pass measurements, one process each: "
+          f"{args.rounds} rounds of {args.steps_per_turn} steps, batch {args.batch_size}, on {common.device_description()}",
+          flush=True)
+    runs, passes = run_rotation(specs, args)
+    rows, costs = summarize(specs, runs, passes, args)
+
+    print(f"\nPer batch of {args.batch_size} (medians): forward {costs['forward_s']:.4f} s, backward "
+          f"{costs['backward_s']:.4f} s (backward/forward {costs['backward_forward_ratio']:.2f}), prediction pass "
+          f"{costs['prediction_pass_s']:.4f} s -> c = {costs['cost_ratio_c']:.3f}")
+    print(common.format_table(rows, COLUMNS))
+    goals = goal_lines(specs, rows, args)
+    print("\n".join(goals))
+    common.write_json(
+        args.output_dir / "step_cost.json",
+        {
+            "settings": vars(args),
+            "device": common.device_description(),
+            "costs": costs,
+            "rows": rows,
+            "goal": goals,
+            "step_times": {name: run["steps"] for name, run in runs.items()},
+            "pass_times": passes,
+        },
+    )
+    plot(specs, rows, costs, args, args.output_dir / "step_cost.png")
+    print(f"Wrote {args.output_dir / 'step_cost.json'} and {args.output_dir / 'step_cost.png'}")
+    if args.profile:
+        profile = profile_training_step(args)
+        print(profile)
+        (args.output_dir / "profile.txt").write_text(profile)
+        print(f"Wrote {args.output_dir / 'profile.txt'}")
+
+
+if __name__ == "__main__":
+    main()
