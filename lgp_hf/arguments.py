@@ -31,16 +31,17 @@ class PredictedGradientArguments(TrainingArguments):
         auto_min_control_fraction (`float`, defaults to `0.1`):
             The smallest f that `control_fraction="auto"` may choose.
         predictor (`str`, defaults to `"ntk"`):
-            The linear predictor of trunk gradients: `"ntk"` (mean logit Jacobian, k x P memory), `"window"` (ridge
-            regression over the last `predictor_window_size` control batches, m x P memory) or `"zero"` (no
-            prediction, the ablation).
+            The linear predictor of trunk gradients: `"ntk"` (trunk gradient ~ J^T e, the summed logit errors e
+            times one logit Jacobian J, fitted by least squares from earlier control batches, k x P memory),
+            `"window"` (ridge regression from head gradient over the last `predictor_window_size` control batches,
+            m x P memory) or `"zero"` (no prediction, the ablation).
         predictor_refit_steps (`int`, defaults to `25`):
-            Optimizer steps between refits of the `"ntk"` predictor's Jacobian (k vector-Jacobian products on a
-            control micro-batch each time: fresher predictions for more backward work), and between updates of
-            the automatic control fraction.
+            Optimizer steps between updates of the automatic control fraction (`control_fraction="auto"`). The
+            predictors learn from every control batch and need no refit schedule.
         predictor_window_size (`int`, defaults to `64`):
             m, the number of (head gradient, trunk gradient) pairs the `"window"` predictor keeps (one per
-            optimizer step). Memory is m times the number of trunk parameters, in float32.
+            optimizer step; memory m times the number of trunk parameters, in float32), and the memory of the
+            `"ntk"` least-squares fit (control batches are forgotten by a factor 1 - 1/m per step).
         predictor_ridge (`float`, defaults to `1.0`):
             lambda of the `"window"` ridge regression, relative to the mean diagonal of the signals' Gram matrix.
             Too small a value makes predictions noisy enough to raise the variance above the zero predictor's.

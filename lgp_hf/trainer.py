@@ -27,7 +27,7 @@ from .estimator import (
 )
 from .heads import ModelPartition, capture_head
 from .model_card import write_model_card
-from .predictors import make_predictor, mean_logit_jacobian
+from .predictors import make_predictor
 
 logger = logging.get_logger(__name__)
 
@@ -44,6 +44,28 @@ class PredictedGradientTrainer(Trainer):
     batches only. Everything else (callbacks, logging, evaluation, saving, accumulation, DDP, mixed precision) is
     the base class's: the extra gradient terms are written into `.grad` before the control backward, so DDP's
     reducer, the fp16 scaler (they are pre-multiplied by its scale) and clipping see one ordinary gradient.
+
+    Distributed (DDP through `accelerate launch`, GPUs or multi-process CPU). Each rank splits its own per-device
+    batch with a generator seeded by (seed, optimizer step, micro-step), so all ranks take the same decisions
+    without communicating; the update is the rank average of per-rank unbiased estimates, hence unbiased for the
+    global batch. What is sent between ranks, per optimizer step and only on its last (sync) micro-batch:
+      - DDP's own gradient all-reduce, once, as for `Trainer` (earlier micro-batches run in `no_sync`): the
+        control gradient together with the head and predicted trunk corrections already written into `.grad`;
+      - the control signal summed over the step's micro-batches (an all-reduce mean of k floats for `ntk`, of the
+        head gradient's size for `window` and `zero`);
+      - the summed signal difference S_B - r S_C that the applied corrections were computed from (same size), so
+        that the control part of the all-reduced `.grad` can be isolated: the corrections are linear in it.
+    Nothing parameter-sized besides DDP's all-reduce. The predictor and beta are then fitted from inputs that are
+    identical on every rank (the averaged signal, the all-reduced `.grad`), so their state is identical on every
+    rank and equal to one process's on the same global batches (tests/test_distributed.py checks both). The
+    prediction forward runs on the module inside the DDP wrapper (it has no backward for DDP to reduce);
+    `ddp_static_graph=True` is refused.
+
+    Mixed precision. bf16/fp16 autocast applies to both forwards (accelerate's, around the model); head gradients
+    and signals are taken in float32 and the predictors fit and predict in float32. Under fp16 the head gradients
+    are computed from the scaled loss like the control backward, every term written into `.grad` is in the
+    GradScaler's scale, and `_observe` divides it out; an overflow makes the scaler skip the step, as in `Trainer`,
+    and the predictor learns nothing from a step whose trunk gradient is not finite.
 
     Overridden hooks: `training_step` (the estimator), `log` (adds the `lgp/*` statistics), `_save_checkpoint` and
     `_load_from_checkpoint` (the predictor state travels with checkpoints).
@@ -72,6 +94,13 @@ class PredictedGradientTrainer(Trainer):
             raise ValueError(
                 "PredictedGradientTrainer does not support torch.nn.DataParallel (several GPUs in one process); "
                 "launch one process per GPU with `accelerate launch --multi_gpu`."
+            )
+        if self.args.ddp_static_graph:
+            raise ValueError(
+                "ddp_static_graph=True is not supported by PredictedGradientTrainer: DDP's static graph mode replays "
+                "the autograd passes of the first step, and the estimator's extra head-gradient pass "
+                "(torch.autograd.grad through DDP's output) breaks it. Leave ddp_static_graph unset; DDP works with "
+                "or without ddp_find_unused_parameters."
             )
         self.partition = ModelPartition.from_model(self.model, self.args.head_modules)
         self.predictor = make_predictor(
@@ -124,13 +153,14 @@ class PredictedGradientTrainer(Trainer):
         control_scale = batch_size / num_control
         measure = self.state.global_step % max(1, int(self.args.logging_steps)) == 0
         stopwatch = Stopwatch(self.args.device, synchronize=measure)
+        loss_scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
 
         # Prediction micro-batch: no-grad trunk, differentiable head and loss.
         if num_prediction:
             prediction_inputs = _select_examples(inputs, prediction_index, batch_size)
             with torch.no_grad(), capture_head(self.partition, head_only_autograd=True) as capture, self.compute_loss_context_manager():
-                loss_prediction = self.compute_loss(model, prediction_inputs, num_items_in_batch=num_items_in_batch)
-            head_prediction, signal_prediction = self._head_gradients(loss_prediction, capture.logits, retain_graph=False)
+                loss_prediction = self.compute_loss(_without_ddp(model), prediction_inputs, num_items_in_batch=num_items_in_batch)
+            head_prediction, signal_prediction = self._head_gradients(loss_prediction, capture.logits, False, loss_scale)
             prediction_seconds = stopwatch.lap()
 
         # Control micro-batch: forward with autograd; head gradient first (the graph is kept for the backward).
@@ -138,10 +168,7 @@ class PredictedGradientTrainer(Trainer):
         with capture_head(self.partition) as capture, self.compute_loss_context_manager():
             loss_control = self.compute_loss(model, control_inputs, num_items_in_batch=num_items_in_batch)
         forward_seconds = stopwatch.lap()
-        head_control, signal_control = self._head_gradients(loss_control, capture.logits, retain_graph=True)
-        if self.accelerator.sync_gradients and self.predictor.needs_jacobian(self.state.global_step):
-            sums["jacobian"] = mean_logit_jacobian(capture.logits, self.partition.trunk_params, num_control)
-            stopwatch.lap()  # refit work is not part of the backward being measured
+        head_control, signal_control = self._head_gradients(loss_control, capture.logits, True, loss_scale)
 
         coefficient = control_scale * weight_control / accumulation
         if num_prediction:
@@ -154,7 +181,6 @@ class PredictedGradientTrainer(Trainer):
             trunk_correction = self._trunk_correction(difference)
         else:
             difference, head_correction, trunk_correction = None, None, None
-        loss_scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
         if head_correction is not None:
             _add_to_grads(self.partition.head_params, head_correction, loss_scale)
         if trunk_correction is not None:
@@ -213,8 +239,12 @@ class PredictedGradientTrainer(Trainer):
             return  # an fp16 overflow: the scaler skips this step, and the predictor learns nothing from it
         control, applied = self._all_ranks_mean(sums["control"]), sums["applied"]
         beta = self.coefficients.values
+        if applied is None and self.accelerator.num_processes > 1:
+            applied = torch.zeros_like(sums["control"])  # no correction here (or a fallback): still join the mean
         if applied is not None:
-            true -= apply_coefficients(self.predictor.predict(self._all_ranks_mean(applied)), beta, self._trunk_numels)
+            applied = self._predict(self._all_ranks_mean(applied))
+            if applied is not None:
+                true -= apply_coefficients(applied, beta, self._trunk_numels)
         raw = self._predict(control)
         if raw is None:
             alignment, residual = 0.0, 1.0
@@ -222,11 +252,8 @@ class PredictedGradientTrainer(Trainer):
             predicted = apply_coefficients(raw, beta, self._trunk_numels)
             alignment, residual = cosine_similarity(predicted, true), relative_residual(true, predicted)
             self.coefficients.update(true, raw, self._trunk_numels)
-        jacobian = sums["jacobian"]
-        if jacobian is not None:
-            jacobian = self._all_ranks_mean(jacobian)
         try:
-            self.predictor.observe(control, true, jacobian)
+            self.predictor.observe(control, true)
         except (FloatingPointError, torch.linalg.LinAlgError) as error:
             self._record_fallback(f"the predictor fit failed ({error})")
         self._metrics["lgp/alignment"].append(alignment)
@@ -246,12 +273,19 @@ class PredictedGradientTrainer(Trainer):
         if not recent or self.cost_meter.cost_ratio is None:
             return
         rho = max(0.0, sum(recent) / len(recent))
+        # Timings differ between ranks; their mean (one float) gives every rank the same f.
+        cost_ratio = float(self._all_ranks_mean(torch.tensor([self.cost_meter.cost_ratio], dtype=torch.float64, device=self.args.device)))
         self._control_fraction = theory.optimal_control_fraction(
-            min(rho, 1.0), self.cost_meter.cost_ratio, min_fraction=self.args.auto_min_control_fraction
+            min(rho, 1.0), cost_ratio, min_fraction=self.args.auto_min_control_fraction
         )
 
-    def _head_gradients(self, loss: torch.Tensor, logits: torch.Tensor | None, retain_graph: bool):
-        """Exact head gradients of `loss` and the predictor's signal (flat head gradient or summed logit errors)."""
+    def _head_gradients(self, loss: torch.Tensor, logits: torch.Tensor | None, retain_graph: bool, loss_scale: float = 1.0):
+        """Exact head gradients of `loss` and the predictor's signal (flat head gradient or summed logit errors).
+
+        Under fp16 the backward runs on the loss times the GradScaler's scale, as the control backward does (an
+        unscaled fp16 backward would flush small logit errors to zero), and the result is divided by it in float32;
+        an overflow gives non-finite values, which reach `.grad` through the corrections and make the scaler skip.
+        """
         if logits is None or not loss.requires_grad:
             raise RuntimeError(
                 f"The head modules {self.partition.head_module_names} did not run under autograd in this forward "
@@ -259,11 +293,13 @@ class PredictedGradientTrainer(Trainer):
                 "head_modules=[...]."
             )
         params = self.partition.head_params
-        grads = torch.autograd.grad(loss, [*params, logits], retain_graph=retain_graph, allow_unused=True)
+        grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1 else loss, [*params, logits], retain_graph=retain_graph, allow_unused=True)
+        if loss_scale != 1:
+            grads = [None if g is None else g.float() / loss_scale for g in grads]
         head = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads[:-1])]
         if self.predictor.signal == "logit_error":
             logit_grad = grads[-1] if grads[-1] is not None else torch.zeros_like(logits)
-            signal = logit_grad.reshape(-1, logit_grad.shape[-1]).sum(0).float()
+            signal = logit_grad.float().reshape(-1, logit_grad.shape[-1]).sum(0)  # summed in float32, also under bf16
         else:
             signal = torch.cat([g.reshape(-1).float() for g in head])
         return head, signal
@@ -459,6 +495,15 @@ def _batch_size(inputs: dict) -> int:
     raise ValueError("The batch holds no tensor with a batch dimension.")
 
 
+def _without_ddp(model):
+    """The module inside a DDP wrapper (accelerate's autocast, applied to it before wrapping, stays), for the
+    prediction forward. Nothing of that forward reaches DDP's backward (its head gradients are taken with
+    `torch.autograd.grad`), and through the wrapper it would look like a training forward (the head hooks turn
+    autograd on inside it): DDP would wait for a backward that never comes, and fail at the next forward with
+    `find_unused_parameters=False` ("initialize_buckets must NOT be called during autograd execution")."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def _select_examples(inputs: dict, index: torch.Tensor, batch_size: int) -> dict:
     """The examples at `index` of every per-example tensor (first dimension = batch size); others as they are."""
     return {
@@ -479,7 +524,7 @@ def _add_to_grads(params, values, scale: float) -> None:
 
 def _new_step_sums() -> dict:
     """What `_observe` needs of one optimizer step, summed over its micro-batches."""
-    return {"control": None, "applied": None, "jacobian": None}
+    return {"control": None, "applied": None}
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
