@@ -62,14 +62,12 @@ def apply_coefficients(prediction: torch.Tensor, coefficients: torch.Tensor, num
 
 def trunk_correction(
     predict: Callable[[torch.Tensor], torch.Tensor | None],
-    batch_signal: torch.Tensor,
-    control_signal: torch.Tensor,
-    control_scale: float,
+    difference: torch.Tensor,
     coefficients: torch.Tensor,
     numels: Sequence[int],
 ) -> torch.Tensor | None:
-    """beta * A(S_B - r S_C), flat over the trunk; None when the predictor predicts nothing."""
-    prediction = predict(signal_difference(batch_signal, control_signal, control_scale))
+    """beta * A(S_B - r S_C) from the signal difference, flat over the trunk; None when nothing is predicted."""
+    prediction = predict(difference)
     return None if prediction is None else apply_coefficients(prediction, coefficients, numels)
 
 
@@ -83,7 +81,8 @@ def control_variate_estimate(
     numels: Sequence[int],
 ) -> torch.Tensor:
     """The trunk estimate r g(C) + beta A(S_B - r S_C) from the control micro-batch's (summed) trunk gradient."""
-    correction = trunk_correction(predict, batch_signal, control_signal, control_scale, coefficients, numels)
+    difference = signal_difference(batch_signal, control_signal, control_scale)
+    correction = trunk_correction(predict, difference, coefficients, numels)
     estimate = control_scale * control_trunk_grad
     return estimate if correction is None else estimate + correction
 

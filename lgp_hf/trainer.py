@@ -24,6 +24,7 @@ from .estimator import (
     split_batch_indices,
     split_generator,
     subset_loss_weights,
+    trunk_correction,
 )
 from .heads import ModelPartition, capture_head
 from .model_card import write_model_card
@@ -207,10 +208,9 @@ class PredictedGradientTrainer(Trainer):
         """beta * A(S_B - r S_C), or None (control-only update) when there is no prediction, its fit fails or it
         is not finite: a fault in the predictor never reaches the optimizer, and the control-only estimate that
         replaces it is still unbiased."""
-        prediction = self._predict(difference)
-        if prediction is None:
+        correction = trunk_correction(self._predict, difference, self.coefficients.values, self._trunk_numels)
+        if correction is None:
             return None
-        correction = apply_coefficients(prediction, self.coefficients.values, self._trunk_numels)
         if not torch.isfinite(correction).all():
             self._record_fallback("the predicted trunk gradient is not finite")
             return None
