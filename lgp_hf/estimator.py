@@ -55,20 +55,23 @@ def signal_difference(batch_signal: torch.Tensor, control_signal: torch.Tensor, 
     return batch_signal - control_scale * control_signal
 
 
+def expand_coefficients(coefficients: torch.Tensor, numels: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One coefficient per parameter tensor, repeated over that tensor's elements of a flat float32 vector."""
+    return torch.repeat_interleave(coefficients.float().to(device), torch.tensor(numels, device=device))
+
+
 def apply_coefficients(prediction: torch.Tensor, coefficients: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
     """beta * prediction, one coefficient per parameter tensor (the flat vector is split by `numels`)."""
-    return prediction * torch.repeat_interleave(coefficients.to(prediction), torch.tensor(numels, device=prediction.device))
+    return prediction * expand_coefficients(coefficients, numels, prediction.device).to(prediction.dtype)
 
 
 def trunk_correction(
-    predict: Callable[[torch.Tensor], torch.Tensor | None],
-    difference: torch.Tensor,
-    coefficients: torch.Tensor,
-    numels: Sequence[int],
+    predict: Callable[[torch.Tensor], torch.Tensor | None], difference: torch.Tensor, expanded_coefficients: torch.Tensor
 ) -> torch.Tensor | None:
-    """beta * A(S_B - r S_C) from the signal difference, flat over the trunk; None when nothing is predicted."""
+    """beta * A(S_B - r S_C) from the signal difference, flat over the trunk (beta given per element, see
+    `expand_coefficients`); None when nothing is predicted."""
     prediction = predict(difference)
-    return None if prediction is None else apply_coefficients(prediction, coefficients, numels)
+    return None if prediction is None else prediction * expanded_coefficients
 
 
 def control_variate_estimate(
@@ -82,7 +85,7 @@ def control_variate_estimate(
 ) -> torch.Tensor:
     """The trunk estimate r g(C) + beta A(S_B - r S_C) from the control micro-batch's (summed) trunk gradient."""
     difference = signal_difference(batch_signal, control_signal, control_scale)
-    correction = trunk_correction(predict, difference, coefficients, numels)
+    correction = trunk_correction(predict, difference, expand_coefficients(coefficients, numels, difference.device))
     estimate = control_scale * control_trunk_grad
     return estimate if correction is None else estimate + correction
 
@@ -117,6 +120,7 @@ class ControlVariateCoefficients:
         self.max_value = max_value
         self.numerator = torch.zeros(num_tensors, dtype=torch.float64)
         self.denominator = torch.zeros(num_tensors, dtype=torch.float64)
+        self._expanded: torch.Tensor | None = None
 
     @property
     def values(self) -> torch.Tensor:
@@ -125,14 +129,21 @@ class ControlVariateCoefficients:
         beta = torch.where(self.denominator > 0, self.numerator / self.denominator.clamp_min(1e-300), torch.zeros_like(self.numerator))
         return beta.clamp(0.0, self.max_value).float()
 
+    def expanded(self, numels: Sequence[int], device: torch.device) -> torch.Tensor:
+        """`values` repeated over each tensor's elements (flat float32); cached until the next update, since
+        building it costs a parameter-sized pass."""
+        if self._expanded is None or self._expanded.device != torch.device(device):
+            self._expanded = expand_coefficients(self.values, numels, device)
+        return self._expanded
+
     def update(self, true: torch.Tensor, predicted: torch.Tensor, numels: Sequence[int]) -> None:
         """Add one control batch's (true, raw predicted) flat trunk gradients."""
-        true_parts = true.double().split(list(numels))
-        predicted_parts = predicted.double().split(list(numels))
-        numerator = torch.stack([(t * p).sum() for t, p in zip(true_parts, predicted_parts)]).cpu()
-        denominator = torch.stack([p.pow(2).sum() for p in predicted_parts]).cpu()
+        pairs = list(zip(true.split(list(numels)), predicted.split(list(numels))))
+        numerator = torch.stack([t.float().dot(p.float()) for t, p in pairs]).double().cpu()
+        denominator = torch.stack([p.float().dot(p.float()) for _, p in pairs]).double().cpu()
         self.numerator.mul_(self.decay).add_(numerator)
         self.denominator.mul_(self.decay).add_(denominator)
+        self._expanded = None
 
     def state_dict(self) -> dict:
         return {"numerator": self.numerator.clone(), "denominator": self.denominator.clone()}
@@ -140,3 +151,4 @@ class ControlVariateCoefficients:
     def load_state_dict(self, state: dict) -> None:
         self.numerator.copy_(state["numerator"])
         self.denominator.copy_(state["denominator"])
+        self._expanded = None

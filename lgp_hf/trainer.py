@@ -16,7 +16,6 @@ from .checkpoints import reload_renamed_weights
 from .costs import CostMeter, Stopwatch
 from .estimator import (
     ControlVariateCoefficients,
-    apply_coefficients,
     control_size,
     cosine_similarity,
     relative_residual,
@@ -208,13 +207,16 @@ class PredictedGradientTrainer(Trainer):
         """beta * A(S_B - r S_C), or None (control-only update) when there is no prediction, its fit fails or it
         is not finite: a fault in the predictor never reaches the optimizer, and the control-only estimate that
         replaces it is still unbiased."""
-        correction = trunk_correction(self._predict, difference, self.coefficients.values, self._trunk_numels)
+        correction = trunk_correction(self._predict, difference, self._expanded_beta())
         if correction is None:
             return None
         if not torch.isfinite(correction).all():
             self._record_fallback("the predicted trunk gradient is not finite")
             return None
         return correction
+
+    def _expanded_beta(self) -> torch.Tensor:
+        return self.coefficients.expanded(self._trunk_numels, self.partition.trunk_params[0].device)
 
     def _predict(self, signal: torch.Tensor) -> torch.Tensor | None:
         try:
@@ -238,18 +240,18 @@ class PredictedGradientTrainer(Trainer):
         if not torch.isfinite(true).all():
             return  # an fp16 overflow: the scaler skips this step, and the predictor learns nothing from it
         control, applied = self._all_ranks_mean(sums["control"]), sums["applied"]
-        beta = self.coefficients.values
+        beta = self._expanded_beta()
         if applied is None and self.accelerator.num_processes > 1:
             applied = torch.zeros_like(sums["control"])  # no correction here (or a fallback): still join the mean
         if applied is not None:
             applied = self._predict(self._all_ranks_mean(applied))
             if applied is not None:
-                true -= apply_coefficients(applied, beta, self._trunk_numels)
+                true -= applied * beta
         raw = self._predict(control)
         if raw is None:
             alignment, residual = 0.0, 1.0
         else:
-            predicted = apply_coefficients(raw, beta, self._trunk_numels)
+            predicted = raw * beta
             alignment, residual = cosine_similarity(predicted, true), relative_residual(true, predicted)
             self.coefficients.update(true, raw, self._trunk_numels)
         try:
