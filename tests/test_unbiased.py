@@ -58,13 +58,13 @@ def directions(model, truth, count=12, seed=0):
     return torch.stack(result)
 
 
-def max_z_score(model_factory, dataset, tmp_path, **lgp_args):
+def max_z_score(model_factory, dataset, tmp_path, steps=STEPS, **lgp_args):
     model = model_factory()
     truth = exact_gradient(model, dataset)
     recorder = GradientRecorder()
     args = PredictedGradientArguments(
         output_dir=str(tmp_path), report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
-        per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=0.0, max_grad_norm=0.0,
+        per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=0.0, max_grad_norm=0.0,
         logging_steps=50, predictor_refit_steps=10, **lgp_args,
     )
     PredictedGradientTrainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder]).train()
@@ -106,3 +106,13 @@ def test_z_test_detects_a_biased_estimator(tmp_path, monkeypatch):
     monkeypatch.setattr(lgp_hf.trainer, "signal_difference", lambda batch, control, scale: signal_difference(batch, control, 1.0))
     z = max_z_score(lambda: tiny_vit(num_labels=3), image_dataset(BATCH, num_labels=3), tmp_path, predictor="ntk", control_fraction=0.25)
     assert z > Z_LIMIT
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("predictor", ["ntk", "window"])
+@pytest.mark.parametrize("control_fraction", [0.125, 0.5])
+def test_update_is_unbiased_over_long_runs(predictor, control_fraction, tmp_path):
+    """Ten times the steps: a bias ten times smaller than the default test can see would show here."""
+    model_factory, dataset_factory = MODELS["vit"]
+    z = max_z_score(model_factory, dataset_factory(), tmp_path, steps=2400, predictor=predictor, control_fraction=control_fraction)
+    assert z < Z_LIMIT
