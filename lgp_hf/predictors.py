@@ -176,7 +176,7 @@ class WindowPredictor(GradientPredictor):
         self._dual_map = None
 
 
-def make_predictor(name: str, window_size: int = 64, ridge: float = 1.0, refit_steps: int = 25) -> GradientPredictor:
+def make_predictor(name: str, window_size: int = 64, ridge: float = 1.0) -> GradientPredictor:
     """The predictor named by `PredictedGradientArguments.predictor`."""
     if name == "ntk":
         return NTKPredictor(memory=window_size)

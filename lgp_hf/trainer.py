@@ -104,7 +104,7 @@ class PredictedGradientTrainer(Trainer):
             )
         self.partition = ModelPartition.from_model(self.model, self.args.head_modules)
         self.predictor = make_predictor(
-            self.args.predictor, self.args.predictor_window_size, self.args.predictor_ridge, self.args.predictor_refit_steps
+            self.args.predictor, self.args.predictor_window_size, self.args.predictor_ridge
         )
         self.coefficients = ControlVariateCoefficients(
             len(self.partition.trunk_params), mode=self.args.control_variate_coefficient
@@ -120,6 +120,7 @@ class PredictedGradientTrainer(Trainer):
         self._warned_single_example = False
         self._additive_loss: bool | None = None
         self._recent_alignment: list[float] = []
+        self._model_card_kwargs: dict = {}  # arguments of the last create_model_card, reused by later saves
 
     # ------------------------------------------------------------------ the estimator
 
@@ -420,13 +421,13 @@ class PredictedGradientTrainer(Trainer):
             tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
             reproduce_command=reproduce_command,
         )
-        self._model_card_kwargs = {**getattr(self, "_model_card_kwargs", {}), **{k: v for k, v in given.items() if v is not None}}
+        self._model_card_kwargs = {**self._model_card_kwargs, **{k: v for k, v in given.items() if v is not None}}
         write_model_card(self, self.args.output_dir, **self._model_card_kwargs)
 
     def _write_model_card_quietly(self, folder: str) -> None:
         """The card of an automatic save: a failure is logged, never allowed to break the save."""
         try:
-            write_model_card(self, folder, **getattr(self, "_model_card_kwargs", {}))
+            write_model_card(self, folder, **self._model_card_kwargs)
         except Exception as error:  # noqa: BLE001 - a model card is documentation, not part of the checkpoint
             logger.warning(f"Could not write the model card in {folder}: {error!r}")
 
