@@ -20,14 +20,20 @@ class PredictedGradientArguments(TrainingArguments):
     forward and backward); the trunk gets r g(C) + beta A(S_B - r S_C), the head its exact gradient.
 
     Parameters:
-        control_fraction (`float` or `"auto"`, defaults to `0.25`):
+        control_fraction (`float` or `"auto"`, defaults to `"auto"`):
             Fraction f of each per-device batch that gets a full backward: the control micro-batch has
             max(1, round(f n)) examples. Must be in (0, 1]; 1 is plain backprop and gives exactly the weights of
-            `transformers.Trainer`. `"auto"` chooses f from the measured alignment and cost ratio at refit points
-            (it starts at `auto_initial_control_fraction`), going to 1 while the predictor is below break-even.
-            Given as a string on the command line (`--control_fraction 0.25` or `--control_fraction auto`).
-        auto_initial_control_fraction (`float`, defaults to `0.5`):
-            f used by `control_fraction="auto"` until the first refit point has measured the predictor.
+            `transformers.Trainer`. `"auto"` (the default) sets f every `predictor_refit_steps` steps to the value
+            that minimises gradient variance per unit of compute for the measured per-example variance explained E
+            and cost ratio c (`theory.optimal_control_fraction`): below 1 only when E > c, where predicted
+            gradients pay. It is the default because the paper's fixed f = 0.25 needs E above about 0.64 (CPU
+            costs) and the measured E of the `ntk` predictor on a ViT stays under 0.1 (benchmarks/README.md): a
+            fixed f then trains worse per second than `Trainer`, "auto" stays at plain backprop until the
+            predictor pays. Given as a string on the command line (`--control_fraction 0.25`,
+            `--control_fraction auto`).
+        auto_initial_control_fraction (`float`, defaults to `1.0`):
+            f used by `control_fraction="auto"` until the first refit point has measured the predictor (1: start
+            as plain backprop; the predictor learns from the control batches whatever f is).
         auto_min_control_fraction (`float`, defaults to `0.1`):
             The smallest f that `control_fraction="auto"` may choose.
         predictor (`str`, defaults to `"ntk"`):
@@ -58,11 +64,11 @@ class PredictedGradientArguments(TrainingArguments):
     """
 
     control_fraction: str = field(
-        default="0.25",
+        default="auto",
         metadata={"help": "Fraction of each batch with a full backward, in (0, 1], or 'auto'."},
     )
     auto_initial_control_fraction: float = field(
-        default=0.5, metadata={"help": "Control fraction used by control_fraction='auto' before its first refit point."}
+        default=1.0, metadata={"help": "Control fraction used by control_fraction='auto' before its first refit point."}
     )
     auto_min_control_fraction: float = field(
         default=0.1, metadata={"help": "Smallest control fraction that control_fraction='auto' may choose."}

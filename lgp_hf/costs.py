@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from .theory import cost_ratio_from_backward_forward
+
 
 class CostMeter:
     """Exponential moving averages of measured pass times, per example.
@@ -14,6 +16,10 @@ class CostMeter:
     - cost ratio c: time per prediction example (no-grad trunk forward, head forward and backward) over time per
       control example (forward and backward). Both passes run at their own batch sizes, so c includes what
       smaller batches cost on this hardware; it is the c of `theory.break_even_rho2`.
+      A step without a prediction micro-batch (f = 1 under `control_fraction="auto"`) estimates c as
+      t_forward / (t_forward + t_backward) of its control pass (`theory.cost_ratio_from_backward_forward`), so that
+      "auto" can tell when lowering f would pay. Its forward runs under autograd, slower than the prediction
+      pass's no-grad forward, so this errs high: towards plain backprop.
     """
 
     def __init__(self, decay: float = 0.9):
@@ -25,11 +31,16 @@ class CostMeter:
         return new if old is None else self.decay * old + (1 - self.decay) * new
 
     def update(self, prediction_seconds: float, num_prediction: int, forward_seconds: float, backward_seconds: float, num_control: int) -> None:
-        if forward_seconds <= 0 or num_prediction <= 0:
+        if forward_seconds <= 0:
             return
-        self.backward_forward_ratio = self._average(self.backward_forward_ratio, backward_seconds / forward_seconds)
-        per_control = (forward_seconds + backward_seconds) / num_control
-        self.cost_ratio = self._average(self.cost_ratio, min(1.0, (prediction_seconds / num_prediction) / per_control))
+        ratio = backward_seconds / forward_seconds
+        self.backward_forward_ratio = self._average(self.backward_forward_ratio, ratio)
+        if num_prediction > 0:
+            per_control = (forward_seconds + backward_seconds) / num_control
+            cost_ratio = min(1.0, (prediction_seconds / num_prediction) / per_control)
+        else:
+            cost_ratio = cost_ratio_from_backward_forward(ratio)
+        self.cost_ratio = self._average(self.cost_ratio, cost_ratio)
 
     def state_dict(self) -> dict:
         return {"backward_forward_ratio": self.backward_forward_ratio, "cost_ratio": self.cost_ratio}

@@ -102,6 +102,38 @@ def relative_residual(true: torch.Tensor, predicted: torch.Tensor) -> float:
     return float((true - predicted).pow(2).sum() / denominator) if denominator > 0 else 0.0
 
 
+def paired_squared_differences(
+    true: tuple[torch.Tensor, torch.Tensor], predicted: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[float, float]:
+    """(||dR||^2, ||dG||^2) of two independent control batches scored with the same predictor and beta.
+
+    dG = G_2 - G_1 (their true trunk gradients, each a mean over its examples up to a common factor) and
+    dR = dG - (p_2 - p_1), p the applied prediction beta A(S); `predicted=None` is the zero predictor. For
+    per-example residuals r = g - p, the mean gradient cancels in the differences:
+        E ||dG||^2 = tr Var(g) (1/n_1 + 1/n_2) + ||mu_g,2 - mu_g,1||^2,    the same for dR with r,
+    where the last term is how far the mean moved between the two batches (small for consecutive steps).
+    Summed over many pairs, 1 - sum ||dR||^2 / sum ||dG||^2 estimates `variance_explained`.
+    """
+    difference = (true[1] - true[0]).float()
+    residual = difference if predicted is None else difference - (predicted[1] - predicted[0]).float()
+    return float(residual.dot(residual)), float(difference.dot(difference))
+
+
+def variance_explained(residual_squares: float, gradient_squares: float) -> float | None:
+    """E = 1 - tr Var(g - p) / tr Var(g) from summed `paired_squared_differences` (None before any pair).
+
+    E is the per-example variance of trunk gradients that the applied prediction p = beta A(s) removes. It is
+    what the estimator's variance depends on, exactly and for any beta (theory module):
+        Var(estimate) = tr Var(g) / n * [E + (1 - E) / f],
+    so the method beats plain backprop at equal compute iff E > theory.break_even_rho2(f, c). E < 0 when the
+    prediction adds variance. The batch-level cosine of predicted and true control gradients cannot stand in for
+    it: control-batch sums are dominated by the mean gradient, which even a poor predictor follows.
+    """
+    if gradient_squares <= 0:
+        return None
+    return 1.0 - residual_squares / gradient_squares
+
+
 class ControlVariateCoefficients:
     """beta per trunk parameter tensor, fitted online from earlier control batches.
 

@@ -28,6 +28,8 @@ TRAINER_TAG = "generated_from_trainer"
 # Statistics rows: (key in `statistics`, label, formatter).
 _PERCENT, _NUMBER, _INTEGER, _DURATION = "percent", "number", "integer", "duration"
 STATISTICS_ROWS = (
+    ("lgp_variance_explained", "Per-example variance explained", _NUMBER),
+    ("lgp_break_even_variance_explained", "Break-even variance explained (at the final control fraction and cost ratio)", _NUMBER),
     ("lgp_mean_alignment", "Mean alignment", _NUMBER),
     ("lgp_final_alignment", "Final alignment", _NUMBER),
     ("lgp_break_even_alignment", "Break-even alignment (at the final control fraction and cost ratio)", _NUMBER),
@@ -46,6 +48,7 @@ TRAINING_LOG_COLUMNS = (
     ("step", "Step"),
     ("epoch", "Epoch"),
     ("loss", "Training loss"),
+    ("lgp/variance_explained", "Variance explained"),
     ("lgp/alignment", "Alignment"),
     ("lgp/predictor_residual", "Predictor residual"),
     ("lgp/control_fraction", "Control fraction"),
@@ -256,14 +259,15 @@ def build_model_card(
         statistics_rows = [
             (label, "training in progress" if label == "Wall-clock training time" else value) for label, value in statistics_rows
         ]
-    mean, break_even = statistics.get("lgp_mean_alignment"), statistics.get("lgp_break_even_alignment")
+    explained, break_even = statistics.get("lgp_variance_explained"), statistics.get("lgp_break_even_variance_explained")
     verdict = None
-    if mean is not None and break_even is not None:
-        side = "above" if mean > break_even else "at or below"
-        effect = "saved compute" if mean > break_even else "did not save compute"
+    if explained is not None and break_even is not None:
+        side = "above" if explained > break_even else "at or below"
+        effect = "saved compute" if explained > break_even else "did not save compute"
         verdict = (
-            f"The mean alignment ({format_number(mean)}) is {side} the break-even alignment ({format_number(break_even)}): "
-            f"at equal variance, predicted gradients {effect} compared with plain backpropagation in this run."
+            f"The per-example variance explained ({format_number(explained)}) is {side} its break-even value "
+            f"({format_number(break_even)}): at equal variance, predicted gradients {effect} compared with plain "
+            "backpropagation in this run."
         )
 
     card = ModelCard.from_template(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 
@@ -18,12 +19,14 @@ from .estimator import (
     ControlVariateCoefficients,
     control_size,
     cosine_similarity,
+    paired_squared_differences,
     relative_residual,
     signal_difference,
     split_batch_indices,
     split_generator,
     subset_loss_weights,
     trunk_correction,
+    variance_explained,
 )
 from .heads import ModelPartition, capture_head
 from .model_card import write_model_card
@@ -114,12 +117,18 @@ class PredictedGradientTrainer(Trainer):
         self._auto = self.args.control_fraction == "auto"
         self._control_fraction = self.args.auto_initial_control_fraction if self._auto else self.args.control_fraction
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._totals = {"alignment_sum": 0.0, "observations": 0, "last_alignment": None, "control_examples": 0, "examples": 0, "fallback_steps": 0}
+        self._totals = {
+            "alignment_sum": 0.0, "observations": 0, "last_alignment": None, "control_examples": 0, "examples": 0,
+            "fallback_steps": 0, "residual_squares": 0.0, "gradient_squares": 0.0,
+        }
         self._step_sums: dict | None = None
         self._micro_step = 0
+        self._step_fell_back = False
         self._warned_single_example = False
         self._additive_loss: bool | None = None
-        self._recent_alignment: list[float] = []
+        self._pending_batch: dict | None = None  # the first control batch of a pair (_score_pair_and_learn)
+        self._log_pairs = [0.0, 0.0]  # summed (||dR||^2, ||dG||^2) of the pairs since the last log
+        self._recent_pairs = [0.0, 0.0]  # the same since the last automatic control fraction update
         self._model_card_kwargs: dict = {}  # arguments of the last create_model_card, reused by later saves
 
     # ------------------------------------------------------------------ the estimator
@@ -130,6 +139,7 @@ class PredictedGradientTrainer(Trainer):
         num_control = control_size(batch_size, self._control_fraction)
         if self._micro_step == 0:
             self._step_sums = _new_step_sums()
+            self._step_fell_back = False
         if num_control >= batch_size and not self._auto:
             if batch_size == 1 and self._control_fraction < 1 and not self._warned_single_example:
                 logger.warning("A batch of one example cannot be split into control and prediction parts: full backward.")
@@ -191,8 +201,8 @@ class PredictedGradientTrainer(Trainer):
 
         self.accelerator.backward(loss_control * coefficient)
         backward_seconds = stopwatch.lap()
-        if measure and num_prediction:
-            self.cost_meter.update(prediction_seconds, num_prediction, forward_seconds, backward_seconds, num_control)
+        if measure:
+            self.cost_meter.update(prediction_seconds if num_prediction else 0.0, num_prediction, forward_seconds, backward_seconds, num_control)
 
         self._totals["control_examples"] += num_control
         self._totals["examples"] += batch_size
@@ -205,26 +215,25 @@ class PredictedGradientTrainer(Trainer):
         return loss / accumulation
 
     def _trunk_correction(self, difference: torch.Tensor) -> torch.Tensor | None:
-        """beta * A(S_B - r S_C), or None (control-only update) when there is no prediction, its fit fails or it
-        is not finite: a fault in the predictor never reaches the optimizer, and the control-only estimate that
-        replaces it is still unbiased."""
-        correction = trunk_correction(self._predict, difference, self._expanded_beta())
-        if correction is None:
-            return None
-        if not torch.isfinite(correction).all():
-            self._record_fallback("the predicted trunk gradient is not finite")
-            return None
-        return correction
+        """beta * A(S_B - r S_C), or None (control-only update) when there is no prediction (see `_predict`)."""
+        return trunk_correction(self._predict, difference, self._expanded_beta())
 
     def _expanded_beta(self) -> torch.Tensor:
         return self.coefficients.expanded(self._trunk_numels, self.partition.trunk_params[0].device)
 
     def _predict(self, signal: torch.Tensor) -> torch.Tensor | None:
+        """The predictor's output, or None when it has none, its fit fails or it is not finite: a fault in the
+        predictor never reaches the optimizer (the control-only estimate that replaces it is still unbiased) nor
+        the statistics."""
         try:
-            return self.predictor.predict(signal)
+            prediction = self.predictor.predict(signal)
         except (FloatingPointError, torch.linalg.LinAlgError) as error:
             self._record_fallback(f"the predictor fit failed ({error})")
             return None
+        if prediction is not None and not torch.isfinite(prediction).all():
+            self._record_fallback("the predicted trunk gradient is not finite")
+            return None
+        return prediction
 
     def _observe(self, loss_scale: float) -> None:
         """Score the predictor on this step's control batches, then let it (and beta) learn from them.
@@ -254,32 +263,57 @@ class PredictedGradientTrainer(Trainer):
         else:
             predicted = raw * beta
             alignment, residual = cosine_similarity(predicted, true), relative_residual(true, predicted)
-            self.coefficients.update(true, raw, self._trunk_numels)
-        try:
-            self.predictor.observe(control, true)
-        except (FloatingPointError, torch.linalg.LinAlgError) as error:
-            self._record_fallback(f"the predictor fit failed ({error})")
         self._metrics["lgp/alignment"].append(alignment)
         self._metrics["lgp/predictor_residual"].append(residual)
         self._totals["alignment_sum"] += alignment
         self._totals["observations"] += 1
         self._totals["last_alignment"] = alignment
-        self._recent_alignment = [*self._recent_alignment, alignment][-self.args.predictor_refit_steps :]
+        self._score_pair_and_learn(control, true, raw, beta)
         if self._auto and (self.state.global_step + 1) % self.args.predictor_refit_steps == 0:
             self._update_control_fraction()
 
-    def _update_control_fraction(self) -> None:
-        """`control_fraction="auto"`: f minimising estimator variance per second (theory.optimal_control_fraction)
-        for the alignment measured since the last refit point and the measured cost ratio. Changed only here,
-        between optimizer steps, so each step's estimator is unbiased."""
-        recent = self._recent_alignment
-        if not recent or self.cost_meter.cost_ratio is None:
+    def _score_pair_and_learn(self, signal: torch.Tensor, true: torch.Tensor, raw: torch.Tensor | None, beta: torch.Tensor) -> None:
+        """Optimizer steps come in pairs: the first keeps its control batch aside, the second scores the pair and
+        then the predictor and beta learn from both.
+
+        The score is the per-example variance explained (`estimator.variance_explained`) from the difference of
+        the two control batches, in which the mean gradient cancels; both are scored with the same predictor and
+        beta, fitted before either was drawn (hence the learning waits for the pair). Each step's estimator still
+        uses only earlier control batches: the first of a pair is simply learnt from one step later.
+        """
+        pending, self._pending_batch = self._pending_batch, None
+        if pending is None:
+            self._pending_batch = {"signal": signal, "trunk_gradient": true}
             return
-        rho = max(0.0, sum(recent) / len(recent))
+        previous_raw = self._predict(pending["signal"]) if raw is not None else None
+        predicted = None if raw is None or previous_raw is None else (previous_raw * beta, raw * beta)
+        residual_squares, gradient_squares = paired_squared_differences((pending["trunk_gradient"], true), predicted)
+        for sums in (self._log_pairs, self._recent_pairs):
+            sums[0] += residual_squares
+            sums[1] += gradient_squares
+        self._totals["residual_squares"] += residual_squares
+        self._totals["gradient_squares"] += gradient_squares
+        for batch_signal, gradient, prediction in ((pending["signal"], pending["trunk_gradient"], previous_raw), (signal, true, raw)):
+            if prediction is not None:
+                self.coefficients.update(gradient, prediction, self._trunk_numels)
+            try:
+                self.predictor.observe(batch_signal, gradient)
+            except (FloatingPointError, torch.linalg.LinAlgError) as error:
+                self._record_fallback(f"the predictor fit failed ({error})")
+
+    def _update_control_fraction(self) -> None:
+        """`control_fraction="auto"`: the f minimising estimator variance per second (theory.optimal_control_fraction)
+        for the variance explained measured since the last refit point and the measured cost ratio; 1 (plain
+        backprop) unless the variance explained exceeds the cost ratio c. Changed only here, between optimizer
+        steps, so each step's estimator is unbiased."""
+        explained = variance_explained(*self._recent_pairs)
+        if explained is None or self.cost_meter.cost_ratio is None:
+            return
+        self._recent_pairs = [0.0, 0.0]
         # Timings differ between ranks; their mean (one float) gives every rank the same f.
         cost_ratio = float(self._all_ranks_mean(torch.tensor([self.cost_meter.cost_ratio], dtype=torch.float64, device=self.args.device)))
         self._control_fraction = theory.optimal_control_fraction(
-            min(rho, 1.0), cost_ratio, min_fraction=self.args.auto_min_control_fraction
+            math.sqrt(min(max(explained, 0.0), 1.0)), cost_ratio, min_fraction=self.args.auto_min_control_fraction
         )
 
     def _head_gradients(self, loss: torch.Tensor, logits: torch.Tensor | None, retain_graph: bool, loss_scale: float = 1.0):
@@ -351,8 +385,11 @@ class PredictedGradientTrainer(Trainer):
         self._micro_step = 0 if self.accelerator.sync_gradients else self._micro_step + 1
 
     def _record_fallback(self, reason: str) -> None:
-        self._totals["fallback_steps"] += 1
-        logger.warning(f"{reason}; this step uses the control-only trunk gradient (still unbiased).")
+        """Counts the optimizer step (once, however many predictions failed in it) and says why."""
+        if not self._step_fell_back:
+            self._step_fell_back = True
+            self._totals["fallback_steps"] += 1
+        logger.warning(f"{reason}; the control-only trunk gradient is used instead (still unbiased).")
 
     # ------------------------------------------------------------------ reporting
 
@@ -361,6 +398,14 @@ class PredictedGradientTrainer(Trainer):
         if self.cost_meter.cost_ratio is None or self._control_fraction >= 1:
             return None
         return theory.break_even_alignment(self._control_fraction, self.cost_meter.cost_ratio)
+
+    def break_even_variance_explained(self) -> float | None:
+        """The per-example variance explained (`lgp/variance_explained`) above which the current control fraction
+        beats plain backprop at equal compute, c / (f + (1 - f) c); at f = 1 it is c, the level above which
+        lowering f pays (what `control_fraction="auto"` waits for). None before costs are measured."""
+        if self.cost_meter.cost_ratio is None:
+            return None
+        return theory.break_even_rho2(self._control_fraction, self.cost_meter.cost_ratio)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the `lgp/*` statistics (means since the last log) to training logs."""
@@ -374,13 +419,21 @@ class PredictedGradientTrainer(Trainer):
             if self.cost_meter.cost_ratio is not None:
                 logs["lgp/backward_forward_ratio"] = self.cost_meter.backward_forward_ratio
                 logs["lgp/cost_ratio"] = self.cost_meter.cost_ratio
-            break_even = self.break_even_alignment()
-            if break_even is not None:
-                logs["lgp/break_even_alignment"] = break_even
+            explained = variance_explained(*self._log_pairs)
+            if explained is not None:
+                logs["lgp/variance_explained"] = explained
+            self._log_pairs = [0.0, 0.0]
+            for key, value in (
+                ("lgp/break_even_variance_explained", self.break_even_variance_explained()),
+                ("lgp/break_even_alignment", self.break_even_alignment()),
+            ):
+                if value is not None:
+                    logs[key] = value
         super().log(logs, start_time)
 
     def lgp_summary(self) -> dict[str, float | None]:
-        """Statistics of the run so far: alignment, break-even, measured costs, backward work skipped."""
+        """Statistics of the run so far: alignment, per-example variance explained, break-even, measured costs,
+        backward work skipped."""
         totals = self._totals
         return {
             "lgp_predictor": self.args.predictor,
@@ -388,6 +441,8 @@ class PredictedGradientTrainer(Trainer):
             "lgp_mean_alignment": totals["alignment_sum"] / totals["observations"] if totals["observations"] else None,
             "lgp_final_alignment": totals["last_alignment"],
             "lgp_break_even_alignment": self.break_even_alignment(),
+            "lgp_variance_explained": variance_explained(totals["residual_squares"], totals["gradient_squares"]),
+            "lgp_break_even_variance_explained": self.break_even_variance_explained(),
             "lgp_backward_forward_ratio": self.cost_meter.backward_forward_ratio,
             "lgp_cost_ratio": self.cost_meter.cost_ratio,
             "lgp_backward_work_skipped": 1 - totals["control_examples"] / totals["examples"] if totals["examples"] else 0.0,
@@ -457,7 +512,9 @@ class PredictedGradientTrainer(Trainer):
             "coefficients": self.coefficients.state_dict(),
             "costs": self.cost_meter.state_dict(),
             "control_fraction": self._control_fraction,
-            "recent_alignment": list(self._recent_alignment),
+            "pending_batch": self._pending_batch,
+            "log_pairs": list(self._log_pairs),
+            "recent_pairs": list(self._recent_pairs),
             "totals": dict(self._totals),
         }
 
@@ -484,7 +541,8 @@ class PredictedGradientTrainer(Trainer):
         self.coefficients.load_state_dict(state["coefficients"])
         self.cost_meter.load_state_dict(state["costs"])
         self._control_fraction = state["control_fraction"]
-        self._recent_alignment = list(state["recent_alignment"])
+        self._pending_batch = state["pending_batch"]
+        self._log_pairs, self._recent_pairs = list(state["log_pairs"]), list(state["recent_pairs"])
         self._totals.update(state["totals"])
 
 

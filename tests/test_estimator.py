@@ -9,9 +9,11 @@ from lgp_hf.estimator import (
     ControlVariateCoefficients,
     control_size,
     control_variate_estimate,
+    paired_squared_differences,
     split_batch_indices,
     split_generator,
     subset_loss_weights,
+    variance_explained,
 )
 
 NUMELS = [3, 5]  # two "parameter tensors"
@@ -89,3 +91,37 @@ def test_fitted_coefficients_approach_the_optimal_beta():
         coefficients.update(true, predicted, NUMELS)
     torch.testing.assert_close(coefficients.values, torch.tensor([0.5, 2.0]), atol=0.05, rtol=0)
     assert torch.equal(ControlVariateCoefficients(2).values, torch.zeros(2))  # nothing observed: no prediction used
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.0, 2.0])
+def test_paired_control_batches_estimate_the_per_example_variance_explained(scale):
+    """Per-example trunk gradients g = mu + M^T s + noise with a large mean mu; prediction p = scale M^T s.
+    Exact value: E = 1 - tr Var(g - p) / tr Var(g) = 1 - ((1 - scale)^2 m + v) / (m + v), m = ||M||^2 (tr of the
+    signal part's variance, s ~ N(0, I)), v = the noise's variance. The paired estimate must match it (to Monte
+    Carlo error: 400 pairs of control batches of 16) although the mean dominates each control batch's gradient."""
+    generator = torch.Generator().manual_seed(1)
+    dim, signal_dim, n_c, pairs = 400, 4, 16, 400
+    mixing = torch.randn(signal_dim, dim, generator=generator, dtype=torch.float64) / dim**0.5
+    noise_std = 0.5 / dim**0.5
+    mean = 2.0 * torch.ones(dim, dtype=torch.float64) / dim**0.5  # ||mu||^2 = 4, far above tr Var(g)/n_c
+    m, v = float(mixing.pow(2).sum()), noise_std**2 * dim
+    exact = 1 - ((1 - scale) ** 2 * m + v) / (m + v)
+
+    def control_batch():
+        signals = torch.randn(n_c, signal_dim, generator=generator, dtype=torch.float64)
+        g = mean + signals @ mixing + noise_std * torch.randn(n_c, dim, generator=generator, dtype=torch.float64)
+        return g.mean(0), scale * (signals @ mixing).mean(0)
+
+    residual_squares = gradient_squares = 0.0
+    for _ in range(pairs):
+        (g1, p1), (g2, p2) = control_batch(), control_batch()
+        r, g = paired_squared_differences((g1, g2), (p1, p2))
+        residual_squares, gradient_squares = residual_squares + r, gradient_squares + g
+    estimate = variance_explained(residual_squares, gradient_squares)
+    assert estimate == pytest.approx(exact, abs=0.05), (estimate, exact)
+
+
+def test_variance_explained_of_the_zero_predictor_is_zero_and_none_before_any_pair():
+    g1, g2 = torch.randn(10), torch.randn(10)
+    assert variance_explained(*paired_squared_differences((g1, g2), None)) == 0.0
+    assert variance_explained(0.0, 0.0) is None

@@ -76,6 +76,19 @@ def test_predictor_is_exact_when_trunk_gradients_are_linear(predictor, shared_in
     trainer.train()
     late_alignment = [log["lgp/alignment"] for log in trainer.state.log_history if "lgp/alignment" in log][-3:]
     assert min(late_alignment) > 0.99, late_alignment
+    late_explained = [log["lgp/variance_explained"] for log in trainer.state.log_history if "lgp/variance_explained" in log][-3:]
+    assert min(late_explained) > 0.99, late_explained
+
+
+def test_zero_predictor_explains_no_variance(quiet_args):
+    args = PredictedGradientArguments(
+        **quiet_args, per_device_train_batch_size=16, max_steps=8, learning_rate=0.0, logging_steps=2,
+        predictor="zero", control_fraction=0.25,
+    )
+    trainer = PredictedGradientTrainer(model=LinearTrunkRegressor(), args=args, train_dataset=linear_dataset(False))
+    trainer.train()
+    explained = [log["lgp/variance_explained"] for log in trainer.state.log_history if "lgp/variance_explained" in log]
+    assert explained == [0.0] * 4 and trainer.lgp_summary()["lgp_variance_explained"] == 0.0
 
 
 def test_loss_falls_on_real_cifar10(quiet_args):
@@ -132,7 +145,7 @@ def test_plain_training_arguments_are_refused(quiet_args):
 
 
 def test_batch_of_one_runs_a_full_backward_with_one_warning(quiet_args, caplog):
-    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=1, max_steps=3)
+    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=1, max_steps=3, control_fraction="0.5")
     trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8))
     with caplog.at_level(logging.WARNING, logger="lgp_hf.trainer"):
         trainer.train()
