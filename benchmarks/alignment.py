@@ -6,8 +6,9 @@ optimizer steps (control fraction `--control_fraction`, batch `--batch_size`; fr
 `--checkpoint` with a new classifier for the fine-tuning regime) and records:
 
 - what the trainer logs every `--logging_steps`: `lgp/alignment` (cosine of the predicted and the true trunk
-  gradient of the step's control batch: a batch-level number), `lgp/predictor_residual` and
-  `lgp/break_even_alignment`;
+  gradient of the step's control batch: a batch-level number), `lgp/predictor_residual`,
+  `lgp/break_even_alignment`, and `lgp/variance_explained`, the trainer's own online estimate of the per-example
+  variance explained as applied (from pairs of control batches), which the probe below checks;
 - every `--probe_every` steps, on `--probe_size` test images that no predictor has seen (drawn from a fixed pool
   of `--probe_pool` test images, the same draw for every variant at a given step): the true trunk gradient g_i of
   each example (one backward per example) and the prediction p_i = beta * A(s_i), where s_i is the example's
@@ -253,6 +254,7 @@ def summary_row(result: dict) -> dict:
         "trunk_params": result["trunk_parameters"],
         "batch_alignment": mean(entry["lgp/alignment"] for entry in log),
         "residual": mean(entry["lgp/predictor_residual"] for entry in log),
+        "logged_variance_explained": mean(entry.get("lgp/variance_explained") for entry in log),
         "per_example_cosine": mean(p["per_example_cosine"] for p in probes),
         "rho2": mean(p["rho2"] for p in probes),
         "rho2_last": probes[-1]["rho2"] if probes else None,
@@ -267,7 +269,7 @@ def summary_row(result: dict) -> dict:
 
 COLUMNS = [
     "variant", "trunk_params", "batch_alignment", "residual", "per_example_cosine", "rho2", "rho2_last", "rho2_raw",
-    "explained_as_applied", "optimal_scale", "break_even_alignment", "break_even_rho2", "probes_above_break_even",
+    "explained_as_applied", "logged_variance_explained", "optimal_scale", "break_even_alignment", "break_even_rho2", "probes_above_break_even",
 ]
 
 
@@ -288,10 +290,13 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         if be_probe:
             panels[1].plot(*zip(*be_probe), color=color, ls="--", lw=0.8)
         panels[2].plot([p["step"] for p in probes], [p["explained_as_applied"] for p in probes], color=color, marker="o", label=label)
+        logged = [(e["step"], e["lgp/variance_explained"]) for e in log if "lgp/variance_explained" in e]
+        if logged:
+            panels[2].plot(*zip(*logged), color=color, ls=":", lw=1)
     titles = [
         "lgp/alignment (batch cosine, logged); dashed: break-even alignment",
         "per-example rho^2 on held-out examples; dashed: break-even rho^2",
-        "per-example variance explained as applied (beta * A s)",
+        "per-example variance explained as applied (beta * A s)\nprobe (markers); trainer's lgp/variance_explained (dotted)",
     ]
     for axes, panel_title in zip(panels, titles):
         axes.set(xlabel="optimizer step", title=panel_title)

@@ -116,20 +116,23 @@ def first_batch(dataset: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
 @dataclass(frozen=True)
 class RunSpec:
     """One trainer configuration. Names: `trainer` (transformers.Trainer at the run's batch size), `trainer_b<n>`
-    (transformers.Trainer at batch size n), `lgp_<predictor>_f<fraction>` (PredictedGradientTrainer)."""
+    (transformers.Trainer at batch size n), `lgp_<predictor>_f<fraction>` (PredictedGradientTrainer at a fixed
+    control fraction) and `lgp_<predictor>_fauto` (at `control_fraction="auto"`)."""
 
     name: str
     batch_size: int
     predictor: str | None = None
-    control_fraction: float | None = None
+    control_fraction: float | str | None = None  # a number in (0, 1] or "auto"
 
     @property
     def is_lgp(self) -> bool:
         return self.predictor is not None
 
     @property
-    def control_size(self) -> int:
-        """Examples per step with a full backward."""
+    def control_size(self) -> int | None:
+        """Examples per step with a full backward (None for "auto": chosen during training)."""
+        if self.control_fraction == "auto":
+            return None
         return control_size(self.batch_size, self.control_fraction) if self.is_lgp else self.batch_size
 
 
@@ -138,18 +141,18 @@ def parse_run(name: str, batch_size: int) -> RunSpec:
         return RunSpec(name, batch_size)
     if match := re.fullmatch(r"trainer_b(\d+)", name):
         return RunSpec(name, int(match.group(1)))
-    if (match := re.fullmatch(r"lgp_(\w+)_f([0-9.]+)", name)) and match.group(1) in PREDICTOR_NAMES:
-        fraction = float(match.group(2))
-        if 0 < fraction <= 1:
+    if (match := re.fullmatch(r"lgp_(\w+)_f(auto|[0-9.]+)", name)) and match.group(1) in PREDICTOR_NAMES:
+        fraction = match.group(2) if match.group(2) == "auto" else float(match.group(2))
+        if fraction == "auto" or 0 < fraction <= 1:
             return RunSpec(name, batch_size, match.group(1), fraction)
     raise ValueError(
-        f"run {name!r}: use 'trainer', 'trainer_b<batch size>' or 'lgp_<predictor>_f<fraction in (0, 1]>' "
+        f"run {name!r}: use 'trainer', 'trainer_b<batch size>', 'lgp_<predictor>_f<fraction in (0, 1]>' or 'lgp_<predictor>_fauto' "
         f"with a predictor among {list(PREDICTOR_NAMES)}, e.g. lgp_ntk_f0.25."
     )
 
 
-def lgp_run_name(predictor: str, fraction: float) -> str:
-    return f"lgp_{predictor}_f{fraction:g}"
+def lgp_run_name(predictor: str, fraction: float | str) -> str:
+    return f"lgp_{predictor}_f{fraction if fraction == 'auto' else format(fraction, 'g')}"
 
 
 def training_arguments(spec: RunSpec, output_dir: str, seed: int, **overrides) -> PredictedGradientArguments:

@@ -75,7 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--batch_size", type=int, default=128, help="Per-device batch size n of every trainer.")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0], help="Control fractions f.")
+    parser.add_argument(
+        "--fractions", type=fraction_argument, nargs="+", default=[0.125, 0.25, 0.5, 1.0],
+        help="Control fractions f, or 'auto' (control_fraction='auto', reported at the f it ended with).",
+    )
     parser.add_argument("--predictors", nargs="+", default=["ntk"], help="Predictors (ntk, window, zero), each at every f.")
     parser.add_argument("--rounds", type=int, default=8, help="Rounds of the rotation (every configuration once per round).")
     parser.add_argument("--steps_per_turn", type=int, default=4, help="Optimizer steps per configuration per round.")
@@ -91,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.rounds <= args.warmup_rounds:
         parser.error(f"--rounds ({args.rounds}) must exceed --warmup_rounds ({args.warmup_rounds}).")
     return args
+
+
+def fraction_argument(text: str) -> float | str:
+    return text if text == "auto" else float(text)
 
 
 def run_specs(args) -> list[common.RunSpec]:
@@ -233,6 +240,7 @@ def participant(index: int, spec: common.RunSpec | None, args, rotation: Rotatio
             result = {
                 "steps": timer.steps,
                 "c_trainer": getattr(getattr(trainer, "cost_meter", None), "cost_ratio", None),
+                "final_control_fraction": getattr(trainer, "_control_fraction", 1.0),
                 "memory_before_mib": before,
                 "memory_peak_mib": memory_now(device),
             }
@@ -338,7 +346,7 @@ def summarize(specs, runs: dict[str, dict], passes: list[dict], args) -> tuple[l
     for spec in specs:
         run = runs[spec.name]
         steps = run["steps"][skip:]
-        fraction = spec.control_size / spec.batch_size
+        fraction = run["final_control_fraction"] if spec.control_fraction == "auto" else spec.control_size / spec.batch_size
         rows.append({
             "run": spec.name,
             "f": fraction,

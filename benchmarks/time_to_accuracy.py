@@ -11,6 +11,8 @@ Runs (`--runs`; the default is all of them for `--fractions` and `--predictors`)
   trainer_b<n>            transformers.Trainer at batch size n; the defaults add n = each control micro-batch size
                           round(f * batch_size), the fair baseline (the same number of full backward examples per step)
   lgp_<predictor>_f<f>    PredictedGradientTrainer with that predictor and control fraction
+  lgp_<predictor>_fauto   PredictedGradientTrainer at control_fraction="auto" (the library's default); the
+                          defaults add it for the first of `--predictors`
 
 All runs use the example's optimizer settings (AdamW, weight decay 0.05) at `--learning_rate` for every batch
 size, constant after `--warmup_steps` warm-up steps (a schedule over a fixed number of steps would differ
@@ -18,12 +20,12 @@ between runs that reach different step counts in the same time).
 
 Reported per run: time to reach the target accuracy, the best Trainer run's final test accuracy (mean over seeds),
 per seed and as mean when every seed reached it; final accuracy (mean and per seed); steps and seconds per
-step; mean alignment and break-even alignment (`trainer.lgp_summary()`). Plots: test accuracy against training
-seconds (accuracy_vs_seconds.png) and `lgp/alignment` with `lgp/break_even_alignment` against step
-(alignment_vs_step.png). results.json holds every evaluation and the lgp log history, and is rewritten after
+step; the per-example variance explained with its break-even, the mean (batch) alignment and the final control
+fraction (`trainer.lgp_summary()`). Plots: test accuracy against training seconds (accuracy_vs_seconds.png) and
+`lgp/variance_explained` with `lgp/break_even_variance_explained` against step (alignment_vs_step.png). results.json holds every evaluation and the lgp log history, and is rewritten after
 each run, so an interrupted suite keeps what it finished.
 
-    python benchmarks/time_to_accuracy.py       # 9 runs x 2 seeds x 90 s: about 38 minutes on 2 CPU cores
+    python benchmarks/time_to_accuracy.py       # 10 runs x 2 seeds x 90 s: about 42 minutes on 2 CPU cores
     python benchmarks/time_to_accuracy.py --runs trainer lgp_ntk_f0.25 --budget_seconds 600 --seeds 3
     python benchmarks/time_to_accuracy.py --subset --seeds 1 --budget_seconds 5 --eval_every_seconds 2 \\
         --eval_samples 100 --batch_size 16 --runs trainer lgp_ntk_f0.25      # smoke test
@@ -54,8 +56,9 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
         "--runs",
         nargs="+",
         default=None,
-        help="Run names: trainer, trainer_b<batch size>, lgp_<predictor>_f<fraction>. Default: trainer, trainer_b<n> "
-        "for each control micro-batch size n, and lgp_<p>_f<f> for every --predictors p and --fractions f.",
+        help="Run names: trainer, trainer_b<batch size>, lgp_<predictor>_f<fraction>, lgp_<predictor>_fauto. Default: "
+        "trainer, trainer_b<n> for each control micro-batch size n, lgp_<p>_f<f> for every --predictors p and "
+        "--fractions f, and lgp_<first predictor>_fauto.",
     )
     parser.add_argument("--seeds", type=int, default=2, help="Seeds 0 .. seeds-1 per run.")
     parser.add_argument("--budget_seconds", type=float, default=90.0, help="Training seconds per run (evaluation excluded).")
@@ -76,6 +79,7 @@ def run_specs(args) -> list[common.RunSpec]:
         control_sizes = dict.fromkeys(control_size(args.batch_size, f) for f in args.fractions)
         names = ["trainer", *(f"trainer_b{size}" for size in control_sizes if size != args.batch_size)]
         names += [common.lgp_run_name(predictor, f) for predictor in args.predictors for f in args.fractions]
+        names.append(common.lgp_run_name(args.predictors[0], "auto"))
     return [common.parse_run(name, args.batch_size) for name in names]
 
 
@@ -155,8 +159,10 @@ def summarize(results: list[dict]) -> tuple[float | None, list[dict]]:
             "final_acc_per_seed": " / ".join(f"{r['final_accuracy']:.4f}" for r in records),
             "time_to_target_s": statistics.fmean(reach) if reach and None not in reach else None,
             "time_to_target_per_seed": " / ".join("not reached" if t is None else f"{t:.0f}" for t in reach) or None,
+            "variance_explained": mean_of(lgp, "lgp_variance_explained"),
+            "break_even_ve": mean_of(lgp, "lgp_break_even_variance_explained"),
             "mean_alignment": mean_of(lgp, "lgp_mean_alignment"),
-            "break_even": mean_of(lgp, "lgp_break_even_alignment"),
+            "final_f": mean_of(lgp, "lgp_control_fraction"),
         })
     return target, rows
 
@@ -173,7 +179,7 @@ def mean_of(summaries: list[dict], key: str) -> float | None:
 
 COLUMNS = [
     "run", "batch", "full_bwd_examples", "steps", "s_per_step", "final_acc", "final_acc_per_seed",
-    "time_to_target_s", "time_to_target_per_seed", "mean_alignment", "break_even",
+    "time_to_target_s", "time_to_target_per_seed", "variance_explained", "break_even_ve", "mean_alignment", "final_f",
 ]
 
 
@@ -224,7 +230,7 @@ def plot_alignment(results: list[dict], path: Path, title: str) -> None:
     axes = figure.subplots()
     colors, labelled = run_colors(results), set()
     for record in results:
-        for key, style, suffix in (("lgp/alignment", "-", "alignment"), ("lgp/break_even_alignment", "--", "break-even")):
+        for key, style, suffix in (("lgp/variance_explained", "-", "variance explained"), ("lgp/break_even_variance_explained", "--", "break-even")):
             points = [(entry["step"], entry[key]) for entry in record["log"] if key in entry]
             if points:
                 label = f"{record['run']} {suffix}"
@@ -232,15 +238,15 @@ def plot_alignment(results: list[dict], path: Path, title: str) -> None:
                 labelled.add(label)
     axes.set(
         xlabel="optimizer step",
-        ylabel="cosine",
-        title=f"{title}\nlgp/alignment (batch cosine) and lgp/break_even_alignment (a per-example correlation;\n"
-        "the batch cosine overstates it: see benchmarks/alignment.py)",
+        ylabel="per-example variance explained",
+        title=f"{title}\nlgp/variance_explained (per example, from pairs of control batches) and its break-even\n"
+        "(at f = 1, under auto: the cost ratio c, above which lowering f pays)",
     )
     axes.grid(alpha=0.3)
     if labelled:
         axes.legend(fontsize=7)
     else:
-        axes.text(0.5, 0.5, "no lgp/alignment logged", ha="center", va="center", transform=axes.transAxes)
+        axes.text(0.5, 0.5, "no lgp/variance_explained logged", ha="center", va="center", transform=axes.transAxes)
     figure.savefig(path, dpi=120)
 
 

@@ -29,15 +29,19 @@ PREDICTOR_NAMES = ("ntk", "window", "zero")
 
 
 class GradientPredictor:
-    """Interface: `signal` names the input ("head_gradient" or "logit_error")."""
+    """Interface: `signal` names the input ("head_gradient" or "logit_error").
+
+    Both methods take one signal (a 1-D tensor) or several stacked as rows: one pass over the P-sized state then
+    serves them all, which matters because that state is read from memory at every call (k x P floats for `ntk`).
+    """
 
     signal: str = "head_gradient"
 
     def observe(self, signal: torch.Tensor, trunk_grad: torch.Tensor) -> None:
-        """Record one control batch: its signal and its true (flat) trunk gradient."""
+        """Record control batches: their signals and their true (flat) trunk gradients (rows: oldest first)."""
 
     def predict(self, signal: torch.Tensor) -> torch.Tensor | None:
-        """The predicted flat trunk gradient for `signal`, or None for no prediction."""
+        """The predicted flat trunk gradient(s) for `signal` (same leading shape), or None for no prediction."""
         return None
 
     def state_dict(self) -> dict:
@@ -86,30 +90,35 @@ class NTKPredictor(GradientPredictor):
         self.count = 0
 
     def observe(self, signal, trunk_grad):
-        signal, trunk_grad = signal.reshape(-1), trunk_grad.reshape(-1)
-        if not (torch.isfinite(signal).all() and torch.isfinite(trunk_grad).all()):
+        signals, trunk_grads = _rows(signal), _rows(trunk_grad)
+        if not (torch.isfinite(signals).all() and torch.isfinite(trunk_grads).all()):
             raise FloatingPointError("a control batch's signal or trunk gradient is not finite; the pair is not kept")
+        outputs = signals.shape[1]
         if self.gram is None:
-            if signal.numel() > self.max_outputs:
+            if outputs > self.max_outputs:
                 raise ValueError(
-                    f"predictor: 'ntk' keeps a k x P matrix and the head has k = {signal.numel()} outputs (at most "
+                    f"predictor: 'ntk' keeps a k x P matrix and the head has k = {outputs} outputs (at most "
                     f"{self.max_outputs}); use predictor='window' for heads this wide."
                 )
-            self.gram = torch.zeros(signal.numel(), signal.numel(), dtype=torch.float64, device=signal.device)
-            self.cross = torch.zeros(signal.numel(), trunk_grad.numel(), dtype=torch.float32, device=trunk_grad.device)
-        self.gram.mul_(self.decay).add_(torch.outer(signal.double(), signal.double()))
-        self.cross.mul_(self.decay).addr_(signal.float(), trunk_grad.float())
-        self.count += 1
+            self.gram = torch.zeros(outputs, outputs, dtype=torch.float64, device=signals.device)
+            self.cross = torch.zeros(outputs, trunk_grads.shape[1], dtype=torch.float32, device=trunk_grads.device)
+        # t pairs at once: state = decay^t state + sum_j decay^(t-1-j) pair_j, one pass over `cross`
+        count = len(signals)
+        ages = torch.arange(count - 1, -1, -1, dtype=torch.float64, device=signals.device)
+        weighted = signals.double() * self.decay**ages[:, None]
+        self.gram.mul_(self.decay**count).add_(weighted.T @ signals.double())
+        self.cross.addmm_(weighted.T.float(), trunk_grads.float(), beta=self.decay**count)
+        self.count += count
 
     def predict(self, signal):
         if self.count == 0:
             return None
         penalty = self.ridge * self.gram.diagonal().mean().clamp_min(1e-300)
         system = self.gram + penalty * torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
-        weights = torch.linalg.solve(system, signal.reshape(-1).to(system))
+        weights = torch.linalg.solve(system, _rows(signal).T.to(system)).T
         if not torch.isfinite(weights).all():
             raise FloatingPointError("the ntk predictor's least-squares system has no finite solution")
-        return weights.float() @ self.cross
+        return (weights.float() @ self.cross).reshape(*signal.shape[:-1], -1)
 
     def state_dict(self):
         return {"gram": self.gram, "cross": self.cross, "count": self.count}
@@ -137,15 +146,17 @@ class WindowPredictor(GradientPredictor):
         self._dual_map: torch.Tensor | None = None  # (n, d): (H H^T + lambda I)^-1 H, refitted lazily
 
     def observe(self, signal, trunk_grad):
-        if not (torch.isfinite(signal).all() and torch.isfinite(trunk_grad).all()):
+        signals, trunk_grads = _rows(signal), _rows(trunk_grad)
+        if not (torch.isfinite(signals).all() and torch.isfinite(trunk_grads).all()):
             raise FloatingPointError("a control batch's signal or trunk gradient is not finite; the pair is not kept")
         if self.signals is None:
-            self.signals = signal.new_zeros(self.window_size, signal.numel(), dtype=torch.float32)
-            self.gradients = trunk_grad.new_zeros(self.window_size, trunk_grad.numel(), dtype=torch.float32)
-        slot = self.count % self.window_size
-        self.signals[slot].copy_(signal.reshape(-1))
-        self.gradients[slot].copy_(trunk_grad.reshape(-1))
-        self.count += 1
+            self.signals = signals.new_zeros(self.window_size, signals.shape[1], dtype=torch.float32)
+            self.gradients = trunk_grads.new_zeros(self.window_size, trunk_grads.shape[1], dtype=torch.float32)
+        for row_signal, row_gradient in zip(signals, trunk_grads):
+            slot = self.count % self.window_size
+            self.signals[slot].copy_(row_signal)
+            self.gradients[slot].copy_(row_gradient)
+            self.count += 1
         self._dual_map = None
 
     def _fit(self) -> torch.Tensor:
@@ -165,8 +176,8 @@ class WindowPredictor(GradientPredictor):
         if self._dual_map is None:
             self._dual_map = self._fit()
         filled = self._dual_map.shape[0]
-        weights = self._dual_map @ signal.to(self._dual_map).reshape(-1)
-        return weights @ self.gradients[:filled]
+        weights = _rows(signal).to(self._dual_map) @ self._dual_map.T
+        return (weights @ self.gradients[:filled]).reshape(*signal.shape[:-1], -1)
 
     def state_dict(self):
         return {"signals": self.signals, "gradients": self.gradients, "count": self.count}
@@ -174,6 +185,11 @@ class WindowPredictor(GradientPredictor):
     def load_state_dict(self, state):
         self.signals, self.gradients, self.count = state["signals"], state["gradients"], state["count"]
         self._dual_map = None
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor as one row; a stack of rows as it is."""
+    return tensor.reshape(1, -1) if tensor.dim() == 1 else tensor
 
 
 def make_predictor(name: str, window_size: int = 64, ridge: float = 1.0) -> GradientPredictor:

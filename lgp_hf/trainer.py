@@ -236,12 +236,16 @@ class PredictedGradientTrainer(Trainer):
         return prediction
 
     def _observe(self, loss_scale: float) -> None:
-        """Score the predictor on this step's control batches, then let it (and beta) learn from them.
+        """Score the predictor on this step's control batches, then (every second step) let it and beta learn.
 
         Runs after the last backward of an optimizer step. The control part of the trunk gradient is what `.grad`
         holds minus the corrections that were added; summed over micro-batches (and averaged over ranks, like
-        `.grad`), it pairs with the summed control signal. Scoring happens before `observe`, so the alignment is
-        measured with a predictor that has not seen this batch.
+        `.grad`), it pairs with the summed control signal. Optimizer steps come in pairs: the first keeps its
+        control batch aside, the second scores the pair (`lgp/variance_explained`, from the difference of the two
+        batches, in which the mean gradient cancels) and only then do the predictor and beta learn from both, so
+        that both are scored with a predictor fitted before either was drawn. Each step's estimator still uses only
+        earlier control batches: the first of a pair is learnt from one step later. Every prediction needed here
+        comes from one pass over the predictor's state.
         """
         sums, self._step_sums = self._step_sums, None
         if sums is None or sums["control"] is None or any(p.grad is None for p in self.partition.trunk_params):
@@ -250,14 +254,23 @@ class PredictedGradientTrainer(Trainer):
         if not torch.isfinite(true).all():
             return  # an fp16 overflow: the scaler skips this step, and the predictor learns nothing from it
         control, applied = self._all_ranks_mean(sums["control"]), sums["applied"]
-        beta = self._expanded_beta()
         if applied is None and self.accelerator.num_processes > 1:
             applied = torch.zeros_like(sums["control"])  # no correction here (or a fallback): still join the mean
+        pending, self._pending_batch = self._pending_batch, None
+        signals = [control]
         if applied is not None:
-            applied = self._predict(self._all_ranks_mean(applied))
+            signals.append(self._all_ranks_mean(applied))
+        if pending is not None:
+            signals.append(pending["signal"])
+        predictions = self._predict(torch.stack(signals))
+        beta = self._expanded_beta()
+        raw = previous_raw = None
+        if predictions is not None:
+            raw = predictions[0]
             if applied is not None:
-                true -= applied * beta
-        raw = self._predict(control)
+                true -= predictions[1] * beta  # the corrections added to .grad: linear in the applied difference
+            if pending is not None:
+                previous_raw = predictions[-1]
         if raw is None:
             alignment, residual = 0.0, 1.0
         else:
@@ -268,38 +281,32 @@ class PredictedGradientTrainer(Trainer):
         self._totals["alignment_sum"] += alignment
         self._totals["observations"] += 1
         self._totals["last_alignment"] = alignment
-        self._score_pair_and_learn(control, true, raw, beta)
+        if pending is None:
+            self._pending_batch = {"signal": control, "trunk_gradient": true}
+        else:
+            raw_pair = None if raw is None else (previous_raw, raw)
+            self._score_pair(pending["trunk_gradient"], true, None if raw_pair is None else tuple(r * beta for r in raw_pair))
+            self._learn(torch.stack([pending["signal"], control]), torch.stack([pending["trunk_gradient"], true]), raw_pair)
         if self._auto and (self.state.global_step + 1) % self.args.predictor_refit_steps == 0:
             self._update_control_fraction()
 
-    def _score_pair_and_learn(self, signal: torch.Tensor, true: torch.Tensor, raw: torch.Tensor | None, beta: torch.Tensor) -> None:
-        """Optimizer steps come in pairs: the first keeps its control batch aside, the second scores the pair and
-        then the predictor and beta learn from both.
-
-        The score is the per-example variance explained (`estimator.variance_explained`) from the difference of
-        the two control batches, in which the mean gradient cancels; both are scored with the same predictor and
-        beta, fitted before either was drawn (hence the learning waits for the pair). Each step's estimator still
-        uses only earlier control batches: the first of a pair is simply learnt from one step later.
-        """
-        pending, self._pending_batch = self._pending_batch, None
-        if pending is None:
-            self._pending_batch = {"signal": signal, "trunk_gradient": true}
-            return
-        previous_raw = self._predict(pending["signal"]) if raw is not None else None
-        predicted = None if raw is None or previous_raw is None else (previous_raw * beta, raw * beta)
-        residual_squares, gradient_squares = paired_squared_differences((pending["trunk_gradient"], true), predicted)
+    def _score_pair(self, first: torch.Tensor, second: torch.Tensor, predicted: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        residual_squares, gradient_squares = paired_squared_differences((first, second), predicted)
         for sums in (self._log_pairs, self._recent_pairs):
             sums[0] += residual_squares
             sums[1] += gradient_squares
         self._totals["residual_squares"] += residual_squares
         self._totals["gradient_squares"] += gradient_squares
-        for batch_signal, gradient, prediction in ((pending["signal"], pending["trunk_gradient"], previous_raw), (signal, true, raw)):
-            if prediction is not None:
+
+    def _learn(self, signals: torch.Tensor, gradients: torch.Tensor, predictions: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """beta from (true, raw prediction) and the predictor from (signal, true) of the pair's two batches."""
+        if predictions is not None:
+            for gradient, prediction in zip(gradients, predictions):
                 self.coefficients.update(gradient, prediction, self._trunk_numels)
-            try:
-                self.predictor.observe(batch_signal, gradient)
-            except (FloatingPointError, torch.linalg.LinAlgError) as error:
-                self._record_fallback(f"the predictor fit failed ({error})")
+        try:
+            self.predictor.observe(signals, gradients)
+        except (FloatingPointError, torch.linalg.LinAlgError) as error:
+            self._record_fallback(f"the predictor fit failed ({error})")
 
     def _update_control_fraction(self) -> None:
         """`control_fraction="auto"`: the f minimising estimator variance per second (theory.optimal_control_fraction)
