@@ -314,7 +314,8 @@ class WallClockCallback(TrainerCallback):
 
 
 def plot_training_curves(log_history: list[dict], path: str) -> None:
-    """Training loss and eval accuracy against wall-clock seconds, and lgp/alignment against step."""
+    """Training loss and eval accuracy against wall-clock seconds; the predictor's per-example variance explained
+    with its break-even, and the control fraction, against step."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -324,17 +325,21 @@ def plot_training_curves(log_history: list[dict], path: str) -> None:
         )
         return
     panels = [
-        ("loss", "wall_time", "training loss", "wall-clock seconds"),
-        ("eval_accuracy", "wall_time", "eval accuracy", "wall-clock seconds"),
-        ("lgp/alignment", "step", "lgp/alignment (predicted vs true trunk gradient)", "step"),
+        (("loss",), "wall_time", "training loss", "wall-clock seconds"),
+        (("eval_accuracy",), "wall_time", "eval accuracy", "wall-clock seconds"),
+        (("lgp/variance_explained", "lgp/break_even_variance_explained"), "step", "lgp/variance_explained and its break-even", "step"),
+        (("lgp/control_fraction",), "step", "lgp/control_fraction", "step"),
     ]
-    figure = Figure(figsize=(15, 4), layout="tight")
-    for axes, (key, x_key, title, x_label) in zip(figure.subplots(1, len(panels)), panels):
-        points = [(entry[x_key], entry[key]) for entry in log_history if key in entry and x_key in entry]
-        if points:
-            axes.plot(*zip(*points), marker=".")
-        else:
-            axes.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=axes.transAxes)
+    figure = Figure(figsize=(20, 4), layout="tight")
+    for axes, (keys, x_key, title, x_label) in zip(figure.subplots(1, len(panels)), panels):
+        for key, style in zip(keys, ("-", "--")):
+            points = [(entry[x_key], entry[key]) for entry in log_history if key in entry and x_key in entry]
+            if points:
+                axes.plot(*zip(*points), marker="." if style == "-" else None, ls=style, label=key)
+        if not axes.lines:
+            axes.text(0.5, 0.5, f"no {' or '.join(keys)} logged", ha="center", va="center", transform=axes.transAxes)
+        elif len(keys) > 1:
+            axes.legend(fontsize=8)
         axes.set(title=title, xlabel=x_label)
         axes.grid(alpha=0.3)
     figure.savefig(path, dpi=120)

@@ -299,10 +299,11 @@ class PredictedGradientTrainer(Trainer):
         self._totals["gradient_squares"] += gradient_squares
 
     def _learn(self, signals: torch.Tensor, gradients: torch.Tensor, predictions: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """beta from (true, raw prediction) and the predictor from (signal, true) of the pair's two batches."""
+        """beta from the differences of the pair's true and raw predicted gradients (the mean gradient cancels in
+        them, so beta fits the per-example covariance that the estimator's variance depends on), and the predictor
+        from the pair's two (signal, true gradient) batches."""
         if predictions is not None:
-            for gradient, prediction in zip(gradients, predictions):
-                self.coefficients.update(gradient, prediction, self._trunk_numels)
+            self.coefficients.update(gradients[1] - gradients[0], predictions[1] - predictions[0], self._trunk_numels)
         try:
             self.predictor.observe(signals, gradients)
         except (FloatingPointError, torch.linalg.LinAlgError) as error:
