@@ -137,15 +137,17 @@ def variance_explained(residual_squares: float, gradient_squares: float) -> floa
 class ControlVariateCoefficients:
     """beta per trunk parameter tensor, fitted online from earlier control batches.
 
-    The variance-optimal coefficient of a control variate is beta* = Cov(g, g_hat) / Var(g_hat) over examples; per
-    tensor it is estimated as sum_t <dG_t, dP_t> / sum_t ||dP_t||^2, with dG_t and dP_t the differences of the true
-    and the raw predicted gradients of two independent control batches (the trainer's pairs): the mean gradient
-    cancels in them, so they measure the per-example covariance and variance (fitted on batch sums, beta followed
-    the mean gradient and overshot: the best scale of a window prediction was 0.57 of the applied one). Exponential
-    forgetting (`decay`) since the predictor and the gradients move during training. Clipped to [0, `max_value`]:
-    a negative beta means the predictor is worse than useless for that tensor, and large values come only from
-    noise. Fixed before each C is drawn, so the estimator stays unbiased. `mode="fixed"` keeps beta =
-    `fixed_value` (1 is the paper's plain control variate).
+    The variance-optimal coefficient of a control variate is beta* = Cov(g, g_hat) / Var(g_hat); per tensor it
+    is estimated as sum_t <g_t, g_hat_t> / sum_t ||g_hat_t||^2 over past control batches t, with exponential
+    forgetting (`decay`) since the predictor and the gradients move during training. It is clipped to
+    [0, `max_value`]: a negative beta means the predictor is worse than useless for that tensor, and large
+    values come only from noise. Fixed before each C is drawn, so the estimator stays unbiased.
+    `mode="fixed"` keeps beta = `fixed_value` (1 is the paper's plain control variate).
+
+    Fitting on differences of paired control batches instead (the mean gradient cancels in them, so they target
+    the per-example covariance exactly) was tried and dropped: with about 20 pairs in memory the ratio is noisy, and
+    on the example's ViT (ntk, f = 0.25, steps 65 to 80) it kept beta high through a transient misprediction that
+    the batch-sum fit damped (trainer's variance explained -10 against about 0).
     """
 
     def __init__(self, num_tensors: int, mode: str = "fitted", fixed_value: float = 1.0, decay: float = 0.95, max_value: float = 2.0):
@@ -172,7 +174,7 @@ class ControlVariateCoefficients:
         return self._expanded
 
     def update(self, true: torch.Tensor, predicted: torch.Tensor, numels: Sequence[int]) -> None:
-        """Add one pair's differences of (true, raw predicted) flat trunk gradients."""
+        """Add one control batch's (true, raw predicted) flat trunk gradients."""
         pairs = list(zip(true.split(list(numels)), predicted.split(list(numels))))
         numerator = torch.stack([t.float().dot(p.float()) for t, p in pairs]).double().cpu()
         denominator = torch.stack([p.float().dot(p.float()) for _, p in pairs]).double().cpu()

@@ -162,7 +162,10 @@ class PredictedGradientTrainer(Trainer):
         weight_control, weight_prediction = subset_loss_weights(additive, batch_size, num_control)
         accumulation = 1 if self._loss_is_scaled_for_ga(num_items_in_batch) else self.current_gradient_accumulation_steps
         control_scale = batch_size / num_control
-        measure = self.state.global_step % max(1, int(self.args.logging_steps)) == 0
+        # Pass times (which synchronise CUDA) every logging or refit period, whichever is shorter, so that "auto" has
+        # them; never on the first step, whose passes include one-off warm-up work.
+        period = max(1, min(int(self.args.logging_steps), self.args.predictor_refit_steps))
+        measure = self.state.global_step > 0 and self.state.global_step % period == 0
         stopwatch = Stopwatch(self.args.device, synchronize=measure)
         loss_scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
 
@@ -299,11 +302,11 @@ class PredictedGradientTrainer(Trainer):
         self._totals["gradient_squares"] += gradient_squares
 
     def _learn(self, signals: torch.Tensor, gradients: torch.Tensor, predictions: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """beta from the differences of the pair's true and raw predicted gradients (the mean gradient cancels in
-        them, so beta fits the per-example covariance that the estimator's variance depends on), and the predictor
-        from the pair's two (signal, true gradient) batches."""
+        """beta from the (true, raw predicted) gradients and the predictor from the (signal, true gradient) pairs of
+        the pair's two control batches."""
         if predictions is not None:
-            self.coefficients.update(gradients[1] - gradients[0], predictions[1] - predictions[0], self._trunk_numels)
+            for gradient, prediction in zip(gradients, predictions):
+                self.coefficients.update(gradient, prediction, self._trunk_numels)
         try:
             self.predictor.observe(signals, gradients)
         except (FloatingPointError, torch.linalg.LinAlgError) as error:
