@@ -61,6 +61,14 @@ i.e. ``rho^2 (f - 1) q = f - q = -(1 - f) c``, so for ``f < 1``::
 (``R < 1``) exactly when ``rho^2`` is above the break-even value.  At ``f = 1``
 the estimator *is* backprop and ``R = 1`` for every ``rho``.
 
+For any ``beta`` (not only ``beta*``), ``sigma_X^2 = sigma2 (1 - E)`` with
+``E = 1 - tr Var(g - beta ĝ) / tr Var(g)``, the variance explained *as
+applied*, so ``Var(est) = sigma2 / n [E + (1 - E) / f]`` and every formula here
+holds with ``rho^2`` replaced by ``E`` (``E <= rho^2``, with equality at
+``beta*``; ``E < 0`` when the prediction adds variance).  ``E`` is what the
+trainer measures (``estimator.variance_explained``) and compares with
+``break_even_rho2``.
+
 Optimal control fraction
 ------------------------
 Expanding, ``R(f) = rho^2 c + (1-rho^2)(1-c) + rho^2 (1-c) f + (1-rho^2) c / f``,

@@ -126,7 +126,7 @@ class PredictedGradientTrainer(Trainer):
         self._step_fell_back = False
         self._warned_single_example = False
         self._additive_loss: bool | None = None
-        self._pending_batch: dict | None = None  # the first control batch of a pair (_score_pair_and_learn)
+        self._pending_batch: dict | None = None  # the first control batch of a pair (see _observe)
         self._log_pairs = [0.0, 0.0]  # summed (||dR||^2, ||dG||^2) of the pairs since the last log
         self._recent_pairs = [0.0, 0.0]  # the same since the last automatic control fraction update
         self._model_card_kwargs: dict = {}  # arguments of the last create_model_card, reused by later saves

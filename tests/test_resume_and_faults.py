@@ -13,7 +13,7 @@ from conftest import image_dataset, tiny_vit
 from test_trainer import LinearTrunkRegressor, linear_dataset
 from test_unbiased import BATCH, MODELS, Z_LIMIT, max_z_score
 
-STEPS = 5  # odd: the checkpoint falls between the two control batches of a pair (_score_pair_and_learn)
+STEPS = 5  # odd: the checkpoint falls between the two control batches of a pair (PredictedGradientTrainer._observe)
 
 
 class StopAt(TrainerCallback):
