@@ -3,8 +3,10 @@
 
 The trainer's predictors learn from one (signal, trunk gradient) pair per control batch: the batch sums, the only
 thing one backward pass gives. This script asks what they would reach with richer training data, to show where
-the limit lies. It trains the example's ViT with transformers.Trainer (from scratch, or from `--checkpoint` with a
-new classifier: the fine-tuning regime) and at each step of `--snapshots` takes, one backward per example, the
+the limit lies. It trains the example's ViT with transformers.Trainer and the example's optimizer settings
+(AdamW, cosine schedule with 10 % warm-up over the last snapshot step, so late snapshots are at a low learning
+rate), from scratch or from `--checkpoint` with a new classifier (the fine-tuning regime), and at each step of
+`--snapshots` takes, one backward per example, the
 exact trunk gradient g_i of `--examples` training images, with each one's logit error e_i (dloss/dlogits), head
 input phi_i and label. The first examples are cut into control batches of `--control_batch` (f n at the
 benchmarks' f = 0.25, n = 128) and fitted on; the last `--held_out` are scored.
