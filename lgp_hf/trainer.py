@@ -405,8 +405,10 @@ class PredictedGradientTrainer(Trainer):
     # ------------------------------------------------------------------ reporting
 
     def break_even_alignment(self) -> float | None:
-        """Alignment above which the current control fraction beats plain backprop (None before costs are measured)."""
-        if self.cost_meter.cost_ratio is None or self._control_fraction >= 1:
+        """The per-example correlation above which the current control fraction beats plain backprop (at f = 1:
+        above which lowering f pays), the square root of `break_even_variance_explained`. None before costs are
+        measured."""
+        if self.cost_meter.cost_ratio is None:
             return None
         return theory.break_even_alignment(self._control_fraction, self.cost_meter.cost_ratio)
 
