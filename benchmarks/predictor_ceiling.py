@@ -49,6 +49,7 @@ from transformers import TrainerCallback, set_seed
 
 import common
 from lgp_hf import theory
+from lgp_hf.predictors import NTKPredictor, WindowPredictor
 
 DATA_SOURCES = ("batch_sums", "chunks_8", "chunks_4", "per_example")
 SIGNALS = ("logit_error", "features_4", "head_gradient", "class_conditional")
@@ -137,15 +138,16 @@ def rho2(true: torch.Tensor, predicted: torch.Tensor) -> float:
 
 
 def ridge_fit(signals: torch.Tensor, targets: torch.Tensor, ridge: float):
-    """x -> x W with W the ridge solution of signals W ~ targets (primal or dual form, whichever is smaller)."""
-    signals, targets = signals.double(), targets.double()
+    """x -> the ridge prediction fitted on rows (signals, targets), by lgp_hf's own predictors: `NTKPredictor` (the
+    primal fit, with no forgetting) when the signal has no more dimensions than there are rows, `WindowPredictor`
+    (the dual fit over all rows) otherwise; both penalise with `ridge` times the mean diagonal of their Gram
+    matrix."""
     if signals.shape[1] <= signals.shape[0]:
-        gram = signals.T @ signals
-        weights = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype), signals.T @ targets)
-        return lambda x: (x.double() @ weights).float()
-    gram = signals @ signals.T
-    dual = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype), signals)
-    return lambda x: ((x.double() @ dual.T) @ targets).float()
+        predictor = NTKPredictor(memory=10**12, ridge=ridge)
+    else:
+        predictor = WindowPredictor(window_size=len(signals), ridge=ridge)
+    predictor.observe(signals, targets)
+    return predictor.predict
 
 
 def control_batch_pairs(signals: torch.Tensor, gradients: torch.Tensor, source: str, control_batch: int):

@@ -237,10 +237,11 @@ def participant(index: int, spec: common.RunSpec | None, args, rotation: Rotatio
             device = trainer.args.device
             before = memory_now(device)
             trainer.train()
+            summary = trainer.lgp_summary() if spec.is_lgp else None
             result = {
                 "steps": timer.steps,
-                "c_trainer": getattr(getattr(trainer, "cost_meter", None), "cost_ratio", None),
-                "final_control_fraction": getattr(trainer, "_control_fraction", 1.0),
+                "c_trainer": summary["lgp_cost_ratio"] if summary else None,
+                "final_control_fraction": summary["lgp_control_fraction"] if summary else 1.0,
                 "memory_before_mib": before,
                 "memory_peak_mib": memory_now(device),
             }
