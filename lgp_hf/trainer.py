@@ -288,7 +288,7 @@ class PredictedGradientTrainer(Trainer):
             self._pending_batch = {"signal": control, "trunk_gradient": true}
         else:
             raw_pair = None if raw is None else (previous_raw, raw)
-            self._score_pair(pending["trunk_gradient"], true, None if raw_pair is None else tuple(r * beta for r in raw_pair))
+            self._score_pair(pending["trunk_gradient"], true, None if raw is None else (previous_raw * beta, predicted))
             self._learn(torch.stack([pending["signal"], control]), torch.stack([pending["trunk_gradient"], true]), raw_pair)
         if self._auto and (self.state.global_step + 1) % self.args.predictor_refit_steps == 0:
             self._update_control_fraction()
