@@ -20,34 +20,49 @@ class CostMeter:
       t_forward / (t_forward + t_backward) of its control pass (`theory.cost_ratio_from_backward_forward`), so that
       "auto" can tell when lowering f would pay. Its forward runs under autograd, slower than the prediction
       pass's no-grad forward, so this errs high: towards plain backprop.
+    - overhead ratio o: the predictor's own work in a step (predicting the correction, the fit and the statistics of
+      `_observe`) over a full step's passes (n examples at the control pass's cost per example). Timed apart from
+      the passes, so that c stays the passes' cost, and added to the step cost that "auto" compares
+      (`theory.relative_efficiency`). Measured on observed steps only: at f = 1 under "auto" most steps are not
+      observed and pay none of it, so this errs high too.
     """
 
     def __init__(self, decay: float = 0.9):
         self.decay = decay
         self.backward_forward_ratio: float | None = None
         self.cost_ratio: float | None = None
+        self.overhead_ratio: float | None = None
+        self.overhead_seconds: float | None = None
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new
 
-    def update(self, prediction_seconds: float, num_prediction: int, forward_seconds: float, backward_seconds: float, num_control: int) -> None:
+    def update(
+        self, prediction_seconds: float, num_prediction: int, forward_seconds: float, backward_seconds: float, num_control: int,
+        overhead_seconds: float = 0.0,
+    ) -> None:
         if forward_seconds <= 0:
             return
         ratio = backward_seconds / forward_seconds
         self.backward_forward_ratio = self._average(self.backward_forward_ratio, ratio)
+        per_control = (forward_seconds + backward_seconds) / num_control
+        self.overhead_seconds = self._average(self.overhead_seconds, overhead_seconds)
+        self.overhead_ratio = self._average(self.overhead_ratio, overhead_seconds / (per_control * (num_control + num_prediction)))
         if num_prediction > 0:
-            per_control = (forward_seconds + backward_seconds) / num_control
             cost_ratio = min(1.0, (prediction_seconds / num_prediction) / per_control)
         else:
             cost_ratio = cost_ratio_from_backward_forward(ratio)
         self.cost_ratio = self._average(self.cost_ratio, cost_ratio)
 
     def state_dict(self) -> dict:
-        return {"backward_forward_ratio": self.backward_forward_ratio, "cost_ratio": self.cost_ratio}
+        return {
+            "backward_forward_ratio": self.backward_forward_ratio, "cost_ratio": self.cost_ratio,
+            "overhead_ratio": self.overhead_ratio, "overhead_seconds": self.overhead_seconds,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.backward_forward_ratio = state["backward_forward_ratio"]
-        self.cost_ratio = state["cost_ratio"]
+        for key, value in state.items():
+            setattr(self, key, value)
 
 
 class Stopwatch:

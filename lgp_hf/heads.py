@@ -1,28 +1,33 @@
 """Where a model is cut into trunk and head, and the hooks that run the head alone with autograd.
 
-The *head* is the set of final modules whose parameters get exact gradients on every example; the *trunk*
-is every other trainable parameter, whose gradient is predicted on the prediction micro-batch.
+The *head* is the set of final modules whose parameters get exact gradients on every example; the *trunk* is every
+other trainable parameter, whose gradient is predicted on the prediction micro-batch. A parameter that the head
+shares with the trunk (tied input and output embeddings) is both: its head use gets the exact gradient, its trunk
+use the predicted one. While a head module runs, `capture_head` swaps each of its parameters for an alias (a view,
+whose gradient flows on to the parameter), so that the gradient of the head use alone is the alias's gradient.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 #: Attribute names searched, in order, for a model's final layer when no head is named.
-HEAD_ATTRIBUTE_NAMES = ("classifier", "score", "head", "lm_head")
+HEAD_ATTRIBUTE_NAMES = ("classifier", "score", "qa_outputs", "head", "lm_head")
 
 
-def find_head_module_names(model: nn.Module, head_modules: list[str] | None = None) -> list[str]:
-    """Names (as in `model.named_modules()`) of the head modules.
+def find_head_module_names(model: nn.Module, head_modules: list[str] | None = None) -> list[str] | None:
+    """Names (as in `model.named_modules()`) of the head modules, or None when the model has no identifiable head.
 
-    With `head_modules` given, each name is checked; otherwise the first of `HEAD_ATTRIBUTE_NAMES` that the
-    model has, else the module returned by `get_output_embeddings()`. Raises `ValueError` naming the argument
-    and the allowed values when a name is unknown, when nothing is found, or when the head has no trainable
-    parameter (its gradient could not be computed exactly, so the method would have nothing to predict from).
+    With `head_modules` given, each name is checked (`ValueError` naming the argument and the allowed values when a
+    name is unknown). Otherwise the rule is: the first of `HEAD_ATTRIBUTE_NAMES` that the model has as an attribute
+    (attribute lookup, so wrappers that delegate to their model, like peft's, are searched too), else the module
+    returned by `get_output_embeddings()`. That covers transformers' sequence, token and image classification
+    (`classifier`, `score`), question answering (`qa_outputs`), multiple choice (`classifier`) and causal and
+    seq2seq language models (`lm_head`, output embeddings).
     """
     modules = dict(model.named_modules())
     if head_modules:
@@ -33,56 +38,71 @@ def find_head_module_names(model: nn.Module, head_modules: list[str] | None = No
                 f"head_modules: {unknown} are not modules of {type(model).__name__}. Allowed values are names from "
                 f"`model.named_modules()`, for example {candidates}."
             )
-        names = list(head_modules)
-    else:
-        names = [name for name in HEAD_ATTRIBUTE_NAMES if isinstance(modules.get(name), nn.Module)][:1]
-        if not names and hasattr(model, "get_output_embeddings"):
-            output_embeddings = model.get_output_embeddings()
-            names = [name for name, module in modules.items() if module is output_embeddings and name][:1]
-        if not names:
-            raise ValueError(
-                f"head_modules: could not find the final layer of {type(model).__name__} (looked for the attributes "
-                f"{list(HEAD_ATTRIBUTE_NAMES)} and get_output_embeddings()). Name it with head_modules=[...]."
-            )
-    if not any(p.requires_grad for name in names for p in modules[name].parameters()):
-        raise ValueError(
-            f"head_modules: {names} have no trainable parameters; the head must hold parameters with "
-            "requires_grad=True (name a module that does, e.g. the classifier layer)."
-        )
-    return names
+        return list(head_modules)
+    names_by_module = {}
+    for name, module in modules.items():
+        names_by_module.setdefault(id(module), name)
+    for attribute in HEAD_ATTRIBUTE_NAMES:
+        module = getattr(model, attribute, None)
+        if isinstance(module, nn.Module) and names_by_module.get(id(module)):
+            return [names_by_module[id(module)]]
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    if callable(get_output_embeddings):
+        module = get_output_embeddings()
+        if isinstance(module, nn.Module) and names_by_module.get(id(module)):
+            return [names_by_module[id(module)]]
+    return None
 
 
 @dataclass
 class ModelPartition:
-    """The trainable parameters of a model split into head and trunk, in a fixed order."""
+    """The trainable parameters of a model split into head and trunk, in a fixed order.
+
+    `shared_params` are head parameters that a module outside the head also owns (tied embeddings): they appear in
+    both `head_params` (the gradient of their head use) and `trunk_params` (the gradient of the rest).
+    """
 
     head_module_names: list[str]
     output_module: nn.Module
     head_modules: list[nn.Module]
     head_params: list[nn.Parameter]
     trunk_params: list[nn.Parameter]
-    trunk_names: list[str] = field(default_factory=list)
+    trunk_names: list[str]
+    shared_params: list[nn.Parameter]
 
     @classmethod
-    def from_model(cls, model: nn.Module, head_modules: list[str] | None = None) -> "ModelPartition":
-        """Partition `model`; the last named head module is the one whose output is the logits."""
+    def from_model(cls, model: nn.Module, head_modules: list[str] | None = None) -> "ModelPartition | None":
+        """Partition `model`; the last named head module is the one whose output is the logits. None when the model
+        has no identifiable head or no trainable trunk parameter (nothing to predict)."""
         names = find_head_module_names(model, head_modules)
+        if names is None:
+            return None
         modules = dict(model.named_modules())
-        head_ids = {id(p) for name in names for p in modules[name].parameters() if p.requires_grad}
-        head_params, trunk_params, trunk_names = [], [], []
+        head_ids, head_module_ids = set(), set()
+        for name in names:
+            for module in modules[name].modules():
+                head_module_ids.add(id(module))
+            head_ids.update(id(p) for p in modules[name].parameters() if p.requires_grad)
+        # A head parameter is shared when a module outside the head owns it too (remove_duplicate=False: every owner).
+        outside_ids = {
+            id(param)
+            for module in model.modules()
+            if id(module) not in head_module_ids
+            for param in module.parameters(recurse=False)
+        }
+        head_params, trunk_params, trunk_names, shared_params = [], [], [], []
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
             if id(param) in head_ids:
                 head_params.append(param)
-            else:
+            if id(param) not in head_ids or id(param) in outside_ids:
                 trunk_params.append(param)
                 trunk_names.append(name)
+            if id(param) in head_ids and id(param) in outside_ids:
+                shared_params.append(param)
         if not trunk_params:
-            raise ValueError(
-                f"head_modules: {names} hold every trainable parameter, so there is no trunk gradient to predict; "
-                "name fewer, later modules."
-            )
+            return None
         return cls(
             head_module_names=names,
             output_module=modules[names[-1]],
@@ -90,6 +110,7 @@ class ModelPartition:
             head_params=head_params,
             trunk_params=trunk_params,
             trunk_names=trunk_names,
+            shared_params=shared_params,
         )
 
     @property
@@ -98,37 +119,73 @@ class ModelPartition:
 
 
 class HeadCapture:
-    """Holds the output (logits) of the model's final head module from the last forward pass."""
+    """What the head did in the last forward pass: the output (logits) of the final head module, and for each head
+    parameter the aliases it was used through (one per call of its module)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_params: int) -> None:
         self.logits: torch.Tensor | None = None
+        self.aliases: list[list[torch.Tensor]] = [[] for _ in range(num_params)]
 
 
 @contextlib.contextmanager
 def capture_head(partition: ModelPartition, head_only_autograd: bool = False):
-    """Capture the logits of the final head module during a forward pass.
+    """Capture the logits of the final head module and route head parameters through aliases during a forward.
 
-    With `head_only_autograd=True` the forward is expected to run under `torch.no_grad()`: a pre-hook on
-    each head module turns autograd back on, so the trunk runs without building a graph while the head and
-    everything after it (the model's own loss) are differentiable. This is the prediction micro-batch's
-    "trunk forward without autograd, head forward and backward": it uses the model's own forward and loss,
-    so any model whose head runs after its trunk works unchanged.
+    With `head_only_autograd=True` the forward is expected to run under `torch.no_grad()`: a pre-hook on each head
+    module turns autograd back on, so the trunk runs without building a graph while the head and everything after
+    it (the model's own loss) are differentiable. This is the prediction micro-batch's "trunk forward without
+    autograd, head forward and backward": it uses the model's own forward and loss, so any model whose head runs
+    after its trunk works unchanged. The aliases are views: values and the parameters' accumulated gradients are
+    unchanged, only the head use becomes a tensor of its own to differentiate by.
     """
-    capture = HeadCapture()
+    capture = HeadCapture(len(partition.head_params))
+    index = {id(p): i for i, p in enumerate(partition.head_params)}
+    owners = {
+        module: [name for name, p in module._parameters.items() if p is not None and id(p) in index]
+        for head in partition.head_modules
+        for module in head.modules()
+    }
+    owners = {module: names for module, names in owners.items() if names}
+    originals: dict[nn.Module, dict[str, nn.Parameter]] = {}
 
     def enable_grad(module, args):
-        # The first head module to run switches autograd on; its inputs come from the no-grad trunk, so the
-        # graph starts there. Later head modules find it on already and keep their inputs' graph.
+        # The first head module to run switches autograd on; its inputs come from the no-grad trunk, so the graph
+        # starts there (they are made leaves that require grad, so that a frozen head, e.g. under LoRA, still gives
+        # logits to differentiate by). Later head modules find it on already and keep their inputs' graph.
         torch.set_grad_enabled(True)
+        return tuple(
+            arg.detach().requires_grad_() if isinstance(arg, torch.Tensor) and arg.is_floating_point() and not arg.requires_grad else arg
+            for arg in args
+        )
+
+    def use_aliases(module, args):
+        if not torch.is_grad_enabled():
+            return
+        saved = originals.setdefault(module, {})
+        for name in owners[module]:
+            param = saved.setdefault(name, module._parameters[name])
+            alias = param.view_as(param)
+            capture.aliases[index[id(param)]].append(alias)
+            module._parameters[name] = alias  # read back by the module's forward through nn.Module.__getattr__
+
+    def restore(module, args=None, output=None):
+        for name, param in originals.pop(module, {}).items():
+            module._parameters[name] = param
 
     def keep_output(module, args, output):
         capture.logits = output[0] if isinstance(output, (tuple, list)) else output
 
-    handles = [partition.output_module.register_forward_hook(keep_output)]
+    handles = []
     if head_only_autograd:
         handles += [module.register_forward_pre_hook(enable_grad) for module in partition.head_modules]
+    for module in owners:
+        handles.append(module.register_forward_pre_hook(use_aliases))
+        handles.append(module.register_forward_hook(restore, always_call=True))
+    handles.append(partition.output_module.register_forward_hook(keep_output))
     try:
         yield capture
     finally:
         for handle in handles:
             handle.remove()
+        for module in list(originals):
+            restore(module)

@@ -293,8 +293,8 @@ def build_model_card(
 
 
 def lgp_hyperparameters_from_trainer(trainer) -> dict[str, Any]:
-    """The estimator's settings as `PredictedGradientArguments` field names, head modules as resolved."""
-    args = trainer.args
+    """The estimator's settings as `PredictedGradientArguments` field names, head modules and ridge as resolved."""
+    args = trainer.lgp_settings
     settings: dict[str, Any] = {}
     if args.control_fraction == "auto":
         settings["control_fraction"] = (
@@ -306,9 +306,10 @@ def lgp_hyperparameters_from_trainer(trainer) -> dict[str, Any]:
     settings["predictor"] = args.predictor
     settings["predictor_refit_steps"] = args.predictor_refit_steps
     settings["predictor_window_size"] = args.predictor_window_size
-    settings["predictor_ridge"] = args.predictor_ridge
+    settings["predictor_memory_fraction"] = args.predictor_memory_fraction
+    settings["predictor_ridge"] = getattr(trainer.predictor, "ridge", args.predictor_ridge)  # as resolved
     settings["control_variate_coefficient"] = args.control_variate_coefficient
-    settings["head_modules"] = ", ".join(trainer.partition.head_module_names)
+    settings["head_modules"] = ", ".join(trainer.partition.head_module_names) if trainer.partition is not None else f"none ({trainer.disabled_reason})"
     return settings
 
 

@@ -247,32 +247,40 @@ def backprop_variance(batch_size, sigma2):
     return s2 / n
 
 
-def relative_efficiency(control_fraction, cost_ratio, rho):
+def relative_efficiency(control_fraction, cost_ratio, rho, overhead=0.0):
     """(Variance x compute) of the estimator at ``beta*`` over that of backprop.
 
-    ``R = [rho^2 + (1 - rho^2)/f] (f + (1 - f) c)``: the ``sigma2/n`` and ``n``
-    factors cancel.  ``R < 1`` means the method reaches a given gradient noise
-    level with less compute than backprop; ``R = 1`` at ``f = 1``.
+    ``R = [rho^2 + (1 - rho^2)/f] (f + (1 - f) c + o)``: the ``sigma2/n`` and ``n``
+    factors cancel; ``o`` is the predictor's own work per step (fit, prediction)
+    relative to a full step, which plain backprop does not pay.  ``R < 1`` means
+    the method reaches a given gradient noise level with less compute than
+    backprop; ``R = 1`` at ``f = 1`` without overhead.
     """
     f = _fraction(control_fraction)
     c = _cost(cost_ratio)
     r = _rho(rho)
+    o = _real("overhead", overhead, 0.0, None)
     r2 = r * r
-    return (r2 + (1.0 - r2) / f) * (f + (1.0 - f) * c)
+    return (r2 + (1.0 - r2) / f) * (f + (1.0 - f) * c + o)
 
 
-def break_even_rho2(control_fraction, cost_ratio):
-    """Squared alignment at which ``relative_efficiency == 1``: ``c / (f + (1-f) c)``.
+def break_even_rho2(control_fraction, cost_ratio, overhead=0.0):
+    """Squared alignment at which ``relative_efficiency == 1``: ``(s - f) / (s (1 - f))``, ``s = f + (1-f) c + o``.
 
-    Derived from ``[rho^2 + (1-rho^2)/f] q = 1`` with ``q = f + (1-f) c``
-    (module docstring).  For ``f < 1`` the method wins iff ``rho^2`` exceeds
-    this value.  At ``f = 1`` the formula gives ``c`` (the limit), although
-    there ``R = 1`` for every ``rho``.  With ``c = 0`` the value is 0 (any
+    Derived from ``[rho^2 + (1-rho^2)/f] s = 1`` (module docstring); without
+    overhead it is ``c / (f + (1-f) c)``.  For ``f < 1`` the method wins iff
+    ``rho^2`` exceeds this value.  At ``f = 1`` it is ``(c + o) / (1 + o)``, the
+    level above which lowering ``f`` from 1 starts to pay (``dR/df > 0`` at 1);
+    without overhead, ``c``.  With ``c = 0`` and no overhead the value is 0 (any
     nonzero alignment wins); with ``c = 1`` it is 1 (never wins).
     """
     f = _fraction(control_fraction)
     c = _cost(cost_ratio)
-    return c / (f + (1.0 - f) * c)
+    o = _real("overhead", overhead, 0.0, None)
+    if f == 1.0:
+        return (c + o) / (1.0 + o)
+    s = f + (1.0 - f) * c + o
+    return min(1.0, (s - f) / (s * (1.0 - f)))
 
 
 def break_even_alignment(control_fraction, cost_ratio):
@@ -280,28 +288,29 @@ def break_even_alignment(control_fraction, cost_ratio):
     return math.sqrt(break_even_rho2(control_fraction, cost_ratio))
 
 
-def optimal_control_fraction(rho, cost_ratio, min_fraction=0.05):
+def optimal_control_fraction(rho, cost_ratio, min_fraction=0.05, overhead=0.0):
     """Control fraction minimising ``relative_efficiency`` over ``[min_fraction, 1]``.
 
-    ``dR/df = rho^2 (1-c) - (1-rho^2) c / f^2`` vanishes at
-    ``f* = sqrt((1-rho^2) c / (rho^2 (1-c)))``; ``R`` is convex in ``f`` so the
+    ``dR/df = rho^2 (1-c) - (1-rho^2) (c+o) / f^2`` vanishes at
+    ``f* = sqrt((1-rho^2) (c+o) / (rho^2 (1-c)))``; ``R`` is convex in ``f`` so the
     constrained optimum is ``f*`` clipped to ``[min_fraction, 1]``.  Returns
-    ``1.0`` (plain backprop) whenever the best efficiency is not below 1, i.e.
-    ``rho^2 <= c``.  Edge cases: ``rho = 0`` or ``c = 1`` -> 1.0;
-    ``c = 0`` with ``rho != 0`` -> ``min_fraction``; ``|rho| = 1`` with
-    ``c < 1`` -> ``min_fraction``.
+    ``1.0`` (plain backprop, which pays no overhead) whenever the best efficiency
+    is not below 1, i.e. without overhead ``rho^2 <= c``.  Edge cases: ``rho = 0``
+    or ``c = 1`` -> 1.0; ``c = o = 0`` with ``rho != 0`` -> ``min_fraction``;
+    ``|rho| = 1`` with ``c < 1`` -> ``min_fraction``.
     """
     r = _rho(rho)
     c = _cost(cost_ratio)
+    o = _real("overhead", overhead, 0.0, None)
     f_min = _real("min_fraction", min_fraction, 0.0, 1.0, lo_open=True)
     r2 = r * r
-    if r2 <= c:
+    if r2 <= c or c >= 1.0:
         # includes rho = 0 and c = 1: best achievable R is >= 1.
         return 1.0
     # here r2 > c >= 0 and c < 1, so the denominator is positive.
-    f_star = math.sqrt((1.0 - r2) * c / (r2 * (1.0 - c)))
+    f_star = math.sqrt((1.0 - r2) * (c + o) / (r2 * (1.0 - c)))
     f = min(max(f_star, f_min), 1.0)
-    if relative_efficiency(f, c, r) >= 1.0:  # guard against round-off near break-even
+    if f >= 1.0 or relative_efficiency(f, c, r, o) >= 1.0:  # guard against round-off near break-even
         return 1.0
     return f
 

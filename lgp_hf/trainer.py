@@ -1,10 +1,14 @@
-"""`PredictedGradientTrainer`: `transformers.Trainer` with the control-variate estimator in `training_step`."""
+"""`PredictedGradientMixin`: the control-variate estimator in `training_step` of any `transformers.Trainer`.
+
+`PredictedGradientTrainer` is the mixin plus `Trainer`; other trainers of the family get it the same way
+(`class Seq2SeqPredictedGradientTrainer(PredictedGradientMixin, Seq2SeqTrainer)`, TRL's `SFTTrainer`).
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
+import time
 
 import torch
 from transformers import Trainer
@@ -12,24 +16,24 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils import logging
 
 from . import theory
-from .arguments import PredictedGradientArguments
+from .arguments import PredictedGradientArguments, PredictedGradientSettings
 from .checkpoints import reload_renamed_weights
 from .costs import CostMeter, Stopwatch
 from .estimator import (
     ControlVariateCoefficients,
     control_size,
     cosine_similarity,
-    paired_squared_differences,
     relative_residual,
     signal_difference,
     split_batch_indices,
     split_generator,
-    subset_loss_weights,
     trunk_correction,
     variance_explained,
 )
-from .heads import ModelPartition, capture_head
+from .heads import HEAD_ATTRIBUTE_NAMES, ModelPartition, capture_head
+from .losses import LossDecomposition
 from .model_card import write_model_card
+from .monitor import PredictorMonitor
 from .predictors import make_predictor
 
 logger = logging.get_logger(__name__)
@@ -37,144 +41,203 @@ logger = logging.get_logger(__name__)
 LGP_STATE_NAME = "lgp_state.pt"
 
 
-class PredictedGradientTrainer(Trainer):
-    """A `Trainer` that runs a full backward on a random control fraction of each batch only.
+class HeadNotCaptured(RuntimeError):
+    """The head modules did not run as modules under autograd (a fused head, a loss outside the model's forward
+    graph): this model's batches cannot be split."""
 
-    Each per-device micro-batch B is split at random into a control part C (forward and backward) and a
-    prediction part P (trunk forward without autograd, head forward and backward with the model's own loss).
-    The head gets its exact gradient over B; the trunk gets r g(C) + beta A(S_B - r S_C) (`estimator`), an
-    unbiased estimate of g(B) because the predictor A and the coefficients beta are fitted from earlier control
-    batches only. Everything else (callbacks, logging, evaluation, saving, accumulation, DDP, mixed precision) is
-    the base class's: the extra gradient terms are written into `.grad` before the control backward, so DDP's
-    reducer, the fp16 scaler (they are pre-multiplied by its scale) and clipping see one ordinary gradient.
 
-    Distributed (DDP through `accelerate launch`, GPUs or multi-process CPU). Each rank splits its own per-device
-    batch with a generator seeded by (seed, optimizer step, micro-step), so all ranks take the same decisions
-    without communicating; the update is the rank average of per-rank unbiased estimates, hence unbiased for the
-    global batch. What is sent between ranks, per optimizer step and only on its last (sync) micro-batch:
-      - DDP's own gradient all-reduce, once, as for `Trainer` (earlier micro-batches run in `no_sync`): the
-        control gradient together with the head and predicted trunk corrections already written into `.grad`;
-      - the control signal summed over the step's micro-batches (an all-reduce mean of k floats for `ntk`, of the
-        head gradient's size for `window` and `zero`);
-      - the summed signal difference S_B - r S_C that the applied corrections were computed from (same size), so
-        that the control part of the all-reduced `.grad` can be isolated: the corrections are linear in it.
-    Nothing parameter-sized besides DDP's all-reduce. The predictor and beta are then fitted from inputs that are
-    identical on every rank (the averaged signal, the all-reduced `.grad`), so their state is identical on every
-    rank and equal to one process's on the same global batches (tests/test_distributed.py checks both). The
-    prediction forward runs on the module inside the DDP wrapper (it has no backward for DDP to reduce);
-    `ddp_static_graph=True` is refused.
+class PredictedGradientMixin:
+    """Mixin for a `transformers.Trainer` (sub)class: a full backward on a random control fraction of each batch only.
 
-    Mixed precision. bf16/fp16 autocast applies to both forwards (accelerate's, around the model); head gradients
-    and signals are taken in float32 and the predictors fit and predict in float32. Under fp16 the head gradients
-    are computed from the scaled loss like the control backward, every term written into `.grad` is in the
-    GradScaler's scale, and `_observe` divides it out; an overflow makes the scaler skip the step, as in `Trainer`,
-    and the predictor learns nothing from a step whose trunk gradient is not finite.
+    Each per-device micro-batch B is split at random into a control part C (forward and backward) and a prediction
+    part P (trunk forward without autograd, head forward and backward with the model's own loss). The head gets its
+    exact gradient over B; the trunk gets r w_C g(C) + beta A(S_B - r S_C) (`estimator`), an unbiased estimate of
+    the trunk gradient of B because the predictor A and the coefficients beta are fitted from earlier control
+    batches only, and w_C (`losses`) is how the loss of B splits over C and P, measured on the model's own loss.
+    Everything else (callbacks, logging, evaluation, saving, accumulation, DDP, mixed precision) is the base class's:
+    the extra gradient terms are written into `.grad` before the control backward, so DDP's reducer, the fp16 scaler
+    (they are pre-multiplied by its scale) and clipping see one ordinary gradient.
 
-    Overridden hooks: `training_step` (the estimator), `log` (adds the `lgp/*` statistics), `_save_checkpoint` and
-    `_load_from_checkpoint` (the predictor state travels with checkpoints).
+    When it trains exactly as the base class. At f = 1 (`control_fraction=1`, and "auto" until it lowers f) every
+    step is the base class's own `training_step`, except, under "auto", one pair of consecutive steps in every
+    `auto_observation_period` that is observed (head gradient, predictor fit): those run the same forward and the
+    same backward of the same loss, with read-only hooks, so the weights stay bit-identical to the base class's.
+    A model that cannot be split trains as the base class under "auto" (one log line says why) and is refused at
+    f < 1: no identifiable head, a head whose output the model's loss does not go through (a fused LM head), a loss
+    that does not split over examples (`losses`), DeepSpeed, FSDP, `torch.nn.DataParallel`, `ddp_static_graph`.
+
+    Distributed (DDP through `accelerate launch`). Each rank splits its own per-device batch with a generator seeded
+    by (seed, optimizer step, micro-step), so all ranks take the same decisions without communicating; the update is
+    the rank average of per-rank unbiased estimates, hence unbiased for the global batch. What is sent between ranks,
+    per observed optimizer step and only on its last (sync) micro-batch: DDP's own gradient all-reduce, once, as for
+    `Trainer` (the head and predicted trunk corrections already in `.grad` travel with it); the summed control
+    signal and the summed signal difference S_B - r S_C that the applied corrections came from (signal-sized); for a
+    parameter shared by head and trunk, the exact head part of its gradient (its size), so that the trunk part can be
+    isolated. The predictor and beta are fitted from inputs identical on every rank, so their state is identical on
+    every rank and equal to one process's on the same global batches (tests/test_distributed.py). The prediction
+    forward runs on the module inside the DDP wrapper (it has no backward for DDP to reduce).
+
+    Mixed precision. bf16/fp16 autocast applies to both forwards; head gradients and signals are taken in float32
+    and the predictors fit and predict in float32. Under fp16 every term written into `.grad` is in the GradScaler's
+    scale, and `_observe` divides it out; an overflow makes the scaler skip the step, as in `Trainer`, and the
+    predictor learns nothing from it.
+
+    Overridden hooks: `training_step` (the estimator), `call_model_init` (a new model gets a new partition), `log`
+    (adds the `lgp/*` statistics), `_save_checkpoint` and `_load_from_checkpoint` (the estimator's state travels with
+    checkpoints), `create_model_card` and `_save` (lgp_hf's model card).
     """
 
     _tag_names = ["lgp-hf", "predicted-gradients"]
 
-    def __init__(self, model=None, args: PredictedGradientArguments | None = None, *pargs, **kwargs):
+    def __init__(self, model=None, args=None, *pargs, **kwargs):
         if args is None:
             args = PredictedGradientArguments(output_dir="trainer_output")
-        if not isinstance(args, PredictedGradientArguments):
-            raise ValueError(
-                f"args: got {type(args).__name__}; PredictedGradientTrainer needs PredictedGradientArguments "
-                "(a TrainingArguments subclass with the estimator's settings)."
-            )
+        self._default_settings = PredictedGradientSettings()  # for plain TrainingArguments
+        self._model_card_kwargs: dict = {}  # arguments of the last create_model_card, reused by later saves
         super().__init__(model, args, *pargs, **kwargs)
         if hasattr(self.model, "add_model_tags"):  # transformers' Trainer does not: push_to_hub's card gets them
             self.model.add_model_tags(self._tag_names)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "PredictedGradientTrainer supports single-device and DDP training (accelerate launch, "
-                "--multi_gpu or multi-process CPU), with fp16/bf16; DeepSpeed and FSDP shard or hide `.grad`, "
-                "which the estimator writes, and are not supported."
-            )
-        if self.args.n_gpu > 1:
-            raise ValueError(
-                "PredictedGradientTrainer does not support torch.nn.DataParallel (several GPUs in one process); "
-                "launch one process per GPU with `accelerate launch --multi_gpu`."
-            )
-        if self.args.ddp_static_graph:
-            raise ValueError(
-                "ddp_static_graph=True is not supported by PredictedGradientTrainer: DDP's static graph mode replays "
-                "the autograd passes of the first step, and the estimator's extra head-gradient pass "
-                "(torch.autograd.grad through DDP's output) breaks it. Leave ddp_static_graph unset; DDP works with "
-                "or without ddp_find_unused_parameters."
-            )
-        self.partition = ModelPartition.from_model(self.model, self.args.head_modules)
-        self.predictor = make_predictor(
-            self.args.predictor, self.args.predictor_window_size, self.args.predictor_ridge
-        )
-        self.coefficients = ControlVariateCoefficients(
-            len(self.partition.trunk_params), mode=self.args.control_variate_coefficient
-        )
+        self._setup_estimator(self.model)
+
+    @property
+    def lgp_settings(self) -> PredictedGradientSettings:
+        """The estimator's settings: `args` when it carries them, else their defaults."""
+        return self.args if isinstance(self.args, PredictedGradientSettings) else self._default_settings
+
+    def call_model_init(self, trial=None):
+        """The base class's, plus a new partition, predictor and statistics for the new model (`model_init`,
+        `hyperparameter_search`)."""
+        model = super().call_model_init(trial)
+        if hasattr(self, "monitor"):  # not during the base class's __init__: ours sets up after it
+            self._setup_estimator(model)
+        return model
+
+    def _setup_estimator(self, model) -> None:
+        settings = self.lgp_settings
+        self._auto = settings.control_fraction == "auto"
+        self._control_fraction = settings.auto_initial_control_fraction if self._auto else settings.control_fraction
+        self.partition = self.predictor = self.coefficients = None
+        self.disabled_reason = self._unsupported_reason()
+        if self.disabled_reason is None:
+            self.partition = ModelPartition.from_model(self.accelerator.unwrap_model(model), settings.head_modules)
+            if self.partition is None:
+                self.disabled_reason = (
+                    f"{type(model).__name__} has no head to split at (looked for the attributes {list(HEAD_ATTRIBUTE_NAMES)} "
+                    "and get_output_embeddings(), and for trainable parameters outside it); name it with head_modules=[...]"
+                )
+            elif settings.predictor == "window" and not self.partition.head_params:
+                self.disabled_reason = "predictor='window' maps the head gradient, and the head has no trainable parameter; use predictor='ntk'"
         self.cost_meter = CostMeter()
-        self._trunk_numels = [p.numel() for p in self.partition.trunk_params]
-        self._auto = self.args.control_fraction == "auto"
-        self._control_fraction = self.args.auto_initial_control_fraction if self._auto else self.args.control_fraction
-        self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._totals = {
-            "alignment_sum": 0.0, "observations": 0, "last_alignment": None, "control_examples": 0, "examples": 0,
-            "fallback_steps": 0, "residual_squares": 0.0, "gradient_squares": 0.0,
-        }
-        self._step_sums: dict | None = None
+        self.monitor = PredictorMonitor()
+        self.loss_decomposition = LossDecomposition()
         self._micro_step = 0
+        self._step_sums: dict | None = None
         self._step_fell_back = False
         self._warned_single_example = False
-        self._additive_loss: bool | None = None
-        self._pending_batch: dict | None = None  # the first control batch of a pair (see _observe)
-        self._log_pairs = [0.0, 0.0]  # summed (||dR||^2, ||dG||^2) of the pairs since the last log
-        self._recent_pairs = [0.0, 0.0]  # the same since the last automatic control fraction update
-        self._model_card_kwargs: dict = {}  # arguments of the last create_model_card, reused by later saves
+        if self.disabled_reason is not None:
+            self._disable(self.disabled_reason)
+            return
+        shapes = [p.shape for p in self.partition.trunk_params]
+        self.predictor = make_predictor(
+            settings.predictor, shapes, window_size=settings.predictor_window_size, ridge=settings.predictor_ridge,
+            memory_fraction=settings.predictor_memory_fraction,
+        )
+        self.coefficients = ControlVariateCoefficients(len(shapes), mode=settings.control_variate_coefficient)
+        self._trunk_numels = [p.numel() for p in self.partition.trunk_params]
+        offsets = dict(zip(map(id, self.partition.trunk_params), [0, *torch.tensor(self._trunk_numels).cumsum(0).tolist()]))
+        head_index = {id(p): i for i, p in enumerate(self.partition.head_params)}
+        # (index among head params, offset in the flat trunk gradient, numel) of each parameter shared by both
+        self._shared_slots = [(head_index[id(p)], offsets[id(p)], p.numel()) for p in self.partition.shared_params]
+
+    def _unsupported_reason(self) -> str | None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return "DeepSpeed and FSDP shard or hide `.grad`, which the estimator writes; single-device and DDP training are supported"
+        if self.args.n_gpu > 1:
+            return "torch.nn.DataParallel (several GPUs in one process) is not supported; launch one process per GPU with `accelerate launch --multi_gpu`"
+        if self.args.ddp_static_graph:
+            return (
+                "ddp_static_graph=True replays the autograd passes of the first step, and the estimator's extra head-gradient "
+                "pass breaks it; leave ddp_static_graph unset"
+            )
+        return None
+
+    def _disable(self, reason: str) -> None:
+        """Train as the base class from now on: refused when the user asked for f < 1 explicitly."""
+        if not self._auto and self._control_fraction < 1:
+            raise ValueError(f"control_fraction={self._control_fraction}: {reason}. Use control_fraction=1 or 'auto' to train as Trainer does.")
+        logger.warning(f"PredictedGradientTrainer trains as Trainer (control fraction 1): {reason}.")
+        self.disabled_reason = reason
+        self._control_fraction = 1.0
+        self._step_sums = None
 
     # ------------------------------------------------------------------ the estimator
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One micro-batch: the estimator when f < 1, the base class's step when the batch cannot be split."""
+        """One micro-batch: the estimator when this optimizer step is observed or split, else the base class's step."""
+        if self._micro_step == 0:
+            self._step_fell_back = False
+            self._step_sums = {"control": None, "applied": None, "shared_head": None} if self._observes_step() else None
         batch_size = _batch_size(inputs)
         num_control = control_size(batch_size, self._control_fraction)
-        if self._micro_step == 0:
-            self._step_sums = _new_step_sums()
-            self._step_fell_back = False
-        if num_control >= batch_size and not self._auto:
-            if batch_size == 1 and self._control_fraction < 1 and not self._warned_single_example:
+        if self._step_sums is not None and self._control_fraction < 1 and num_control >= batch_size:
+            if not self._warned_single_example:
                 logger.warning("A batch of one example cannot be split into control and prediction parts: full backward.")
                 self._warned_single_example = True
             self._step_sums = None  # part of this optimizer step is not an estimator step: observe nothing
-            self._end_micro_step()
-            return super().training_step(model, inputs, num_items_in_batch)
+        if self._step_sums is None:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        else:
+            loss = self._estimator_step(model, inputs, num_items_in_batch, batch_size, num_control)
+        if self.accelerator.sync_gradients:
+            if self._auto and self.disabled_reason is None and (self.state.global_step + 1) % self.lgp_settings.predictor_refit_steps == 0:
+                self._update_control_fraction()
+            self._micro_step = 0
+        else:
+            self._micro_step += 1
+        return loss
 
-        self._check_labels(inputs)
+    def _observes_step(self) -> bool:
+        """Every step at f < 1; under "auto" at f = 1, one pair of consecutive steps every `auto_observation_period`."""
+        if self.disabled_reason is not None or not self.loss_decomposition.splittable:
+            return False
+        if self._control_fraction < 1:
+            return True
+        return self._auto and self.state.global_step % self.lgp_settings.auto_observation_period < 2
+
+    def _estimator_step(self, model, inputs, num_items_in_batch, batch_size: int, num_control: int):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        sums = self._step_sums if self._step_sums is not None else _new_step_sums()  # None: accumulate for nothing
+        num_prediction = batch_size - num_control
         generator = split_generator(self.args.seed, self.state.global_step, self._micro_step)
         control_index, prediction_index = split_batch_indices(batch_size, num_control, generator)
-        num_prediction = batch_size - num_control
-
-        additive = self._loss_is_additive(model, inputs, num_items_in_batch)
-        weight_control, weight_prediction = subset_loss_weights(additive, batch_size, num_control)
-        accumulation = 1 if self._loss_is_scaled_for_ga(num_items_in_batch) else self.current_gradient_accumulation_steps
+        weights = (1.0, 0.0) if num_prediction == 0 else self._split_weights(model, inputs, num_items_in_batch, control_index, prediction_index)
+        if weights is None:
+            self._disable("the loss does not split over examples as a sum or a mean (lgp_hf.losses), so a part of the batch cannot stand for it")
+            return super().training_step(model, inputs, num_items_in_batch)
+        weight_control, weight_prediction = weights
+        sums = self._step_sums
+        scaled_for_ga = self._loss_is_scaled_for_ga(num_items_in_batch)
+        accumulation = 1 if scaled_for_ga else self.current_gradient_accumulation_steps
         control_scale = batch_size / num_control
         # Pass times (which synchronise CUDA) every logging or refit period, whichever is shorter, so that "auto" has
         # them; never on the first step, whose passes include one-off warm-up work.
-        period = max(1, min(int(self.args.logging_steps), self.args.predictor_refit_steps))
-        measure = self.state.global_step > 0 and self.state.global_step % period == 0
+        period = max(1, min(int(self.args.logging_steps), self.lgp_settings.predictor_refit_steps))
+        measure = self.state.global_step > 0 and (self.state.global_step // 2) % max(1, period // 2) == 0
         stopwatch = Stopwatch(self.args.device, synchronize=measure)
         loss_scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
 
         # Prediction micro-batch: no-grad trunk, differentiable head and loss.
+        prediction_seconds = 0.0
         if num_prediction:
             prediction_inputs = _select_examples(inputs, prediction_index, batch_size)
             with torch.no_grad(), capture_head(self.partition, head_only_autograd=True) as capture, self.compute_loss_context_manager():
                 loss_prediction = self.compute_loss(_without_ddp(model), prediction_inputs, num_items_in_batch=num_items_in_batch)
-            head_prediction, signal_prediction = self._head_gradients(loss_prediction, capture.logits, False, loss_scale)
+            if capture.logits is None or not loss_prediction.requires_grad:
+                self._disable(self._head_not_captured())
+                return super().training_step(model, inputs, num_items_in_batch)
+            head_prediction, signal_prediction = self._head_gradients(loss_prediction, capture, weight_prediction, False, loss_scale)
             prediction_seconds = stopwatch.lap()
 
         # Control micro-batch: forward with autograd; head gradient first (the graph is kept for the backward).
@@ -182,40 +245,94 @@ class PredictedGradientTrainer(Trainer):
         with capture_head(self.partition) as capture, self.compute_loss_context_manager():
             loss_control = self.compute_loss(model, control_inputs, num_items_in_batch=num_items_in_batch)
         forward_seconds = stopwatch.lap()
-        head_control, signal_control = self._head_gradients(loss_control, capture.logits, True, loss_scale)
+        if capture.logits is None or not loss_control.requires_grad:  # only at f = 1: the batch is the control part
+            self._disable(self._head_not_captured())
+            loss = loss_control if scaled_for_ga else loss_control / accumulation
+            self.accelerator.backward(loss)
+            return loss.detach()
+        if weight_control == 0:  # no item in C: its exact contribution is zero (its own loss would be 0 / 0)
+            loss_control = capture.logits.float().sum() * 0.0
+        head_control, signal_control = self._head_gradients(loss_control, capture, weight_control, True, loss_scale)
 
         coefficient = control_scale * weight_control / accumulation
+        head_batch = head_control if not num_prediction else [
+            weight_control * hc + weight_prediction * hp for hc, hp in zip(head_control, head_prediction)
+        ]
         if num_prediction:
             batch_signal = weight_control * signal_control + weight_prediction * signal_prediction
             difference = signal_difference(batch_signal, weight_control * signal_control, control_scale) / accumulation
-            head_correction = [
-                (weight_control * hc + weight_prediction * hp) / accumulation - coefficient * hc
-                for hc, hp in zip(head_control, head_prediction)
-            ]
-            trunk_correction = self._trunk_correction(difference)
-        else:
-            difference, head_correction, trunk_correction = None, None, None
-        if head_correction is not None:
+            head_correction = [hb / accumulation - coefficient * hc for hb, hc in zip(head_batch, head_control)]
             _add_to_grads(self.partition.head_params, head_correction, loss_scale)
-        if trunk_correction is not None:
-            _add_to_grads(self.partition.trunk_params, trunk_correction.split(self._trunk_numels), loss_scale)
-            sums["applied"] = _add(sums["applied"], difference)
+            correction = self._trunk_correction(difference)
+            if correction is not None:
+                _add_to_grads(self.partition.trunk_params, correction.split(self._trunk_numels), loss_scale)
+                sums["applied"] = _add(sums["applied"], difference)
+        else:
+            weight_prediction = 0.0
         sums["control"] = _add(sums["control"], coefficient * signal_control)
+        if self._shared_slots:
+            shared = torch.cat([head_batch[index].reshape(-1).float() for index, _, _ in self._shared_slots]) / accumulation
+            sums["shared_head"] = _add(sums["shared_head"], shared)
+        overhead_seconds = stopwatch.lap()
 
-        self.accelerator.backward(loss_control * coefficient)
+        # The control backward: loss_control * r w_C (1 at f = 1, where this is the base class's backward).
+        backward_loss = loss_control * (control_scale * weight_control)
+        if not scaled_for_ga:
+            backward_loss = backward_loss / accumulation
+        self.accelerator.backward(backward_loss)
         backward_seconds = stopwatch.lap()
-        if measure:
-            self.cost_meter.update(prediction_seconds if num_prediction else 0.0, num_prediction, forward_seconds, backward_seconds, num_control)
 
-        self._totals["control_examples"] += num_control
-        self._totals["examples"] += batch_size
+        self.monitor.count_examples(num_control, batch_size)
         if self.accelerator.sync_gradients:
             self._observe(loss_scale)
-        self._end_micro_step()
+            overhead_seconds += stopwatch.lap()
+        if measure:
+            self.cost_meter.update(prediction_seconds, num_prediction, forward_seconds, backward_seconds, num_control, overhead_seconds)
+        if not num_prediction:
+            return backward_loss.detach()
         loss = weight_control * loss_control.detach()
-        if num_prediction:
+        if weight_prediction:
             loss = loss + weight_prediction * loss_prediction.detach()
         return loss / accumulation
+
+    def _split_weights(self, model, inputs, num_items_in_batch, control_index, prediction_index) -> tuple[float, float] | None:
+        """(w_C, w_P) with loss(B) = w_C loss(C) + w_P loss(P) (`losses`); the batch is probed when the rules still
+        possible disagree on it. None when no rule is left: this loss cannot be split."""
+        batch_size = _batch_size(inputs)
+        has_items = num_items_in_batch is not None
+        labels = inputs.get(self.label_names[0]) if self.label_names else inputs.get("labels")
+        decomposition = self.loss_decomposition
+        weights = decomposition.weights(has_items, labels, control_index, batch_size)
+        probe = weights is None
+        if self.accelerator.num_processes > 1 and len(decomposition.candidates(has_items, labels)) > 1:
+            probe = bool(self.accelerator.reduce(torch.tensor([float(probe)], device=self.args.device), reduction="sum") > 0)
+        if probe:
+            module = _without_ddp(model)
+            module.eval()  # no dropout: the three losses are of the same function
+            with torch.no_grad(), self.compute_loss_context_manager():
+                losses = tuple(
+                    float(self.compute_loss(module, part, num_items_in_batch=num_items_in_batch))
+                    for part in (dict(inputs), _select_examples(inputs, control_index, batch_size), _select_examples(inputs, prediction_index, batch_size))
+                )
+            module.train()
+            mask = decomposition.consistent_mask(has_items, labels, control_index, batch_size, losses)
+            if self.accelerator.num_processes > 1:  # a rule stays only if every rank's batch follows it
+                mask = self.accelerator.gather(mask[None].to(self.args.device)).min(0).values.cpu()
+            decomposition.keep_consistent(mask)
+            logger.info(f"Loss split rule(s) consistent with the probed batch: {decomposition.rules}.")
+            if not decomposition.splittable:
+                return None
+            weights = decomposition.weights(has_items, labels, control_index, batch_size)
+            if weights is None:  # several rules fit this batch exactly: any of them is right for it
+                weights = decomposition.first_weights(has_items, labels, control_index, batch_size)
+        return weights
+
+    def _head_not_captured(self) -> str:
+        return (
+            f"the head modules {self.partition.head_module_names} did not run as modules under autograd in the model's "
+            "forward (a fused head, or a loss computed outside the model's graph), so their gradient cannot be "
+            "captured; name the model's final layers with head_modules=[...]"
+        )
 
     def _trunk_correction(self, difference: torch.Tensor) -> torch.Tensor | None:
         """beta * A(S_B - r S_C), or None (control-only update) when there is no prediction (see `_predict`)."""
@@ -241,14 +358,13 @@ class PredictedGradientTrainer(Trainer):
     def _observe(self, loss_scale: float) -> None:
         """Score the predictor on this step's control batches, then (every second step) let it and beta learn.
 
-        Runs after the last backward of an optimizer step. The control part of the trunk gradient is what `.grad`
-        holds minus the corrections that were added; summed over micro-batches (and averaged over ranks, like
-        `.grad`), it pairs with the summed control signal. Optimizer steps come in pairs: the first keeps its
-        control batch aside, the second scores the pair (`lgp/variance_explained`, from the difference of the two
-        batches, in which the mean gradient cancels) and only then do the predictor and beta learn from both, so
-        that both are scored with a predictor fitted before either was drawn. Each step's estimator still uses only
-        earlier control batches: the first of a pair is learnt from one step later. Every prediction needed here
-        comes from one pass over the predictor's state.
+        Runs after the last backward of an observed optimizer step. The control part of the trunk gradient is what
+        `.grad` holds minus the corrections that were added (and, for a parameter shared with the head, minus the
+        exact head part); summed over micro-batches (and averaged over ranks, like `.grad`), it pairs with the summed
+        control signal. Consecutive observed steps come in pairs (`monitor`): the first keeps its control batch
+        aside, the second scores the pair and only then do the predictor and beta learn from both, so that both are
+        scored with a predictor fitted before either was drawn. Each step's estimator still uses only earlier control
+        batches. Every prediction needed here comes from one pass over the predictor's state.
         """
         sums, self._step_sums = self._step_sums, None
         if sums is None or sums["control"] is None or any(p.grad is None for p in self.partition.trunk_params):
@@ -256,10 +372,16 @@ class PredictedGradientTrainer(Trainer):
         true = torch.cat([p.grad.reshape(-1).float() for p in self.partition.trunk_params]) / loss_scale
         if not torch.isfinite(true).all():
             return  # an fp16 overflow: the scaler skips this step, and the predictor learns nothing from it
+        if sums["shared_head"] is not None:
+            shared = self._all_ranks_mean(sums["shared_head"]).split([numel for _, _, numel in self._shared_slots])
+            for (_, offset, numel), head_part in zip(self._shared_slots, shared):
+                true[offset : offset + numel] -= head_part
         control, applied = self._all_ranks_mean(sums["control"]), sums["applied"]
-        if applied is None and self.accelerator.num_processes > 1:
+        if applied is None and self.accelerator.num_processes > 1 and self._control_fraction < 1:
             applied = torch.zeros_like(sums["control"])  # no correction here (or a fallback): still join the mean
-        pending, self._pending_batch = self._pending_batch, None
+        pending = self.monitor.take_pending()
+        if pending is not None and pending["step"] != self.state.global_step - 1:
+            pending = None  # not the step before: the mean gradient may have moved too far for a pair
         signals = [control]
         if applied is not None:
             signals.append(self._all_ranks_mean(applied))
@@ -279,27 +401,15 @@ class PredictedGradientTrainer(Trainer):
         else:
             predicted = raw * beta
             alignment, residual = cosine_similarity(predicted, true), relative_residual(true, predicted)
-        self._metrics["lgp/alignment"].append(alignment)
-        self._metrics["lgp/predictor_residual"].append(residual)
-        self._totals["alignment_sum"] += alignment
-        self._totals["observations"] += 1
-        self._totals["last_alignment"] = alignment
+        self.monitor.record_alignment(alignment, residual)
         if pending is None:
-            self._pending_batch = {"signal": control, "trunk_gradient": true}
+            self.monitor.keep_pending(control, true, self.state.global_step)
         else:
-            raw_pair = None if raw is None else (previous_raw, raw)
-            self._score_pair(pending["trunk_gradient"], true, None if raw is None else (previous_raw * beta, predicted))
-            self._learn(torch.stack([pending["signal"], control]), torch.stack([pending["trunk_gradient"], true]), raw_pair)
-        if self._auto and (self.state.global_step + 1) % self.args.predictor_refit_steps == 0:
-            self._update_control_fraction()
-
-    def _score_pair(self, first: torch.Tensor, second: torch.Tensor, predicted: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        residual_squares, gradient_squares = paired_squared_differences((first, second), predicted)
-        for sums in (self._log_pairs, self._recent_pairs):
-            sums[0] += residual_squares
-            sums[1] += gradient_squares
-        self._totals["residual_squares"] += residual_squares
-        self._totals["gradient_squares"] += gradient_squares
+            self.monitor.score_pair(pending["trunk_gradient"], true, None if raw is None else (previous_raw * beta, predicted))
+            self._learn(
+                torch.stack([pending["signal"], control]), torch.stack([pending["trunk_gradient"], true]),
+                None if raw is None else (previous_raw, raw),
+            )
 
     def _learn(self, signals: torch.Tensor, gradients: torch.Tensor, predictions: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """beta from the (true, raw predicted) gradients and the predictor from the (signal, true gradient) pairs of
@@ -314,52 +424,54 @@ class PredictedGradientTrainer(Trainer):
 
     def _update_control_fraction(self) -> None:
         """`control_fraction="auto"`: the f minimising estimator variance per second (theory.optimal_control_fraction)
-        for the variance explained measured since the last refit point and the measured cost ratio; 1 (plain
-        backprop) unless the variance explained exceeds the cost ratio c. Changed only here, between optimizer
-        steps, so each step's estimator is unbiased."""
-        explained = variance_explained(*self._recent_pairs)
-        if explained is None or self.cost_meter.cost_ratio is None:
+        for the variance explained measured since the last decision, the measured cost ratio and the predictor's
+        overhead; 1 (plain backprop) unless the predictor pays. Changed only here, between optimizer steps, so each
+        step's estimator is unbiased."""
+        if self.cost_meter.cost_ratio is None:
             return
-        self._recent_pairs = [0.0, 0.0]
-        # Timings differ between ranks; their mean (one float) gives every rank the same f.
-        cost_ratio = float(self._all_ranks_mean(torch.tensor([self.cost_meter.cost_ratio], dtype=torch.float64, device=self.args.device)))
+        explained = self.monitor.take_recent_variance_explained()
+        if explained is None:
+            return
+        # Timings differ between ranks; their mean gives every rank the same f.
+        costs = torch.tensor([self.cost_meter.cost_ratio, self.cost_meter.overhead_ratio or 0.0], dtype=torch.float64, device=self.args.device)
+        cost_ratio, overhead = self._all_ranks_mean(costs).tolist()
         self._control_fraction = theory.optimal_control_fraction(
-            math.sqrt(min(max(explained, 0.0), 1.0)), cost_ratio, min_fraction=self.args.auto_min_control_fraction
+            math.sqrt(min(max(explained, 0.0), 1.0)), min(cost_ratio, 1.0), min_fraction=self.lgp_settings.auto_min_control_fraction,
+            overhead=overhead,
         )
 
-    def _head_gradients(self, loss: torch.Tensor, logits: torch.Tensor | None, retain_graph: bool, loss_scale: float = 1.0):
-        """Exact head gradients of `loss` and the predictor's signal (flat head gradient or summed logit errors).
+    def _head_gradients(self, loss: torch.Tensor, capture, weight: float, retain_graph: bool, loss_scale: float = 1.0):
+        """Exact head gradients of `loss` (of each parameter's head use, through its aliases) and the predictor's
+        signal (flat head gradient or summed logit errors), count-sketched by the predictor when wide.
 
         Under fp16 the backward runs on the loss times the GradScaler's scale, as the control backward does (an
         unscaled fp16 backward would flush small logit errors to zero), and the result is divided by it in float32;
         an overflow gives non-finite values, which reach `.grad` through the corrections and make the scaler skip.
+        A part with weight 0 (no item: its loss is 0 / 0) contributes exact zeros.
         """
-        if logits is None or not loss.requires_grad:
-            raise RuntimeError(
-                f"The head modules {self.partition.head_module_names} did not run under autograd in this forward "
-                "pass, so their gradient (and input) cannot be captured; name the model's final layers with "
-                "head_modules=[...]."
-            )
         params = self.partition.head_params
-        grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1 else loss, [*params, logits], retain_graph=retain_graph, allow_unused=True)
-        if loss_scale != 1:
-            grads = [None if g is None else g.float() / loss_scale for g in grads]
-        head = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads[:-1])]
+        logits = capture.logits
+        if weight == 0:
+            head = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+            logit_grad = torch.zeros_like(logits, dtype=torch.float32)
+        else:
+            aliases = [alias for uses in capture.aliases for alias in uses]
+            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1 else loss, [*aliases, logits], retain_graph=retain_graph, allow_unused=True)
+            if loss_scale != 1:
+                grads = [None if g is None else g.float() / loss_scale for g in grads]
+            grads, logit_grad = list(grads[:-1]), grads[-1]
+            head = []
+            for param, uses in zip(params, capture.aliases):
+                taken = [g for g in grads[: len(uses)] if g is not None]
+                del grads[: len(uses)]
+                head.append(sum(taken[1:], taken[0]) if taken else torch.zeros_like(param))
+            if logit_grad is None:
+                logit_grad = torch.zeros_like(logits)
         if self.predictor.signal == "logit_error":
-            logit_grad = grads[-1] if grads[-1] is not None else torch.zeros_like(logits)
             signal = logit_grad.float().reshape(-1, logit_grad.shape[-1]).sum(0)  # summed in float32, also under bf16
         else:
             signal = torch.cat([g.reshape(-1).float() for g in head])
-        return head, signal
-
-    def _check_labels(self, inputs: dict) -> None:
-        """A batch without labels has no loss to split: say so before any gradient is written."""
-        if self.label_names and not any(name in inputs for name in self.label_names):
-            raise ValueError(
-                f"The training batch has no labels: expected a key among {self.label_names} (got {sorted(inputs)}); "
-                "PredictedGradientTrainer needs the model's own loss on every example. Check the collator and "
-                "`label_names`."
-            )
+        return head, self.predictor.sketch(signal)
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """The base class's rule for whether the loss is already scaled for gradient accumulation (followed as is,
@@ -368,38 +480,16 @@ class PredictedGradientTrainer(Trainer):
             return self.loss_is_scaled_for_ga
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
-    def _loss_is_additive(self, model, inputs, num_items_in_batch) -> bool:
-        """Whether the loss is a sum over examples divided by `num_items_in_batch` (so loss(B) = loss(C) + loss(P)).
-
-        Accepting loss kwargs does not make a model use them (BERT's regression loss is a plain mean while its
-        classification loss is normalised by `num_items_in_batch`), so this is measured once: the loss of the
-        batch with `num_items_in_batch` doubled must halve. The probe runs in eval mode without autograd, so it
-        draws no random numbers and changes nothing.
-        """
-        if num_items_in_batch is None:
-            return False
-        if self._additive_loss is None:
-            model.eval()
-            with torch.no_grad(), self.compute_loss_context_manager():
-                once = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-                twice = self.compute_loss(model, inputs, num_items_in_batch=2 * num_items_in_batch)
-            model.train()
-            self._additive_loss = bool(torch.isclose(once.float(), 2 * twice.float(), rtol=1e-3, atol=1e-12))
-        return self._additive_loss
-
     def _all_ranks_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
             return tensor
         return self.accelerator.reduce(tensor.contiguous(), reduction="mean")
 
-    def _end_micro_step(self) -> None:
-        self._micro_step = 0 if self.accelerator.sync_gradients else self._micro_step + 1
-
     def _record_fallback(self, reason: str) -> None:
         """Counts the optimizer step (once, however many predictions failed in it) and says why."""
         if not self._step_fell_back:
             self._step_fell_back = True
-            self._totals["fallback_steps"] += 1
+            self.monitor.count_fallback_step()
         logger.warning(f"{reason}; the control-only trunk gradient is used instead (still unbiased).")
 
     # ------------------------------------------------------------------ reporting
@@ -408,35 +498,28 @@ class PredictedGradientTrainer(Trainer):
         """The per-example correlation above which the current control fraction beats plain backprop (at f = 1:
         above which lowering f pays), the square root of `break_even_variance_explained`. None before costs are
         measured."""
-        if self.cost_meter.cost_ratio is None:
-            return None
-        return theory.break_even_alignment(self._control_fraction, self.cost_meter.cost_ratio)
+        explained = self.break_even_variance_explained()
+        return None if explained is None else math.sqrt(explained)
 
     def break_even_variance_explained(self) -> float | None:
         """The per-example variance explained (`lgp/variance_explained`) above which the current control fraction
-        beats plain backprop at equal compute, c / (f + (1 - f) c); at f = 1 it is c, the level above which
-        lowering f pays (what `control_fraction="auto"` waits for). None before costs are measured."""
+        beats plain backprop at equal compute (`theory.break_even_rho2`, the predictor's overhead included); at f = 1
+        the level above which lowering f pays (what `control_fraction="auto"` waits for). None before costs are
+        measured."""
         if self.cost_meter.cost_ratio is None:
             return None
-        return theory.break_even_rho2(self._control_fraction, self.cost_meter.cost_ratio)
+        return theory.break_even_rho2(self._control_fraction, min(self.cost_meter.cost_ratio, 1.0), self.cost_meter.overhead_ratio or 0.0)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the `lgp/*` statistics (means since the last log) to training logs."""
-        if "loss" in logs:
-            for key, values in self._metrics.items():
-                if values:
-                    logs[key] = sum(values) / len(values)
-            self._metrics.clear()
+        if "loss" in logs and self.disabled_reason is None:
+            logs.update(self.monitor.take_log_values())
             logs["lgp/control_fraction"] = self._control_fraction
-            logs["lgp/fallback_steps"] = self._totals["fallback_steps"]
-            if self.cost_meter.cost_ratio is not None:
-                logs["lgp/backward_forward_ratio"] = self.cost_meter.backward_forward_ratio
-                logs["lgp/cost_ratio"] = self.cost_meter.cost_ratio
-            explained = variance_explained(*self._log_pairs)
-            if explained is not None:
-                logs["lgp/variance_explained"] = explained
-            self._log_pairs = [0.0, 0.0]
             for key, value in (
+                ("lgp/backward_forward_ratio", self.cost_meter.backward_forward_ratio),
+                ("lgp/cost_ratio", self.cost_meter.cost_ratio),
+                ("lgp/overhead_ratio", self.cost_meter.overhead_ratio),
+                ("lgp/overhead_seconds", self.cost_meter.overhead_seconds),
                 ("lgp/break_even_variance_explained", self.break_even_variance_explained()),
                 ("lgp/break_even_alignment", self.break_even_alignment()),
             ):
@@ -446,20 +529,18 @@ class PredictedGradientTrainer(Trainer):
 
     def lgp_summary(self) -> dict[str, float | None]:
         """Statistics of the run so far: alignment, per-example variance explained, break-even, measured costs,
-        backward work skipped."""
-        totals = self._totals
+        backward work skipped, predictor memory."""
         return {
-            "lgp_predictor": self.args.predictor,
+            "lgp_predictor": self.lgp_settings.predictor,
             "lgp_control_fraction": self._control_fraction,
-            "lgp_mean_alignment": totals["alignment_sum"] / totals["observations"] if totals["observations"] else None,
-            "lgp_final_alignment": totals["last_alignment"],
+            "lgp_disabled_reason": self.disabled_reason,
+            **self.monitor.summary(),
             "lgp_break_even_alignment": self.break_even_alignment(),
-            "lgp_variance_explained": variance_explained(totals["residual_squares"], totals["gradient_squares"]),
             "lgp_break_even_variance_explained": self.break_even_variance_explained(),
             "lgp_backward_forward_ratio": self.cost_meter.backward_forward_ratio,
             "lgp_cost_ratio": self.cost_meter.cost_ratio,
-            "lgp_backward_work_skipped": 1 - totals["control_examples"] / totals["examples"] if totals["examples"] else 0.0,
-            "lgp_fallback_steps": totals["fallback_steps"],
+            "lgp_overhead_ratio": self.cost_meter.overhead_ratio,
+            "lgp_predictor_state_numel": self.predictor.state_numel() if self.predictor is not None else 0,
         }
 
     # ------------------------------------------------------------------ model card
@@ -520,20 +601,18 @@ class PredictedGradientTrainer(Trainer):
 
     def _lgp_state(self) -> dict:
         return {
-            "predictor": self.args.predictor,
+            "predictor": self.lgp_settings.predictor,
             "predictor_state": self.predictor.state_dict(),
             "coefficients": self.coefficients.state_dict(),
             "costs": self.cost_meter.state_dict(),
             "control_fraction": self._control_fraction,
-            "pending_batch": self._pending_batch,
-            "log_pairs": list(self._log_pairs),
-            "recent_pairs": list(self._recent_pairs),
-            "totals": dict(self._totals),
+            "loss_decomposition": self.loss_decomposition.state_dict(),
+            **self.monitor.state_dict(),
         }
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
-        if self.args.should_save:
+        if self.args.should_save and self.disabled_reason is None:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             torch.save(self._lgp_state(), os.path.join(folder, LGP_STATE_NAME))
 
@@ -541,22 +620,24 @@ class PredictedGradientTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         reload_renamed_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
         path = os.path.join(resume_from_checkpoint, LGP_STATE_NAME)
+        if self.disabled_reason is not None:
+            return
         if not os.path.isfile(path):
             logger.warning(f"{resume_from_checkpoint} holds no {LGP_STATE_NAME} (not an lgp_hf checkpoint): the predictor starts fresh.")
             return
         state = torch.load(path, map_location=self.args.device, weights_only=False)
-        if state["predictor"] != self.args.predictor:
+        if state["predictor"] != self.lgp_settings.predictor:
             raise ValueError(
-                f"predictor: the checkpoint was trained with predictor={state['predictor']!r}, not {self.args.predictor!r}; "
+                f"predictor: the checkpoint was trained with predictor={state['predictor']!r}, not {self.lgp_settings.predictor!r}; "
                 "resume with the same predictor."
             )
         self.predictor.load_state_dict(state["predictor_state"])
         self.coefficients.load_state_dict(state["coefficients"])
         self.cost_meter.load_state_dict(state["costs"])
         self._control_fraction = state["control_fraction"]
-        self._pending_batch = state["pending_batch"]
-        self._log_pairs, self._recent_pairs = list(state["log_pairs"]), list(state["recent_pairs"])
-        self._totals.update(state["totals"])
+        if "loss_decomposition" in state:
+            self.loss_decomposition.load_state_dict(state["loss_decomposition"])
+        self.monitor.load_state_dict(state)
 
 
 def _batch_size(inputs: dict) -> int:
@@ -596,10 +677,11 @@ def _add_to_grads(params, values, scale: float) -> None:
             param.grad.add_(value)
 
 
-def _new_step_sums() -> dict:
-    """What `_observe` needs of one optimizer step, summed over its micro-batches."""
-    return {"control": None, "applied": None}
-
-
 def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return value.clone() if total is None else total + value
+
+
+class PredictedGradientTrainer(PredictedGradientMixin, Trainer):
+    """`transformers.Trainer` with the control-variate estimator (`PredictedGradientMixin`): change the class name,
+    keep everything else. Arguments: `PredictedGradientArguments` (or plain `TrainingArguments`, for the estimator's
+    defaults)."""

@@ -9,6 +9,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+
+# The tests' models are tiny: one thread is faster for them than two, and keeps them fast on a shared machine.
+torch.set_num_threads(1)
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 

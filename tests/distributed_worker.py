@@ -45,7 +45,7 @@ CONFIGS = {
     "ntk_f0.25_ga2_no_unused": (0.25, "ntk", 2, {"ddp_find_unused_parameters": False}),
     "full_f1_ga2": (1.0, "ntk", 2),
     # f chosen from measured timings: not comparable with one process, but every rank must choose the same f
-    "auto_ga1": ("auto", "ntk", 1, {"auto_initial_control_fraction": 0.5}),
+    "auto_ga1": ("auto", "ntk", 1, {"auto_initial_control_fraction": 0.5, "auto_observation_period": 1}),
 }
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "all_to_all_single")
 

@@ -126,21 +126,3 @@ def test_variance_explained_of_the_zero_predictor_is_zero_and_none_before_any_pa
     g1, g2 = torch.randn(10), torch.randn(10)
     assert variance_explained(*paired_squared_differences((g1, g2), None)) == 0.0
     assert variance_explained(0.0, 0.0) is None
-
-
-@pytest.mark.parametrize("name", ["ntk", "window"])
-def test_predictors_take_stacked_pairs_and_signals_like_single_ones(name):
-    """observe/predict on rows (one pass over the P-sized state) give what one-at-a-time calls give."""
-    generator = torch.Generator().manual_seed(0)
-    signals, gradients = torch.randn(5, 4, generator=generator), torch.randn(5, 30, generator=generator)
-    one_at_a_time, stacked = make_predictor(name, window_size=8), make_predictor(name, window_size=8)
-    for signal, gradient in zip(signals, gradients):
-        one_at_a_time.observe(signal, gradient)
-    stacked.observe(signals[:2], gradients[:2])
-    stacked.observe(signals[2], gradients[2])
-    stacked.observe(signals[3:], gradients[3:])
-    queries = torch.randn(3, 4, generator=generator)
-    predictions = stacked.predict(queries)
-    assert predictions.shape == (3, 30)
-    for query, prediction in zip(queries, predictions):
-        torch.testing.assert_close(one_at_a_time.predict(query), prediction, rtol=1e-5, atol=1e-6)

@@ -38,7 +38,7 @@ def test_bf16_autocast_on_cpu_trains_and_predictor_stays_float32(quiet_args):
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
     state = trainer.predictor.state_dict()
-    assert state["cross"].dtype == torch.float32 and state["gram"].dtype == torch.float64
+    assert state["signals"].dtype == torch.float32 and state["gradients"]["dense"].dtype == torch.float32
     assert trainer.predictor.predict(torch.ones(3, dtype=torch.bfloat16)).dtype == torch.float32
     assert trainer.lgp_summary()["lgp_fallback_steps"] == 0
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
@@ -168,13 +168,20 @@ def test_fsdp_and_deepspeed_are_refused_saying_what_is_supported(flag, quiet_arg
 
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", pretend)
     with pytest.raises(ValueError) as error:
-        PredictedGradientTrainer(model=tiny_vit(), args=PredictedGradientArguments(**quiet_args), train_dataset=image_dataset(8))
+        PredictedGradientTrainer(model=tiny_vit(), args=PredictedGradientArguments(**quiet_args, control_fraction=0.5), train_dataset=image_dataset(8))
     message = str(error.value)
-    for expected in ("DDP", "accelerate launch", "fp16/bf16", "DeepSpeed", "FSDP", "not supported"):
+    for expected in ("control_fraction=0.5", "DDP", "DeepSpeed", "FSDP", "'auto' to train as Trainer"):
         assert expected in message, message
+    # under "auto" (the default) it trains as Trainer does: no estimator, one log line says why
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=PredictedGradientArguments(**quiet_args), train_dataset=image_dataset(8))
+    assert trainer.disabled_reason is not None and "DeepSpeed" in trainer.disabled_reason
 
 
-def test_ddp_static_graph_is_refused(quiet_args):
+def test_ddp_static_graph_trains_as_trainer_and_is_refused_at_an_explicit_fraction(quiet_args):
     """DDP's static graph mode records the first step's autograd passes; the head-gradient pass breaks it."""
-    with pytest.raises(ValueError, match="ddp_static_graph=True is not supported"):
-        PredictedGradientTrainer(model=tiny_vit(), args=PredictedGradientArguments(**quiet_args, ddp_static_graph=True), train_dataset=image_dataset(8))
+    with pytest.raises(ValueError, match="control_fraction=0.5: ddp_static_graph=True"):
+        PredictedGradientTrainer(
+            model=tiny_vit(), args=PredictedGradientArguments(**quiet_args, ddp_static_graph=True, control_fraction=0.5), train_dataset=image_dataset(8)
+        )
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=PredictedGradientArguments(**quiet_args, ddp_static_graph=True), train_dataset=image_dataset(8))
+    assert "ddp_static_graph" in trainer.disabled_reason

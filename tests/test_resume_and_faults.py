@@ -117,7 +117,7 @@ def test_auto_control_fraction_follows_the_predictor(predictor, expected, quiet_
     args = PredictedGradientArguments(
         **quiet_args, per_device_train_batch_size=16, max_steps=60, learning_rate=0.0, predictor=predictor,
         predictor_ridge=1e-6, predictor_window_size=16, predictor_refit_steps=10, control_fraction="auto",
-        auto_min_control_fraction=0.125, logging_steps=10,
+        auto_min_control_fraction=0.125, logging_steps=10, auto_observation_period=4, predictor_memory_fraction=64.0,
     )
     trainer = PredictedGradientTrainer(model=LinearTrunkRegressor(), args=args, train_dataset=linear_dataset(shared_input=False))
     trainer.train()
@@ -138,12 +138,14 @@ def unchanged(trainer, before):
     )
 
 
-def test_batch_without_labels_is_refused_before_any_change(quiet_args):
-    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=8, max_steps=2)
+@pytest.mark.parametrize("control_fraction", ["auto", "0.5"])
+def test_batch_without_labels_is_refused_before_any_change(control_fraction, quiet_args):
+    """Trainer's own error (the model returns no loss), before any gradient is written, at any fraction."""
+    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=8, max_steps=2, control_fraction=control_fraction)
     dataset = image_dataset(16).remove_columns("labels")
     trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=dataset)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    with pytest.raises(ValueError, match="no labels"):
+    with pytest.raises(ValueError, match="did not return a loss"):
         trainer.train()
     assert unchanged(trainer, before)
 
@@ -165,9 +167,11 @@ class HeadBypassModel(NoLossModel):
         return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
-@pytest.mark.parametrize("model_class,message", [(NoLossModel, "did not return a loss"), (HeadBypassModel, "did not run under autograd")])
+@pytest.mark.parametrize("model_class,message", [(NoLossModel, "did not return a loss"), (HeadBypassModel, "did not run as modules under autograd")])
 def test_run_time_model_faults_are_refused_before_any_change(model_class, message, quiet_args):
-    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=8, max_steps=2)
+    """At an explicit f < 1; under "auto" a head that never runs makes the trainer train as Trainer
+    (tests/test_model_families.py: models that cannot be split)."""
+    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=8, max_steps=2, control_fraction=0.5)
     torch.manual_seed(0)
     model = model_class()
     from datasets import Dataset

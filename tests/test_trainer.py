@@ -71,6 +71,7 @@ def test_predictor_is_exact_when_trunk_gradients_are_linear(predictor, shared_in
     args = PredictedGradientArguments(
         **quiet_args, per_device_train_batch_size=16, max_steps=60, learning_rate=0.0, logging_steps=10,
         predictor=predictor, predictor_ridge=1e-6, predictor_window_size=16, control_fraction=0.25,
+        predictor_memory_fraction=64.0,  # a 4 x 4 trunk: keep 16 dense pairs (the default budget keeps one)
     )
     trainer = PredictedGradientTrainer(model=LinearTrunkRegressor(), args=args, train_dataset=linear_dataset(shared_input))
     trainer.train()
@@ -129,19 +130,34 @@ def test_bad_arguments_name_the_argument(overrides, message, quiet_args):
     assert "allowed" in str(error.value) or "use" in str(error.value)
 
 
-@pytest.mark.parametrize(
-    "head_modules,message",
-    [(["classifer"], "not modules of"), (["vit.embeddings.dropout"], "no trainable parameters")],
-)
-def test_bad_head_modules_are_refused_at_construction(head_modules, message, quiet_args):
+@pytest.mark.parametrize("head_modules", [["classifer"], "classifer"])
+def test_unknown_head_modules_are_refused_at_construction(head_modules, quiet_args):
     args = PredictedGradientArguments(**quiet_args, head_modules=head_modules)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=r"head_modules: \['classifer'\] are not modules of"):
         PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8))
 
 
-def test_plain_training_arguments_are_refused(quiet_args):
-    with pytest.raises(ValueError, match="PredictedGradientArguments"):
-        PredictedGradientTrainer(model=tiny_vit(), args=TrainingArguments(**quiet_args), train_dataset=image_dataset(8))
+def test_one_head_module_may_be_given_as_a_string(quiet_args):
+    args = PredictedGradientArguments(**quiet_args, head_modules="classifier")
+    assert args.head_modules == ["classifier"]
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8))
+    assert trainer.partition.head_module_names == ["classifier"]
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_booleans_are_refused_as_control_fraction(value, quiet_args):
+    with pytest.raises(ValueError, match=r"control_fraction: .*\(booleans are refused\)"):
+        PredictedGradientArguments(**quiet_args, control_fraction=value)
+
+
+def test_plain_training_arguments_train_with_the_estimators_defaults(quiet_args):
+    """Changing only the class name: `TrainingArguments` are accepted, the estimator runs at its defaults ("auto")."""
+    settings = dict(quiet_args, per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2, seed=3)
+    reference = train(Trainer, TrainingArguments, tiny_vit(seed=1), image_dataset(32), **settings)
+    ours = train(PredictedGradientTrainer, TrainingArguments, tiny_vit(seed=1), image_dataset(32), **settings)
+    assert ours.lgp_settings.control_fraction == "auto" and ours.lgp_summary()["lgp_control_fraction"] == 1.0
+    for (name, a), b in zip(reference.model.state_dict().items(), ours.model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_batch_of_one_runs_a_full_backward_with_one_warning(quiet_args, caplog):

@@ -28,16 +28,9 @@ class GradientRecorder(TrainerCallback):
         self.gradients = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.gradients.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters() if p.requires_grad]))
-
-
-def exact_gradient(model, dataset):
-    batch = {key: dataset[:][key] for key in dataset.column_names}
-    model.zero_grad()
-    model(**batch).loss.backward()
-    gradient = torch.cat([p.grad.reshape(-1).double() for p in model.parameters() if p.requires_grad])
-    model.zero_grad()
-    return gradient
+        self.gradients.append(
+            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in model.parameters() if p.requires_grad])
+        )
 
 
 def directions(model, truth, count=12, seed=0):
@@ -58,21 +51,38 @@ def directions(model, truth, count=12, seed=0):
     return torch.stack(result)
 
 
-def max_z_score(model_factory, dataset, tmp_path, steps=STEPS, **lgp_args):
-    model = model_factory()
-    truth = exact_gradient(model, dataset)
-    recorder = GradientRecorder()
-    args = PredictedGradientArguments(
-        output_dir=str(tmp_path), report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
-        per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=0.0, max_grad_norm=0.0,
-        logging_steps=50, predictor_refit_steps=10, **lgp_args,
-    )
-    PredictedGradientTrainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder]).train()
-    projections = torch.stack(recorder.gradients) @ directions(model, truth).T  # (steps, directions)
+def max_z_score(model_factory, dataset, tmp_path, steps=STEPS, trainer_class=PredictedGradientTrainer,
+                args_class=PredictedGradientArguments, trainer_kwargs=None, args_kwargs=None, **lgp_args):
+    """Max |z| over directions of the mean recorded update against the exact gradient that the same trainer takes at
+    control_fraction=1 (bit-identical to the base class's, tests/test_trainer.py) on the same fixed batch.
+
+    The data set is one batch, so every step sees the same examples. Tiny models get a generous predictor memory
+    (`predictor_memory_fraction`), so that the predictor is not trivially small; `lgp_args` may override it.
+    """
+    lgp_args = {"predictor_memory_fraction": 8.0, **lgp_args}
+    trainer_kwargs, args_kwargs = dict(trainer_kwargs or {}), dict(args_kwargs or {})
+
+    def run(run_steps, **estimator_args):
+        recorder = GradientRecorder()
+        args = args_class(
+            output_dir=str(tmp_path), report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+            per_device_train_batch_size=len(dataset), max_steps=run_steps, learning_rate=0.0, max_grad_norm=0.0,
+            logging_steps=50, predictor_refit_steps=10, **args_kwargs, **estimator_args,
+        )
+        model = {} if "model_init" in trainer_kwargs else {"model": model_factory()}
+        trainer = trainer_class(**model, args=args, train_dataset=dataset, callbacks=[recorder], **trainer_kwargs)
+        trainer.train()
+        return trainer, torch.stack(recorder.gradients)
+
+    _, exact = run(1, control_fraction=1.0)
+    truth = exact[0]
+    trainer, gradients = run(steps, **lgp_args)
+    model = trainer.model
+    projections = gradients @ directions(model, truth).T  # (steps, directions)
     expected = directions(model, truth) @ truth
     # The head's gradient is exact at every step, so along head directions the spread is float32 rounding
     # only: a floor of 1e-5 relative keeps rounding from counting as bias.
-    standard_error = (projections.var(dim=0) / len(recorder.gradients) + (1e-5 * expected) ** 2).sqrt()
+    standard_error = (projections.var(dim=0) / len(gradients) + (1e-5 * expected) ** 2).sqrt()
     z = (projections.mean(dim=0) - expected) / standard_error
     return z.abs().max().item()
 

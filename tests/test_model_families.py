@@ -1,0 +1,286 @@
+"""Drop-in for the models Trainer trains: the update stays unbiased on language models with tied embeddings, seq2seq,
+token-level losses with varying label counts, QA, multiple choice, custom losses, PEFT, `model_init` and the Trainer
+family through the mixin; models that cannot be split train exactly as `Trainer`.
+
+Each z-test runs the estimator at lr 0 on one fixed batch and compares the mean update with the gradient of the same
+trainer at control_fraction=1 (bit-identical to the base class's), along random and per-tensor directions.
+"""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForMultipleChoice,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    T5Config,
+    T5ForConditionalGeneration,
+    Trainer,
+    TrainingArguments,
+)
+
+from lgp_hf import PredictedGradientArguments, PredictedGradientMixin, PredictedGradientSettings, PredictedGradientTrainer
+from conftest import image_dataset, tiny_vit
+from test_unbiased import Z_LIMIT, max_z_score
+
+BATCH, LENGTH, VOCAB = 8, 8, 64
+
+
+def tokens(seed=0, vocab=VOCAB, shape=(BATCH, LENGTH)):
+    return torch.randint(1, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def padded_labels(ids, seed=1, empty=0):
+    """Labels with a different number of -100 (padding) per example; the first `empty` examples have none left."""
+    labels = ids.clone()
+    lengths = torch.randint(2, ids.shape[1] + 1, (ids.shape[0],), generator=torch.Generator().manual_seed(seed))
+    lengths[:empty] = 0
+    labels[torch.arange(ids.shape[1])[None, :] >= lengths[:, None]] = -100
+    return labels
+
+
+def as_dataset(**columns):
+    return Dataset.from_dict({k: v.numpy() for k, v in columns.items()}).with_format("torch")
+
+
+def gpt2(tie=True):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, tie_word_embeddings=tie)
+    return GPT2LMHeadModel(config)
+
+
+def llama(tie, vocab=32000):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=tie)
+    return LlamaForCausalLM(config)
+
+
+def t5():
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                               dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0))
+
+
+def bart():
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2))
+
+
+def bert(cls, **config):
+    torch.manual_seed(0)
+    return cls(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                          max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config))
+
+
+def lm_data(seed=0, vocab=VOCAB):
+    ids = tokens(seed, vocab)
+    return as_dataset(input_ids=ids, labels=padded_labels(ids))
+
+
+def seq2seq_data():
+    return as_dataset(input_ids=tokens(0), labels=padded_labels(tokens(1)))
+
+
+FAMILIES = {
+    "gpt2-lm-tied": (gpt2, lm_data),
+    "llama-32k-tied": (lambda: llama(tie=True), lambda: lm_data(vocab=32000)),
+    "llama-32k-untied": (lambda: llama(tie=False), lambda: lm_data(vocab=32000)),
+    "t5-seq2seq": (t5, seq2seq_data),
+    "bart-seq2seq": (bart, seq2seq_data),
+    # token classification: varying label counts, and two examples without any labelled token
+    "bert-token-classification": (
+        lambda: bert(BertForTokenClassification, num_labels=3),
+        lambda: as_dataset(input_ids=tokens(0), labels=padded_labels(tokens(2, vocab=3) - 1, empty=2)),
+    ),
+    "bert-question-answering": (
+        lambda: bert(BertForQuestionAnswering),
+        lambda: as_dataset(input_ids=tokens(0), start_positions=tokens(3, LENGTH, (BATCH,)), end_positions=tokens(4, LENGTH, (BATCH,))),
+    ),
+    "bert-multiple-choice": (
+        lambda: bert(BertForMultipleChoice),
+        lambda: as_dataset(input_ids=tokens(0, shape=(BATCH, 2, LENGTH)), labels=tokens(5, 2, (BATCH,)) - 1),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_update_is_unbiased_on_every_family(family, tmp_path):
+    model_factory, dataset_factory = FAMILIES[family]
+    z = max_z_score(model_factory, dataset_factory(), tmp_path, steps=200, control_fraction=0.5)
+    assert z < Z_LIMIT, f"{family}: the mean update is {z:.1f} standard errors from Trainer's gradient"
+
+
+def test_tied_embeddings_get_their_head_part_exactly(tmp_path):
+    """GPT-2's tied matrix is both head (output projection) and trunk (input embedding): shared, in both lists."""
+    trainer = PredictedGradientTrainer(model=gpt2(), args=PredictedGradientArguments(output_dir=str(tmp_path), report_to=[]))
+    wte = trainer.model.transformer.wte.weight
+    assert any(p is wte for p in trainer.partition.shared_params)
+    assert any(p is wte for p in trainer.partition.head_params) and any(p is wte for p in trainer.partition.trunk_params)
+
+
+def test_a_control_part_without_labelled_tokens_contributes_zero_not_nan(tmp_path):
+    """Half the examples have no labelled token; with one control example it is often one of them."""
+    ids = tokens(0)
+    dataset = as_dataset(input_ids=ids, labels=padded_labels(tokens(2, vocab=3) - 1, empty=4))
+    z = max_z_score(lambda: bert(BertForTokenClassification, num_labels=3), dataset, tmp_path, steps=120, control_fraction=0.125)
+    assert z < Z_LIMIT  # max_z_score would be nan if a NaN had reached an update
+
+
+# ---------------------------------------------------------------------------------------------- custom losses
+
+
+class PoppingLossTrainer(PredictedGradientTrainer):
+    """The transformers docs' pattern: pop the labels, compute a loss of one's own (a plain per-example mean)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = nn.functional.cross_entropy(outputs.logits, labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+def summed_cross_entropy(outputs, labels, num_items_in_batch=None):
+    return nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["compute_loss_override", "compute_loss_func", "label_smoothing_classifier", "label_smoothing_lm"],
+)
+def test_custom_losses_are_unbiased(case, tmp_path):
+    vit_data = image_dataset(BATCH)
+    settings = {
+        "compute_loss_override": dict(model_factory=tiny_vit, dataset=vit_data, trainer_class=PoppingLossTrainer),
+        "compute_loss_func": dict(model_factory=tiny_vit, dataset=vit_data, trainer_kwargs={"compute_loss_func": summed_cross_entropy}),
+        "label_smoothing_classifier": dict(model_factory=tiny_vit, dataset=vit_data, args_kwargs={"label_smoothing_factor": 0.1}),
+        "label_smoothing_lm": dict(model_factory=gpt2, dataset=lm_data(), args_kwargs={"label_smoothing_factor": 0.1}),
+    }[case]
+    z = max_z_score(tmp_path=tmp_path, steps=200, control_fraction=0.5, **settings)
+    assert z < Z_LIMIT, case
+
+
+# ---------------------------------------------------------------------------------------------- PEFT
+
+
+def lora(model_factory, **config):
+    peft = pytest.importorskip("peft")
+
+    def factory():
+        return peft.get_peft_model(model_factory(), peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, **config))
+
+    return factory
+
+
+@pytest.mark.parametrize(
+    "case,model_factory,dataset_factory",
+    [
+        ("classifier-modules-to-save", lora(lambda: bert(BertForSequenceClassification, num_labels=3),
+                                            target_modules=["query", "value"], modules_to_save=["classifier"]),
+         lambda: as_dataset(input_ids=tokens(0), labels=tokens(6, 4, (BATCH,)) - 1)),
+        ("lm-frozen-head", lora(gpt2, target_modules=["c_attn"], fan_in_fan_out=True), lm_data),
+    ],
+)
+def test_lora_is_unbiased(case, model_factory, dataset_factory, tmp_path):
+    z = max_z_score(model_factory, dataset_factory(), tmp_path, steps=200, control_fraction=0.5)
+    assert z < Z_LIMIT, case
+
+
+# ---------------------------------------------------------------------------------------------- model_init, mixin
+
+
+def test_model_init_rebuilds_the_partition_and_stays_unbiased(tmp_path):
+    def model_init():
+        return tiny_vit()
+
+    z = max_z_score(model_init, image_dataset(BATCH), tmp_path, steps=200, control_fraction=0.5, trainer_kwargs={"model_init": model_init})
+    assert z < Z_LIMIT
+
+
+@dataclass
+class Seq2SeqPredictedGradientArguments(Seq2SeqTrainingArguments, PredictedGradientSettings):
+    """Seq2SeqTrainingArguments first, so that its own defaults win; the estimator's settings added."""
+
+
+class Seq2SeqPredictedGradientTrainer(PredictedGradientMixin, Seq2SeqTrainer):
+    pass
+
+
+def test_mixin_composes_with_seq2seq_trainer(tmp_path):
+    z = max_z_score(t5, seq2seq_data(), tmp_path, steps=200, control_fraction=0.5, trainer_class=Seq2SeqPredictedGradientTrainer,
+                    args_class=Seq2SeqPredictedGradientArguments)
+    assert z < Z_LIMIT
+
+
+# ---------------------------------------------------------------------------------------------- what cannot be split
+
+
+class HeadlessRegressor(nn.Module):
+    """A model with no head attribute and no output embeddings (like transformers' test RegressionModel)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, features, labels=None):
+        output = self.layers(features).squeeze(-1)
+        return {"loss": nn.functional.mse_loss(output, labels), "logits": output}
+
+
+def headless_data():
+    generator = torch.Generator().manual_seed(0)
+    return as_dataset(features=torch.randn(32, 4, generator=generator), labels=torch.randn(32, generator=generator))
+
+
+def test_headless_model_trains_as_trainer_under_auto(tmp_path, caplog):
+    settings = dict(output_dir=str(tmp_path), report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+                    per_device_train_batch_size=8, max_steps=6, learning_rate=1e-1, seed=3)
+    reference = Trainer(model=HeadlessRegressor(), args=TrainingArguments(**settings), train_dataset=headless_data())
+    reference.train()
+    with caplog.at_level("WARNING"):
+        ours = PredictedGradientTrainer(model=HeadlessRegressor(), args=PredictedGradientArguments(**settings), train_dataset=headless_data())
+    ours.train()
+    assert any("trains as Trainer" in r.getMessage() and "no head" in r.getMessage() for r in caplog.records)
+    for (name, a), b in zip(reference.model.state_dict().items(), ours.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_headless_model_is_refused_at_an_explicit_fraction(tmp_path):
+    args = PredictedGradientArguments(output_dir=str(tmp_path), report_to=[], control_fraction=0.5)
+    with pytest.raises(ValueError, match="control_fraction=0.5: HeadlessRegressor has no head"):
+        PredictedGradientTrainer(model=HeadlessRegressor(), args=args, train_dataset=headless_data())
+
+
+@pytest.mark.parametrize("family", ["gpt2-lm-tied", "t5-seq2seq", "bert-token-classification"])
+def test_auto_at_fraction_one_is_bit_identical_to_trainer(family, tmp_path):
+    """"auto" before it lowers f: observed steps included (auto_observation_period=2 observes every step)."""
+    model_factory, dataset_factory = FAMILIES[family]
+    dataset = dataset_factory()
+    settings = dict(output_dir=str(tmp_path), report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+                    per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2, seed=3)
+    reference = Trainer(model=model_factory(), args=TrainingArguments(**settings), train_dataset=dataset)
+    reference.train()
+    ours = PredictedGradientTrainer(model=model_factory(), args=PredictedGradientArguments(**settings, auto_observation_period=2),
+                                    train_dataset=dataset)
+    ours.train()
+    assert ours.monitor.totals["observations"] == 6
+    for (name, a), b in zip(reference.model.state_dict().items(), ours.model.state_dict().values()):
+        assert torch.equal(a, b), name
