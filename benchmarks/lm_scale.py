@@ -6,9 +6,11 @@ from its config (nothing from the Hub). Data: token sequences of a fixed random 
 successors), so that there is something to learn. Batch `--batch_size` x `--seq_len` tokens, AdamW, lr 3e-4.
 
 Each run trains `--steps` optimizer steps in a process of its own (so that peak memory is its own), in rounds:
-A B C ... A B C ... (`--rounds`), so that slow phases of the machine hit every run alike. Runs: `trainer`
+A B C ... A B C ... (`--rounds`), so that slow phases of the machine hit every run alike. Seconds per step are the mean over the steps
+after `--warmup_steps`, not the median: under "auto" at f = 1 one pair of steps in every `auto_observation_period`
+(10) carries the observation's cost, and the defaults (steps 1 to 10) hold exactly one such period. Runs: `trainer`
 (transformers.Trainer), `lgp_<predictor>_fauto` (the library defaults with that predictor) and
-`lgp_<predictor>_f<fraction>`. Reported per run (medians over rounds): seconds per step after `--warmup_steps`
+`lgp_<predictor>_f<fraction>`. Reported per run (medians over rounds): seconds per step
 (StepTimer: on_step_begin to on_step_end), the ratio to Trainer's, peak RSS (VmHWM; on a GPU peak CUDA memory
 allocated) and its ratio to Trainer's, the predictor's state (floats held, and the size of `lgp_state.pt` as
 written by a checkpoint) against the trainable parameters, the logged overhead, c, E and break-even.
@@ -44,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", default=["trainer", "lgp_ntk_fauto", "lgp_ntk_f0.25", "lgp_window_f0.25"])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup_steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=11)
+    parser.add_argument("--warmup_steps", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--n_layer", type=int, default=12, help="12: GPT-2 small")
@@ -96,7 +98,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     seconds = [step["seconds"] for step in timer.steps[args.warmup_steps :]]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = {
-        "run": name, "seconds_per_step": statistics.median(seconds), "step_seconds": [s["seconds"] for s in timer.steps],
+        "run": name, "seconds_per_step": statistics.fmean(seconds), "step_seconds": [s["seconds"] for s in timer.steps],
         "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else common.peak_rss_mib(),
         "base_mib": base_rss, "trainable_parameters": trainable,
     }

@@ -49,7 +49,7 @@ from transformers import TrainerCallback, set_seed
 
 import common
 from lgp_hf import theory
-from lgp_hf.predictors import NTKPredictor, WindowPredictor
+from lgp_hf.predictors import RidgePredictor
 
 DATA_SOURCES = ("batch_sums", "chunks_8", "chunks_4", "per_example")
 SIGNALS = ("logit_error", "features_4", "head_gradient", "class_conditional")
@@ -138,14 +138,14 @@ def rho2(true: torch.Tensor, predicted: torch.Tensor) -> float:
 
 
 def ridge_fit(signals: torch.Tensor, targets: torch.Tensor, ridge: float):
-    """x -> the ridge prediction fitted on rows (signals, targets), by lgp_hf's own predictors: `NTKPredictor` (the
-    primal fit, with no forgetting) when the signal has no more dimensions than there are rows, `WindowPredictor`
-    (the dual fit over all rows) otherwise; both penalise with `ridge` times the mean diagonal of their Gram
-    matrix."""
-    if signals.shape[1] <= signals.shape[0]:
-        predictor = NTKPredictor(memory=10**12, ridge=ridge)
-    else:
-        predictor = WindowPredictor(window_size=len(signals), ridge=ridge)
+    """x -> the ridge prediction fitted on rows (signals, targets), by lgp_hf's own predictor (`RidgePredictor`: the
+    dual fit over all rows, penalised by `ridge` times the mean diagonal of the rows' Gram matrix), with the targets
+    (count-sketched gradients, one flat tensor) stored uncompressed. Before the compressed predictors, signals
+    narrower than the row count were fitted in primal form, whose penalty is relative to the mean diagonal of the
+    k x k Gram matrix instead: the numbers in benchmarks/README.md were measured that way."""
+    predictor = RidgePredictor(
+        shapes=[(targets.shape[1],)], window_size=len(signals), ridge=ridge, memory_fraction=float(len(signals) + signals.shape[1]),
+    )
     predictor.observe(signals, targets)
     return predictor.predict
 

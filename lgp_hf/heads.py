@@ -125,6 +125,27 @@ class HeadCapture:
     def __init__(self, num_params: int) -> None:
         self.logits: torch.Tensor | None = None
         self.aliases: list[list[torch.Tensor]] = [[] for _ in range(num_params)]
+        self.alias_gradients: list[torch.Tensor | None] = [None] * num_params
+        self.logit_gradient: torch.Tensor | None = None
+
+    def record_gradients(self) -> None:
+        """Hooks that keep, during the next backward through the captured forward, the gradient of each parameter's
+        head use (summed over its aliases) and of the logits: the head gradients at no extra backward."""
+
+        def keep(index):
+            def hook(gradient):
+                total = self.alias_gradients[index]
+                self.alias_gradients[index] = gradient.detach().float() if total is None else total + gradient.detach().float()
+            return hook
+
+        def keep_logits(gradient):
+            self.logit_gradient = gradient.detach()
+
+        for index, uses in enumerate(self.aliases):
+            for alias in uses:
+                alias.register_hook(keep(index))
+        if self.logits.requires_grad:
+            self.logits.register_hook(keep_logits)
 
 
 @contextlib.contextmanager

@@ -70,7 +70,7 @@ PRESETS = {"ntk": ("logit_error", 1.0), "window": ("head_gradient", 1.0)}
 
 DEFAULT_WINDOW_SIZE = 16
 DEFAULT_MEMORY_FRACTION = 0.25
-DEFAULT_MAX_RANK = 16
+DEFAULT_MAX_RANK = 4  # a prediction costs 2 m r flops per compressed element: rank beyond 4 buys little (benchmarks/README.md)
 MAX_SIGNAL_WIDTH = 4096
 
 Shape = Sequence[int]

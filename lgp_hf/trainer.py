@@ -165,7 +165,7 @@ class PredictedGradientMixin:
         """Train as the base class from now on: refused when the user asked for f < 1 explicitly."""
         if not self._auto and self._control_fraction < 1:
             raise ValueError(f"control_fraction={self._control_fraction}: {reason}. Use control_fraction=1 or 'auto' to train as Trainer does.")
-        logger.warning(f"PredictedGradientTrainer trains as Trainer (control fraction 1): {reason}.")
+        logger.warning(f"{type(self).__name__} trains as its base class does (control fraction 1): {reason}.")
         self.disabled_reason = reason
         self._control_fraction = 1.0
         self._step_sums = None
@@ -221,10 +221,10 @@ class PredictedGradientMixin:
         scaled_for_ga = self._loss_is_scaled_for_ga(num_items_in_batch)
         accumulation = 1 if scaled_for_ga else self.current_gradient_accumulation_steps
         control_scale = batch_size / num_control
-        # Pass times (which synchronise CUDA) every logging or refit period, whichever is shorter, so that "auto" has
-        # them; never on the first step, whose passes include one-off warm-up work.
+        # Pass times (which synchronise CUDA) every logging or refit period, whichever is shorter, and on every observed
+        # step at f = 1 (rare), so that "auto" has them; never on the first step, whose passes include one-off work.
         period = max(1, min(int(self.args.logging_steps), self.lgp_settings.predictor_refit_steps))
-        measure = self.state.global_step > 0 and (self.state.global_step // 2) % max(1, period // 2) == 0
+        measure = self.state.global_step > 0 and (num_prediction == 0 or self.state.global_step % period == 0)
         stopwatch = Stopwatch(self.args.device, synchronize=measure)
         loss_scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
 
@@ -252,13 +252,10 @@ class PredictedGradientMixin:
             return loss.detach()
         if weight_control == 0:  # no item in C: its exact contribution is zero (its own loss would be 0 / 0)
             loss_control = capture.logits.float().sum() * 0.0
-        head_control, signal_control = self._head_gradients(loss_control, capture, weight_control, True, loss_scale)
-
         coefficient = control_scale * weight_control / accumulation
-        head_batch = head_control if not num_prediction else [
-            weight_control * hc + weight_prediction * hp for hc, hp in zip(head_control, head_prediction)
-        ]
         if num_prediction:
+            head_control, signal_control = self._head_gradients(loss_control, capture, weight_control, True, loss_scale)
+            head_batch = [weight_control * hc + weight_prediction * hp for hc, hp in zip(head_control, head_prediction)]
             batch_signal = weight_control * signal_control + weight_prediction * signal_prediction
             difference = signal_difference(batch_signal, weight_control * signal_control, control_scale) / accumulation
             head_correction = [hb / accumulation - coefficient * hc for hb, hc in zip(head_batch, head_control)]
@@ -267,12 +264,9 @@ class PredictedGradientMixin:
             if correction is not None:
                 _add_to_grads(self.partition.trunk_params, correction.split(self._trunk_numels), loss_scale)
                 sums["applied"] = _add(sums["applied"], difference)
+            self._add_control_sums(sums, coefficient * signal_control, head_batch, accumulation)
         else:
-            weight_prediction = 0.0
-        sums["control"] = _add(sums["control"], coefficient * signal_control)
-        if self._shared_slots:
-            shared = torch.cat([head_batch[index].reshape(-1).float() for index, _, _ in self._shared_slots]) / accumulation
-            sums["shared_head"] = _add(sums["shared_head"], shared)
+            capture.record_gradients()  # f = 1: the head gradients come from the backward itself
         overhead_seconds = stopwatch.lap()
 
         # The control backward: loss_control * r w_C (1 at f = 1, where this is the base class's backward).
@@ -281,6 +275,14 @@ class PredictedGradientMixin:
             backward_loss = backward_loss / accumulation
         self.accelerator.backward(backward_loss)
         backward_seconds = stopwatch.lap()
+        if not num_prediction:
+            # the hooks saw the gradients of loss_control * loss_scale / accumulation (scaled_for_ga: / 1)
+            unscale = loss_scale / accumulation
+            head_control, signal_control = self._head_and_signal(
+                [None if g is None else g / unscale for g in capture.alias_gradients],
+                None if capture.logit_gradient is None else capture.logit_gradient.float() / unscale, capture.logits,
+            )
+            self._add_control_sums(sums, coefficient * signal_control, head_control, accumulation)
 
         self.monitor.count_examples(num_control, batch_size)
         if self.accelerator.sync_gradients:
@@ -364,7 +366,7 @@ class PredictedGradientMixin:
         control signal. Consecutive observed steps come in pairs (`monitor`): the first keeps its control batch
         aside, the second scores the pair and only then do the predictor and beta learn from both, so that both are
         scored with a predictor fitted before either was drawn. Each step's estimator still uses only earlier control
-        batches. Every prediction needed here comes from one pass over the predictor's state.
+        batches. Predictions are made one at a time, so that at most one parameter-sized prediction is in flight.
         """
         sums, self._step_sums = self._step_sums, None
         if sums is None or sums["control"] is None or any(p.grad is None for p in self.partition.trunk_params):
@@ -382,20 +384,15 @@ class PredictedGradientMixin:
         pending = self.monitor.take_pending()
         if pending is not None and pending["step"] != self.state.global_step - 1:
             pending = None  # not the step before: the mean gradient may have moved too far for a pair
-        signals = [control]
-        if applied is not None:
-            signals.append(self._all_ranks_mean(applied))
-        if pending is not None:
-            signals.append(pending["signal"])
-        predictions = self._predict(torch.stack(signals))
+        # One prediction at a time (each is parameter-sized): the applied correction, the pending batch, this batch.
         beta = self._expanded_beta()
-        raw = previous_raw = None
-        if predictions is not None:
-            raw = predictions[0]
-            if applied is not None:
-                true -= predictions[1] * beta  # the corrections added to .grad: linear in the applied difference
-            if pending is not None:
-                previous_raw = predictions[-1]
+        if applied is not None:
+            correction = self._predict(self._all_ranks_mean(applied))
+            if correction is not None:
+                true -= correction.mul_(beta)  # the corrections added to .grad: linear in the applied difference
+            del correction
+        previous_raw = self._predict(pending["signal"]) if pending is not None else None
+        raw = self._predict(control) if previous_raw is not None or pending is None else None
         if raw is None:
             alignment, residual = 0.0, 1.0
         else:
@@ -406,19 +403,17 @@ class PredictedGradientMixin:
             self.monitor.keep_pending(control, true, self.state.global_step)
         else:
             self.monitor.score_pair(pending["trunk_gradient"], true, None if raw is None else (previous_raw * beta, predicted))
-            self._learn(
-                torch.stack([pending["signal"], control]), torch.stack([pending["trunk_gradient"], true]),
-                None if raw is None else (previous_raw, raw),
-            )
+            self._learn((pending["signal"], control), (pending["trunk_gradient"], true), None if raw is None else (previous_raw, raw))
 
-    def _learn(self, signals: torch.Tensor, gradients: torch.Tensor, predictions: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def _learn(self, signals: tuple, gradients: tuple, predictions: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """beta from the (true, raw predicted) gradients and the predictor from the (signal, true gradient) pairs of
         the pair's two control batches."""
         if predictions is not None:
             for gradient, prediction in zip(gradients, predictions):
                 self.coefficients.update(gradient, prediction, self._trunk_numels)
         try:
-            self.predictor.observe(signals, gradients)
+            for signal, gradient in zip(signals, gradients):  # one at a time: no stacked parameter-sized copy
+                self.predictor.observe(signal, gradient)
         except (FloatingPointError, torch.linalg.LinAlgError) as error:
             self._record_fallback(f"the predictor fit failed ({error})")
 
@@ -442,36 +437,44 @@ class PredictedGradientMixin:
 
     def _head_gradients(self, loss: torch.Tensor, capture, weight: float, retain_graph: bool, loss_scale: float = 1.0):
         """Exact head gradients of `loss` (of each parameter's head use, through its aliases) and the predictor's
-        signal (flat head gradient or summed logit errors), count-sketched by the predictor when wide.
+        signal, by a backward through the head alone (`torch.autograd.grad`), before the control backward.
 
         Under fp16 the backward runs on the loss times the GradScaler's scale, as the control backward does (an
         unscaled fp16 backward would flush small logit errors to zero), and the result is divided by it in float32;
         an overflow gives non-finite values, which reach `.grad` through the corrections and make the scaler skip.
         A part with weight 0 (no item: its loss is 0 / 0) contributes exact zeros.
         """
-        params = self.partition.head_params
-        logits = capture.logits
         if weight == 0:
-            head = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-            logit_grad = torch.zeros_like(logits, dtype=torch.float32)
-        else:
-            aliases = [alias for uses in capture.aliases for alias in uses]
-            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1 else loss, [*aliases, logits], retain_graph=retain_graph, allow_unused=True)
-            if loss_scale != 1:
-                grads = [None if g is None else g.float() / loss_scale for g in grads]
-            grads, logit_grad = list(grads[:-1]), grads[-1]
-            head = []
-            for param, uses in zip(params, capture.aliases):
-                taken = [g for g in grads[: len(uses)] if g is not None]
-                del grads[: len(uses)]
-                head.append(sum(taken[1:], taken[0]) if taken else torch.zeros_like(param))
-            if logit_grad is None:
-                logit_grad = torch.zeros_like(logits)
+            return self._head_and_signal([None] * len(self.partition.head_params), None, capture.logits)
+        aliases = [alias for uses in capture.aliases for alias in uses]
+        grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1 else loss, [*aliases, capture.logits], retain_graph=retain_graph, allow_unused=True)
+        grads = [None if g is None else g.float() / loss_scale for g in grads]
+        per_param = []
+        for uses in capture.aliases:
+            taken = [g for g in grads[: len(uses)] if g is not None]
+            del grads[: len(uses)]
+            per_param.append(sum(taken[1:], taken[0]) if taken else None)
+        return self._head_and_signal(per_param, grads[-1], capture.logits)
+
+    def _head_and_signal(self, head: list, logit_gradient: torch.Tensor | None, logits: torch.Tensor):
+        """Head gradients (zeros where a parameter's head use got none) and the predictor's signal: the flat head
+        gradient or the summed logit errors (in float32, also under bf16), count-sketched when wide."""
+        head = [torch.zeros_like(p, dtype=torch.float32) if g is None else g for p, g in zip(self.partition.head_params, head)]
         if self.predictor.signal == "logit_error":
-            signal = logit_grad.float().reshape(-1, logit_grad.shape[-1]).sum(0)  # summed in float32, also under bf16
+            if logit_gradient is None:
+                logit_gradient = torch.zeros_like(logits, dtype=torch.float32)
+            signal = logit_gradient.float().reshape(-1, logit_gradient.shape[-1]).sum(0)
         else:
             signal = torch.cat([g.reshape(-1).float() for g in head])
         return head, self.predictor.sketch(signal)
+
+    def _add_control_sums(self, sums: dict, control_signal: torch.Tensor, head_batch: list, accumulation: int) -> None:
+        """What `_observe` needs of a micro-batch: the scaled control signal and, for parameters shared by head and
+        trunk, the exact head part of the batch's gradient."""
+        sums["control"] = _add(sums["control"], control_signal)
+        if self._shared_slots:
+            shared = torch.cat([head_batch[index].reshape(-1).float() for index, _, _ in self._shared_slots]) / accumulation
+            sums["shared_head"] = _add(sums["shared_head"], shared)
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """The base class's rule for whether the loss is already scaled for gradient accumulation (followed as is,

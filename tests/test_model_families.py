@@ -258,7 +258,7 @@ def test_headless_model_trains_as_trainer_under_auto(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         ours = PredictedGradientTrainer(model=HeadlessRegressor(), args=PredictedGradientArguments(**settings), train_dataset=headless_data())
     ours.train()
-    assert any("trains as Trainer" in r.getMessage() and "no head" in r.getMessage() for r in caplog.records)
+    assert any("trains as its base class does" in r.getMessage() and "no head" in r.getMessage() for r in caplog.records)
     for (name, a), b in zip(reference.model.state_dict().items(), ours.model.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -284,3 +284,53 @@ def test_auto_at_fraction_one_is_bit_identical_to_trainer(family, tmp_path):
     assert ours.monitor.totals["observations"] == 6
     for (name, a), b in zip(reference.model.state_dict().items(), ours.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def sft_setup():
+    """TRL's SFTTrainer with the mixin, a word-level tokenizer built here (nothing from the Hub), pre-tokenized rows."""
+    trl = pytest.importorskip("trl")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t1")),
+        pad_token="t0", eos_token="t2",
+    )
+
+    @dataclass
+    class SFTPredictedGradientConfig(trl.SFTConfig, PredictedGradientSettings):
+        pass
+
+    class SFTPredictedGradientTrainer(PredictedGradientMixin, trl.SFTTrainer):
+        pass
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, VOCAB, (int(n),), generator=generator).tolist() for n in torch.randint(4, 9, (BATCH,), generator=generator)]
+    return SFTPredictedGradientTrainer, SFTPredictedGradientConfig, tokenizer, Dataset.from_dict({"input_ids": rows})
+
+
+def test_mixin_composes_with_trl_sft_trainer(tmp_path):
+    """With label smoothing SFTTrainer computes its loss from the model's logits: the estimator runs, unbiased."""
+    trainer_class, config_class, tokenizer, dataset = sft_setup()
+    z = max_z_score(gpt2, dataset, tmp_path, steps=150, control_fraction=0.5, trainer_class=trainer_class, args_class=config_class,
+                    trainer_kwargs={"processing_class": tokenizer}, args_kwargs={"label_smoothing_factor": 0.1, "max_length": 16})
+    assert z < Z_LIMIT
+
+
+def test_sft_fused_lm_head_trains_as_sft_trainer(tmp_path):
+    """SFTTrainer's default loss projects through lm_head's weight in tiles (TRL's fused LM head), never calling the
+    module: the head cannot be captured, so "auto" trains exactly as SFTTrainer and an explicit f < 1 is refused."""
+    trl = pytest.importorskip("trl")
+    trainer_class, config_class, tokenizer, dataset = sft_setup()
+    settings = dict(output_dir=str(tmp_path), report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+                    per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2, seed=3, max_length=16)
+    reference = trl.SFTTrainer(model=gpt2(), args=trl.SFTConfig(**settings), train_dataset=dataset, processing_class=tokenizer)
+    reference.train()
+    ours = trainer_class(model=gpt2(), args=config_class(**settings), train_dataset=dataset, processing_class=tokenizer)
+    ours.train()
+    assert "did not run as modules" in ours.disabled_reason
+    for (name, a), b in zip(reference.model.state_dict().items(), ours.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    refused = trainer_class(model=gpt2(), args=config_class(**settings, control_fraction=0.5), train_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="control_fraction=0.5: the head modules"):
+        refused.train()
