@@ -18,6 +18,8 @@ The candidates that give different weights on a batch are told apart by evaluati
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 IGNORE_INDEX = -100
@@ -50,7 +52,7 @@ def follows_rule(loss_batch: float, loss_control: float, loss_prediction: float,
     """Whether loss(B) = w_C loss(C) + w_P loss(P) within float32 rounding (a weight-0 part, whose loss may be
     0 / 0, is left out)."""
     parts = [w * loss for w, loss in zip(weights, (loss_control, loss_prediction)) if w != 0]
-    if not all(map(torch.isfinite, map(torch.tensor, parts))) or not torch.isfinite(torch.tensor(loss_batch)):
+    if not all(map(math.isfinite, [loss_batch, *parts])):
         return False
     combined = sum(parts)
     return abs(loss_batch - combined) <= rtol * max(abs(loss_batch), sum(abs(p) for p in parts), 1e-12)
