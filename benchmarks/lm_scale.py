@@ -5,10 +5,14 @@ Model: `GPT2LMHeadModel(GPT2Config())` (124 M parameters, vocabulary 50257, tied
 from its config (nothing from the Hub). Data: token sequences of a fixed random bigram "language" (Zipf-distributed
 successors), so that there is something to learn. Batch `--batch_size` x `--seq_len` tokens, AdamW, lr 3e-4.
 
-Each run trains `--steps` optimizer steps in a process of its own (so that peak memory is its own), in rounds:
-A B C ... A B C ... (`--rounds`), so that slow phases of the machine hit every run alike. Seconds per step are the mean over the steps
-after `--warmup_steps`, not the median: under "auto" at f = 1 one pair of steps in every `auto_observation_period`
-(10) carries the observation's cost, and the defaults (steps 1 to 10) hold exactly one such period. Runs: `trainer`
+Each run trains in a process of its own (so that peak memory is its own), in rounds: A B C ... A B C ...
+(`--rounds`), so that slow phases of the machine hit every run alike: `--steps` optimizer steps for `trainer` and
+the "auto" runs, `--split_steps` for runs at a fixed f < 1 (slower, and in steady state from the start). Seconds
+per step are the mean over the steps after `--warmup_steps`, not the median: under "auto" at f = 1 the observed
+pairs carry the observation's cost (`observed` counts the observed steps of a run; the first pair is steps 0 and 1,
+and the next comes after the spacing that `auto_observation_budget` sets). `--pretrain_steps N` first trains the
+model N steps with Trainer (once, cached under `--output_dir`) and starts every run from it: E after some
+training instead of at random init. Runs: `trainer`
 (transformers.Trainer), `lgp_<predictor>_fauto` (the library defaults with that predictor) and
 `lgp_<predictor>_f<fraction>`. Reported per run (medians over rounds): seconds per step
 (StepTimer: on_step_begin to on_step_end), the ratio to Trainer's, peak RSS (VmHWM; on a GPU peak CUDA memory
@@ -16,6 +20,7 @@ allocated) and its ratio to Trainer's, the predictor's state (floats held, and t
 written by a checkpoint) against the trainable parameters, the logged overhead, c, E and break-even.
 
     python benchmarks/lm_scale.py                                  # defaults: about 20 minutes on 2 CPU cores
+    python benchmarks/lm_scale.py --runs lgp_ntk_f0.25 lgp_window_f0.25 --pretrain_steps 100 --split_steps 21 --rounds 1
     python benchmarks/lm_scale.py --steps 4 --rounds 1 --n_layer 2 --runs trainer lgp_ntk_fauto   # smoke test
 
 On a GPU the same command runs there (`--bf16` for bf16 autocast).
@@ -46,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", default=["trainer", "lgp_ntk_fauto", "lgp_ntk_f0.25", "lgp_window_f0.25"])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=11)
+    parser.add_argument("--steps", type=int, default=31, help="optimizer steps of trainer and the 'auto' runs")
+    parser.add_argument("--split_steps", type=int, default=11, help="optimizer steps of the runs at a fixed f < 1")
+    parser.add_argument("--pretrain_steps", type=int, default=0, help="Trainer steps before every run (E after training)")
     parser.add_argument("--warmup_steps", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=128)
@@ -58,10 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def bigram_dataset(num_sequences: int, seq_len: int, vocab: int, seed: int = 0) -> Dataset:
-    """Sequences of a random bigram model: each token has 16 successors with Zipf probabilities."""
-    generator = torch.Generator().manual_seed(seed)
-    successors = torch.randint(0, vocab, (vocab, 16), generator=generator)
+def bigram_dataset(num_sequences: int, seq_len: int, vocab: int, sequence_seed: int = 0) -> Dataset:
+    """Sequences of a fixed random bigram model (each token has 16 successors with Zipf probabilities), drawn with
+    `sequence_seed`."""
+    successors = torch.randint(0, vocab, (vocab, 16), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1000 + sequence_seed)
     weights = 1.0 / torch.arange(1, 17, dtype=torch.float)
     tokens = torch.empty(num_sequences, seq_len, dtype=torch.long)
     tokens[:, 0] = torch.randint(0, vocab, (num_sequences,), generator=generator)
@@ -71,16 +79,37 @@ def bigram_dataset(num_sequences: int, seq_len: int, vocab: int, seed: int = 0) 
     return Dataset.from_dict({"input_ids": tokens.numpy(), "labels": tokens.numpy()}).with_format("torch")
 
 
-def run_one(name: str, args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.n_layer, n_positions=max(1024, args.seq_len))
-    model = GPT2LMHeadModel(config)
-    dataset = bigram_dataset(args.batch_size * (args.steps + 1), args.seq_len, config.vocab_size)
-    base_rss = common.peak_rss_mib()
-    settings = dict(
+def training_settings(args: argparse.Namespace, steps: int) -> dict:
+    return dict(
         output_dir=tempfile.mkdtemp(), report_to=[], save_strategy="no", disable_tqdm=True, per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps, learning_rate=3e-4, logging_steps=1, seed=0, bf16=args.bf16, use_cpu=not torch.cuda.is_available(),
+        max_steps=steps, learning_rate=3e-4, logging_steps=1, seed=0, bf16=args.bf16, use_cpu=not torch.cuda.is_available(),
     )
+
+
+def pretrained_model(args: argparse.Namespace, config: GPT2Config) -> GPT2LMHeadModel:
+    """GPT-2 at random init, or after `--pretrain_steps` Trainer steps on other sequences of the same language
+    (trained once, then loaded from `--output_dir`)."""
+    torch.manual_seed(0)
+    if not args.pretrain_steps:
+        return GPT2LMHeadModel(config)
+    folder = Path(args.output_dir) / f"pretrained_l{args.n_layer}_s{args.pretrain_steps}"
+    if not (folder / "config.json").exists():
+        model = GPT2LMHeadModel(config)
+        dataset = bigram_dataset(args.batch_size * args.pretrain_steps, args.seq_len, config.vocab_size, sequence_seed=1)
+        trainer = Trainer(model=model, args=TrainingArguments(**training_settings(args, args.pretrain_steps)), train_dataset=dataset)
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        model.save_pretrained(folder)
+    return GPT2LMHeadModel.from_pretrained(folder)
+
+
+def run_one(name: str, args: argparse.Namespace) -> dict:
+    config = GPT2Config(n_layer=args.n_layer, n_positions=max(1024, args.seq_len))
+    model = pretrained_model(args, config)
+    steps = args.steps if name == "trainer" or name.endswith("fauto") else args.split_steps
+    dataset = bigram_dataset(args.batch_size * (steps + 1), args.seq_len, config.vocab_size)
+    base_rss = common.peak_rss_mib()
+    settings = training_settings(args, steps)
     timer = common.StepTimer()
     if name == "trainer":
         trainer = Trainer(model=model, args=TrainingArguments(**settings), train_dataset=dataset, callbacks=[timer])
@@ -113,6 +142,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             cost_ratio=summary["lgp_cost_ratio"], overhead_ratio=summary["lgp_overhead_ratio"],
             overhead_seconds=logs[-1].get("lgp/overhead_seconds") if logs else None, control_fraction=summary["lgp_control_fraction"],
             window=getattr(trainer.predictor, "window_size", None), rank=getattr(trainer.predictor, "rank", None),
+            observed=trainer.monitor.totals["observations"],
         )
     return result
 
@@ -124,6 +154,8 @@ def main(argv=None) -> None:
         return
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    if args.pretrain_steps:  # here, so that no run's peak memory includes it
+        pretrained_model(args, GPT2Config(n_layer=args.n_layer, n_positions=max(1024, args.seq_len)))
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
     results: dict[str, list[dict]] = {name: [] for name in args.runs}
     for round_index in range(args.rounds):
@@ -142,7 +174,7 @@ def main(argv=None) -> None:
     for name, records in results.items():
         row = {"run": name}
         for key in ("seconds_per_step", "peak_mib", "state_fraction", "state_file_mib", "overhead_seconds", "overhead_ratio",
-                    "cost_ratio", "variance_explained", "break_even", "control_fraction", "window", "rank"):
+                    "cost_ratio", "variance_explained", "break_even", "control_fraction", "window", "rank", "observed"):
             values = [r[key] for r in records if r.get(key) is not None]
             row[key] = statistics.median(values) if values else None
         if reference_seconds:
@@ -150,10 +182,11 @@ def main(argv=None) -> None:
             row["peak_ratio"] = row["peak_mib"] / reference_peak
         rows.append(row)
     columns = ["run", "seconds_per_step", "step_ratio", "peak_mib", "peak_ratio", "state_fraction", "state_file_mib", "overhead_seconds",
-               "cost_ratio", "overhead_ratio", "variance_explained", "break_even", "control_fraction", "window", "rank"]
+               "cost_ratio", "overhead_ratio", "variance_explained", "break_even", "control_fraction", "window", "rank", "observed"]
     table = common.format_table(rows, columns)
     print(f"\n{common.device_description()}, GPT-2 n_layer={args.n_layer}, batch {args.batch_size} x {args.seq_len} tokens, "
-          f"{args.steps} steps ({args.warmup_steps} warm-up), {args.rounds} rounds\n{table}")
+          f"{args.steps} steps (f < 1: {args.split_steps}; {args.warmup_steps} warm-up), {args.pretrain_steps} pre-training steps, "
+          f"{args.rounds} rounds\n{table}")
     common.write_json(output / "lm_scale.json", {"settings": vars(args), "results": results, "table": rows})
 
 

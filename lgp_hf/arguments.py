@@ -43,10 +43,13 @@ class PredictedGradientSettings:
         auto_min_control_fraction (`float`, defaults to `0.1`):
             The smallest f that `control_fraction="auto"` may choose.
         auto_observation_period (`int`, defaults to `10`):
-            While `control_fraction="auto"` runs at f = 1, only one pair of consecutive optimizer steps in every
+            While `control_fraction="auto"` runs at f = 1, at most one pair of consecutive optimizer steps in every
             `auto_observation_period` is observed (head gradient, predictor fit, variance explained); the other
-            steps are `Trainer`'s own `training_step`, so the overhead of waiting for the predictor is bounded.
-            At f < 1 every step is observed.
+            steps are `Trainer`'s own `training_step`. At f < 1 every step is observed.
+        auto_observation_budget (`float`, defaults to `0.03`):
+            While `control_fraction="auto"` runs at f = 1, the fraction of the training compute that observing may
+            take: pairs are spaced further than `auto_observation_period` when the measured overhead of an observed
+            step o (`lgp/overhead_ratio`) needs it, at L = max(period, ceil(2 o / budget)) steps.
         predictor (`str`, defaults to `"ntk"`):
             The linear predictor of trunk gradients, a ridge regression over the last `predictor_window_size`
             control batches (`predictors` module): `"ntk"` maps the summed logit errors (the NTK picture,
@@ -94,6 +97,9 @@ class PredictedGradientSettings:
     auto_observation_period: int = field(
         default=10, metadata={"help": "At f = 1 under 'auto', one pair of steps in every this many is observed."}
     )
+    auto_observation_budget: float = field(
+        default=0.03, metadata={"help": "At f = 1 under 'auto', the fraction of training compute that observation may take."}
+    )
     predictor: str = field(default="ntk", metadata={"help": "Trunk-gradient predictor.", "choices": list(PREDICTOR_NAMES)})
     predictor_refit_steps: int = field(default=25, metadata={"help": "Optimizer steps between updates of the automatic control fraction."})
     predictor_window_size: int = field(default=16, metadata={"help": "Control batches the predictor keeps."})
@@ -121,6 +127,9 @@ class PredictedGradientSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {value!r} is not allowed; use an integer >= 1.")
+        budget = self.auto_observation_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise ValueError(f"auto_observation_budget: {budget!r} is not allowed; use a number > 0.")
         if self.predictor not in PREDICTOR_NAMES:
             raise ValueError(f"predictor: unknown value {self.predictor!r}; allowed values are {list(PREDICTOR_NAMES)}.")
         if not (isinstance(self.predictor_memory_fraction, (int, float)) and 0 < self.predictor_memory_fraction):

@@ -65,15 +65,6 @@ def apply_coefficients(prediction: torch.Tensor, coefficients: torch.Tensor, num
     return prediction * expand_coefficients(coefficients, numels, prediction.device).to(prediction.dtype)
 
 
-def trunk_correction(
-    predict: Callable[[torch.Tensor], torch.Tensor | None], difference: torch.Tensor, expanded_coefficients: torch.Tensor
-) -> torch.Tensor | None:
-    """beta * A(S_B - r S_C) from the signal difference, flat over the trunk (beta given per element, see
-    `expand_coefficients`); None when nothing is predicted."""
-    prediction = predict(difference)
-    return None if prediction is None else prediction * expanded_coefficients
-
-
 def control_variate_estimate(
     control_trunk_grad: torch.Tensor,
     predict: Callable[[torch.Tensor], torch.Tensor | None],
@@ -84,22 +75,27 @@ def control_variate_estimate(
     numels: Sequence[int],
 ) -> torch.Tensor:
     """The trunk estimate r g(C) + beta A(S_B - r S_C) from the control micro-batch's (summed) trunk gradient."""
-    difference = signal_difference(batch_signal, control_signal, control_scale)
-    correction = trunk_correction(predict, difference, expand_coefficients(coefficients, numels, difference.device))
+    prediction = predict(signal_difference(batch_signal, control_signal, control_scale))
     estimate = control_scale * control_trunk_grad
-    return estimate if correction is None else estimate + correction
+    return estimate if prediction is None else estimate + apply_coefficients(prediction, coefficients, numels)
 
 
-def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine of two flat vectors (0 when either is zero)."""
-    denominator = a.norm() * b.norm()
-    return float(a.dot(b) / denominator) if denominator > 0 else 0.0
+def tensorwise_products(true: Sequence[torch.Tensor], predicted: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tensor, (<g, g_hat>, ||g_hat||^2) of true and raw predicted gradients given tensor by tensor: what
+    `ControlVariateCoefficients.update` takes."""
+    products = torch.stack([t.float().reshape(-1).dot(p.float().reshape(-1)) for t, p in zip(true, predicted)])
+    squares = torch.stack([p.float().reshape(-1).dot(p.float().reshape(-1)) for p in predicted])
+    return products, squares
 
 
-def relative_residual(true: torch.Tensor, predicted: torch.Tensor) -> float:
-    """||true - predicted||^2 / ||true||^2: 1 for the zero predictor, 0 for a perfect one."""
-    denominator = true.pow(2).sum()
-    return float((true - predicted).pow(2).sum() / denominator) if denominator > 0 else 0.0
+def alignment_and_residual(true_squares: float, product: float, predicted_squares: float) -> tuple[float, float]:
+    """(cos(g, p), ||g - p||^2 / ||g||^2) from ||g||^2, <g, p> and ||p||^2 (sums that can be taken tensor by
+    tensor): the batch-level cosine (0 when either is zero) and relative residual (1 for the zero predictor, 0
+    for a perfect one; 0 when g = 0) of a true and a predicted control gradient."""
+    norms = (true_squares * predicted_squares) ** 0.5
+    alignment = product / norms if norms > 0 else 0.0
+    residual = (true_squares - 2 * product + predicted_squares) / true_squares if true_squares > 0 else 0.0
+    return alignment, residual
 
 
 def paired_squared_differences(
@@ -157,7 +153,6 @@ class ControlVariateCoefficients:
         self.max_value = max_value
         self.numerator = torch.zeros(num_tensors, dtype=torch.float64)
         self.denominator = torch.zeros(num_tensors, dtype=torch.float64)
-        self._expanded: torch.Tensor | None = None
 
     @property
     def values(self) -> torch.Tensor:
@@ -166,21 +161,11 @@ class ControlVariateCoefficients:
         beta = torch.where(self.denominator > 0, self.numerator / self.denominator.clamp_min(1e-300), torch.zeros_like(self.numerator))
         return beta.clamp(0.0, self.max_value).float()
 
-    def expanded(self, numels: Sequence[int], device: torch.device) -> torch.Tensor:
-        """`values` repeated over each tensor's elements (flat float32); cached until the next update, since
-        building it costs a parameter-sized pass."""
-        if self._expanded is None or self._expanded.device != torch.device(device):
-            self._expanded = expand_coefficients(self.values, numels, device)
-        return self._expanded
-
-    def update(self, true: torch.Tensor, predicted: torch.Tensor, numels: Sequence[int]) -> None:
-        """Add one control batch's (true, raw predicted) flat trunk gradients."""
-        pairs = list(zip(true.split(list(numels)), predicted.split(list(numels))))
-        numerator = torch.stack([t.float().dot(p.float()) for t, p in pairs]).double().cpu()
-        denominator = torch.stack([p.float().dot(p.float()) for _, p in pairs]).double().cpu()
-        self.numerator.mul_(self.decay).add_(numerator)
-        self.denominator.mul_(self.decay).add_(denominator)
-        self._expanded = None
+    def update(self, products: torch.Tensor, squares: torch.Tensor) -> None:
+        """Add one control batch: per tensor, <g, g_hat> and ||g_hat||^2 of its true and raw predicted trunk
+        gradients (`tensorwise_products`)."""
+        self.numerator.mul_(self.decay).add_(products.double().cpu())
+        self.denominator.mul_(self.decay).add_(squares.double().cpu())
 
     def state_dict(self) -> dict:
         return {"numerator": self.numerator.clone(), "denominator": self.denominator.clone()}
@@ -188,4 +173,3 @@ class ControlVariateCoefficients:
     def load_state_dict(self, state: dict) -> None:
         self.numerator.copy_(state["numerator"])
         self.denominator.copy_(state["denominator"])
-        self._expanded = None

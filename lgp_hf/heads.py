@@ -128,9 +128,11 @@ class HeadCapture:
         self.alias_gradients: list[torch.Tensor | None] = [None] * num_params
         self.logit_gradient: torch.Tensor | None = None
 
-    def record_gradients(self) -> None:
-        """Hooks that keep, during the next backward through the captured forward, the gradient of each parameter's
-        head use (summed over its aliases) and of the logits: the head gradients at no extra backward."""
+    def record_gradients(self, indices: set[int] | None = None) -> None:
+        """Hooks that keep, during the next backward through the captured forward, the gradient of the head use of
+        the parameters at `indices` (None: all; summed over its aliases) and the logits' gradient summed over every
+        position (vocabulary-wide, not batch x length x vocabulary): the head gradients and the logit-error signal
+        at no extra backward, holding only what is asked for."""
 
         def keep(index):
             def hook(gradient):
@@ -139,11 +141,12 @@ class HeadCapture:
             return hook
 
         def keep_logits(gradient):
-            self.logit_gradient = gradient.detach()
+            self.logit_gradient = gradient.detach().float().reshape(-1, gradient.shape[-1]).sum(0)
 
         for index, uses in enumerate(self.aliases):
-            for alias in uses:
-                alias.register_hook(keep(index))
+            if indices is None or index in indices:
+                for alias in uses:
+                    alias.register_hook(keep(index))
         if self.logits.requires_grad:
             self.logits.register_hook(keep_logits)
 

@@ -3,7 +3,9 @@
 Consecutive observed optimizer steps form pairs. The first keeps its control batch aside (`keep_pending`); the
 second scores the pair: in the difference of the two control gradients the mean gradient cancels, so summed over
 pairs 1 - sum ||dR||^2 / sum ||dG||^2 (R = true - predicted) estimates E, the per-example variance the prediction
-removes (`estimator.variance_explained`). Sums are kept since the last log (`lgp/variance_explained`), since the
+removes (`estimator.variance_explained`). The differences are taken between count sketches of the gradients
+(`GradientSketch`): what is kept of the first batch is D floats, not a parameter-sized vector, and the sketched
+squared norms are unbiased. Sums are kept since the last log (`lgp/variance_explained`), since the
 last control fraction update (what "auto" decides on) and over the run (`summary`). Everything here is a float or
 a tensor that every DDP rank holds identically, and all of it travels in checkpoints.
 """
@@ -14,7 +16,12 @@ from collections import defaultdict
 
 import torch
 
-from .estimator import paired_squared_differences, variance_explained
+from .estimator import alignment_and_residual, paired_squared_differences, variance_explained
+from .predictors import SIGN_PERIOD, count_sketch, largest_prime_at_most, sign_vector
+
+#: Width of the count sketch of trunk gradients that pairs are scored on: the relative error of a sketched
+#: squared norm is about sqrt(2 / D) = 0.6 % per pair, and it averages out over pairs.
+SCORE_SKETCH_WIDTH = largest_prime_at_most(1 << 16)
 
 #: Pairs needed before "auto" may change the control fraction: fewer give too noisy an estimate of E.
 MIN_PAIRS_PER_DECISION = 2
@@ -38,8 +45,13 @@ class PredictorMonitor:
     def count_fallback_step(self) -> None:
         self.totals["fallback_steps"] += 1
 
-    def record_alignment(self, alignment: float, residual: float) -> None:
-        """The batch-level cosine and relative residual of one observed control batch (monitoring numbers)."""
+    def record_alignment(self, true_squares: torch.Tensor, product: torch.Tensor | None, predicted_squares: torch.Tensor | None) -> None:
+        """The batch-level cosine and relative residual of one observed control batch (monitoring numbers), from
+        ||g||^2, <g, p> and ||p||^2 (None: no prediction)."""
+        if product is None:
+            alignment, residual = 0.0, 1.0
+        else:
+            alignment, residual = alignment_and_residual(float(true_squares.sum()), float(product), float(predicted_squares))
         self.metrics["lgp/alignment"].append(alignment)
         self.metrics["lgp/predictor_residual"].append(residual)
         self.totals["alignment_sum"] += alignment
@@ -50,11 +62,17 @@ class PredictorMonitor:
         pending, self.pending = self.pending, None
         return pending
 
-    def keep_pending(self, signal: torch.Tensor, trunk_gradient: torch.Tensor, step: int) -> None:
-        self.pending = {"signal": signal, "trunk_gradient": trunk_gradient, "step": step}
+    def keep_pending(self, observation: dict) -> None:
+        """The first control batch of a pair: {"signal", "sketch", "step", "encoded"} and, when there was a
+        prediction, {"predicted_sketch", "products", "squares"} (`PredictedGradientMixin._observe`)."""
+        self.pending = observation
 
-    def score_pair(self, first: torch.Tensor, second: torch.Tensor, predicted: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        residual_squares, gradient_squares = paired_squared_differences((first, second), predicted)
+    def score_pair(self, first: dict, second: dict) -> None:
+        """Adds the pair's sketched (||dR||^2, ||dG||^2); the zero predictor's residual unless both were predicted."""
+        predicted = None
+        if "predicted_sketch" in first and "predicted_sketch" in second:
+            predicted = (first["predicted_sketch"], second["predicted_sketch"])
+        residual_squares, gradient_squares = paired_squared_differences((first["sketch"], second["sketch"]), predicted)
         for sums in (self.log_pairs, self.recent_pairs):
             sums[0] += residual_squares
             sums[1] += gradient_squares
@@ -104,3 +122,26 @@ class PredictorMonitor:
         if len(self.recent_pairs) == 2:  # written before pairs were counted
             self.recent_pairs.append(MIN_PAIRS_PER_DECISION)
         self.totals.update(state["totals"])
+
+
+class GradientSketch:
+    """Count sketch (`predictors.count_sketch`, width D = `SCORE_SKETCH_WIDTH`, its own seed) of flat trunk
+    gradients, taken one tensor at a time at its offset in the flat vector: E <S x, S y> = <x, y>, so squared
+    norms of sketched differences are unbiased estimates of the true ones. Exact (no two coordinates share a
+    bucket) when the trunk has at most D parameters."""
+
+    def __init__(self, numels: list[int], width: int = SCORE_SKETCH_WIDTH, seed: int = 1):
+        self.width, self.seed = width, seed
+        self.offsets = [0]
+        for numel in numels[:-1]:
+            self.offsets.append(self.offsets[-1] + numel)
+        self._signs: torch.Tensor | None = None  # SIGN_PERIOD signs (prime, so coprime to D) from the seed
+
+    def zeros(self, device: torch.device | str) -> torch.Tensor:
+        return torch.zeros(self.width, dtype=torch.float32, device=device)
+
+    def add(self, sketch: torch.Tensor, index: int, tensor: torch.Tensor) -> None:
+        """sketch += S(tensor `index` of the flat vector)."""
+        if self._signs is None or self._signs.device != sketch.device:
+            self._signs = sign_vector(SIGN_PERIOD, self.seed, sketch.device)
+        sketch += count_sketch(tensor.reshape(-1), self.width, self._signs, offset=self.offsets[index])

@@ -174,8 +174,9 @@ class GradientStore:
 
     Per compressed tensor i (an a x b matrix): U_i (a, m, r) and V_i (m, r, b), slot j holding U_j and V_j^T;
     all dense tensors together: one (m, n_dense) buffer. Writing a gradient copies its factors into one slot
-    (nothing else moves); `combine` computes sum_j w_j G_j per tensor as (U * w) reshaped to (a, m r) times
-    V reshaped to (m r, b), writing straight into the output. Holds m C(r) floats (`compressed_numel`).
+    (nothing else moves); `combine_tensor` computes one tensor of sum_j w_j G_j as (U * w) reshaped to (a, m r)
+    times V reshaped to (m r, b). Everything is per tensor, so that a caller can stream a prediction or an
+    observation tensor by tensor without a parameter-sized temporary. Holds m C(r) floats (`compressed_numel`).
     """
 
     def __init__(
@@ -192,17 +193,15 @@ class GradientStore:
         self.capacity, self.rank, self.seed = capacity, rank, seed
         self.oversampling, self.power_iterations = oversampling, power_iterations
         self.numels = [math.prod(shape) for shape in self.shapes]
-        self.offsets = [0]
-        for numel in self.numels:
-            self.offsets.append(self.offsets[-1] + numel)
         self.compressed = [i for i, shape in enumerate(self.shapes) if is_compressed(shape, rank)]
         self.dense = [i for i, shape in enumerate(self.shapes) if not is_compressed(shape, rank)]
-        self.dense_offsets = [0]
+        self._compressed_position = {i: k for k, i in enumerate(self.compressed)}
+        self._dense_start, dense_numel = {}, 0
         for i in self.dense:
-            self.dense_offsets.append(self.dense_offsets[-1] + self.numels[i])
+            self._dense_start[i], dense_numel = dense_numel, dense_numel + self.numels[i]
         self.u = [torch.zeros(matrix_shape(self.shapes[i])[0], capacity, rank, device=device) for i in self.compressed]
         self.v = [torch.zeros(capacity, rank, matrix_shape(self.shapes[i])[1], device=device) for i in self.compressed]
-        self.dense_buffer = torch.zeros(capacity, self.dense_offsets[-1], device=device)
+        self.dense_buffer = torch.zeros(capacity, dense_numel, device=device)
         self._test_matrices: dict[int, torch.Tensor] = {}  # derived from the seed, never saved
 
     @property
@@ -218,38 +217,40 @@ class GradientStore:
             self._test_matrices[index] = matrix
         return matrix
 
-    def compress(self, gradient: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
-        """One flat float32 gradient -> ([(U, V) per compressed tensor], [views of the dense tensors]), without
-        touching the store (so that a failure leaves it as it was)."""
-        factors = []
-        for i in self.compressed:
-            matrix = gradient[self.offsets[i] : self.offsets[i + 1]].view(matrix_shape(self.shapes[i]))
-            factors.append(low_rank_factors(matrix, self.rank, self._test_matrix(i, gradient.device), self.power_iterations))
-        return factors, [gradient[self.offsets[i] : self.offsets[i + 1]] for i in self.dense]
+    def encode(self, index: int, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Tensor `index` of a gradient (any shape, float32) as it is stored: rank-r factors (U, V) when compressed,
+        else its flat values; the store itself is not touched (a failure leaves it as it was)."""
+        if index in self._compressed_position:
+            matrix = tensor.reshape(matrix_shape(self.shapes[index]))
+            return low_rank_factors(matrix, self.rank, self._test_matrix(index, tensor.device), self.power_iterations)
+        return tensor.reshape(-1)
 
-    def write(self, slot: int, compressed: tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]) -> None:
-        factors, dense = compressed
-        for (u, v), u_buffer, v_buffer in zip(factors, self.u, self.v):
-            u_buffer[:, slot].copy_(u)
-            v_buffer[slot].copy_(v.T)
-        for k, values in enumerate(dense):
-            self.dense_buffer[slot, self.dense_offsets[k] : self.dense_offsets[k + 1]].copy_(values)
+    def write(self, slot: int, parts: Sequence) -> None:
+        """Stores one gradient, given as the `encode`d parts of all its tensors (in order), in `slot`."""
+        for index, part in enumerate(parts):
+            position = self._compressed_position.get(index)
+            if position is not None:
+                u, v = part
+                self.u[position][:, slot].copy_(u)
+                self.v[position][slot].copy_(v.T)
+            else:
+                start = self._dense_start[index]
+                self.dense_buffer[slot, start : start + self.numels[index]].copy_(part)
 
-    def combine(self, weights: torch.Tensor) -> torch.Tensor:
-        """(t, P) float32: row i is sum_j weights[i, j] G~_j over the first `filled` = weights.shape[1] slots."""
+    def combine_tensor(self, index: int, weights: torch.Tensor) -> torch.Tensor:
+        """(t, numel) float32: row i is tensor `index` of sum_j weights[i, j] G~_j, over the first `filled` =
+        weights.shape[1] slots; only this tensor's memory is touched."""
         weights = weights.float()
         rows, filled = weights.shape
-        out = torch.empty(rows, self.offsets[-1], dtype=torch.float32, device=self.dense_buffer.device)
-        for i, u_buffer, v_buffer in zip(self.compressed, self.u, self.v):
-            a, b = matrix_shape(self.shapes[i])
-            right = v_buffer[:filled].reshape(filled * self.rank, b)
-            for row in range(rows):
-                left = (u_buffer[:, :filled] * weights[row, :, None]).reshape(a, filled * self.rank)
-                torch.mm(left, right, out=out[row, self.offsets[i] : self.offsets[i + 1]].view(a, b))
-        if self.dense:
-            dense = weights @ self.dense_buffer[:filled]
-            for k, i in enumerate(self.dense):
-                out[:, self.offsets[i] : self.offsets[i + 1]].copy_(dense[:, self.dense_offsets[k] : self.dense_offsets[k + 1]])
+        position = self._compressed_position.get(index)
+        if position is None:
+            start = self._dense_start[index]
+            return weights @ self.dense_buffer[:filled, start : start + self.numels[index]]
+        a, b = matrix_shape(self.shapes[index])
+        u_buffer, right = self.u[position][:, :filled], self.v[position][:filled].reshape(filled * self.rank, b)
+        out = torch.empty(rows, a * b, dtype=torch.float32, device=right.device)
+        for row in range(rows):
+            torch.mm((u_buffer * weights[row, :, None]).reshape(a, filled * self.rank), right, out=out[row].view(a, b))
         return out
 
     def state_dict(self) -> dict:
@@ -290,9 +291,11 @@ def sign_vector(length: int, seed: int = 0, device: torch.device | str = "cpu") 
     return (1.0 - 2.0 * torch.randint(0, 2, (length,), generator=generator)).float().to(device)
 
 
-def count_sketch(signal: torch.Tensor, width: int, signs: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+def count_sketch(signal: torch.Tensor, width: int, signs: torch.Tensor, offset: int = 0, chunk: int = 1 << 22) -> torch.Tensor:
     """The count sketch (S x)_b = sum_{i : i mod D = b} s_i x_i of each row of `signal` (float32, D = `width`),
-    with s_i = signs[i mod L], L = len(signs).
+    with s_i = signs[(o + i) mod L], L = len(signs), for the coordinates i of a piece that starts at position
+    o = `offset` of a longer vector: the sketches of its pieces, each with its own offset, sum to its sketch
+    (buckets (o + i) mod D), so a long vector can be sketched piece by piece.
 
     Unbiased inner products: <S x, S y> = sum_i s_i^2 x_i y_i + sum_{i != j, i = j mod D} s_i s_j x_i y_j with
     s_i^2 = 1. Two coordinates in one bucket differ by a multiple of D; for D and L coprime (both prime) and a
@@ -314,15 +317,17 @@ def count_sketch(signal: torch.Tensor, width: int, signs: torch.Tensor, chunk: i
     step = max(1, chunk // width) * width  # chunks start at multiples of D: bucket = position within a row of D
     for start in range(0, total, step):
         stop = min(total, start + step)
-        offset = start % period
-        if offset + stop - start <= period:
-            chunk_signs = signs[offset : offset + stop - start]
+        first = (offset + start) % period
+        if first + stop - start <= period:
+            chunk_signs = signs[first : first + stop - start]
         else:
-            chunk_signs = signs.repeat(-(-(offset + stop - start) // period))[offset : offset + stop - start]
+            chunk_signs = signs.repeat(-(-(first + stop - start) // period))[first : first + stop - start]
         piece = rows[:, start:stop].float() * chunk_signs
         if (stop - start) % width:
             piece = torch.nn.functional.pad(piece, (0, width - (stop - start) % width))
         out += piece.reshape(rows.shape[0], -1, width).sum(1)
+    if offset % width:  # local position i is in bucket i mod D; its place in the long vector, (o + i) mod D
+        out = torch.roll(out, offset % width, dims=1)
     return out.reshape(*signal.shape[:-1], width)
 
 
@@ -356,24 +361,54 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
 class GradientPredictor:
     """Interface: `signal` names the input ("head_gradient" or "logit_error").
 
-    `observe` and `predict` take one signal (a 1-D tensor) or several stacked as rows (one pass over the state
-    serves them all), already passed through `sketch`.
+    Signals are 1-D tensors, or several stacked as rows (one pass over the state serves them all), already passed
+    through `sketch`. Trunk gradients are handled one parameter tensor at a time (`shapes` order), so that a
+    caller never needs a parameter-sized temporary: `predict_tensors` yields a prediction tensor by tensor, and an
+    observation is `plan`, `encode` of each tensor, then `record`. `predict` and `observe` do the same on flat
+    vectors (tests, benchmarks). A prediction is finite (or `predict_tensors` raises FloatingPointError).
     """
 
     signal: str = "head_gradient"
     window_size: int | None = 0
     rank: int | None = 0
+    shapes: list = []
 
     def sketch(self, signal: torch.Tensor) -> torch.Tensor:
         """The signal as `observe` and `predict` take it (linear; the identity here)."""
         return signal
 
-    def observe(self, signal: torch.Tensor, trunk_grad: torch.Tensor) -> None:
-        """Record control batches: their signals and their true (flat) trunk gradients (rows: oldest first)."""
+    def predict_tensors(self, signal: torch.Tensor):
+        """An iterator over the predicted trunk gradient, one (*signal.shape[:-1], numel) tensor per trunk tensor,
+        or None for no prediction. The fit is done (and may raise) at the call, each tensor when it is reached."""
+        return None
+
+    def plan(self, signal_width: int) -> None:
+        """Fix what depends on the (sketched) signal width before the first `encode`."""
+
+    def encode(self, index: int, tensor: torch.Tensor):
+        """Trunk tensor `index` of one control batch's gradient, in the form `record` keeps."""
+        return None
+
+    def record(self, signal: torch.Tensor, parts: list) -> None:
+        """Keep one control batch: its signal (1-D) and the `encode`d tensors of its true trunk gradient."""
 
     def predict(self, signal: torch.Tensor) -> torch.Tensor | None:
         """The predicted flat trunk gradient(s) for `signal` (same leading shape), or None for no prediction."""
-        return None
+        parts = self.predict_tensors(signal)
+        return None if parts is None else torch.cat(list(parts), dim=-1)
+
+    def observe(self, signal: torch.Tensor, trunk_grad: torch.Tensor) -> None:
+        """Record control batches from flat trunk gradients (rows, oldest first; all encoded before any is kept)."""
+        signals, trunk_grads = _rows(signal), _rows(trunk_grad)
+        numels = [math.prod(shape) for shape in self.shapes]
+        if trunk_grads.shape[1] != sum(numels) or len(signals) != len(trunk_grads):
+            raise ValueError(f"predictor: expected rows of {sum(numels)} trunk-gradient elements, one per signal")
+        if not (torch.isfinite(signals).all() and torch.isfinite(trunk_grads).all()):
+            raise FloatingPointError("a control batch's signal or trunk gradient is not finite; the pair is not kept")
+        self.plan(signals.shape[1])
+        encoded = [[self.encode(i, part) for i, part in enumerate(row.float().split(numels))] for row in trunk_grads]
+        for row_signal, parts in zip(signals, encoded):
+            self.record(row_signal, parts)
 
     def state_numel(self) -> int:
         """Floats held in the state (what `state_dict` returns)."""
@@ -475,47 +510,46 @@ class RidgePredictor(GradientPredictor):
         self.signals = torch.zeros(self.window_size, self.signal_width, device=device)
         self.store = GradientStore(self.shapes, self.window_size, self.rank, device, self.seed, self.oversampling, self.power_iterations)
 
-    def _check_width(self, signals: torch.Tensor) -> None:
-        width = signals.shape[1]
-        if width > self.max_signal_width:
-            raise ValueError(f"predictor: a signal of width {width} > {self.max_signal_width}; pass it through predictor.sketch first")
-        if self.signal_width is not None and width != self.signal_width:
-            raise ValueError(f"predictor: signal width {width}, but this predictor's window holds width {self.signal_width}")
+    def plan(self, signal_width):
+        """Chooses m and r for this (sketched) width, once; a later width must match."""
+        if signal_width > self.max_signal_width:
+            raise ValueError(f"predictor: a signal of width {signal_width} > {self.max_signal_width}; pass it through predictor.sketch first")
+        if self.signal_width is None:
+            self._plan(signal_width)
+        elif signal_width != self.signal_width:
+            raise ValueError(f"predictor: signal width {signal_width}, but this predictor's window holds width {self.signal_width}")
 
-    def observe(self, signal, trunk_grad):
-        signals, trunk_grads = _rows(signal), _rows(trunk_grad)
-        if not (torch.isfinite(signals).all() and torch.isfinite(trunk_grads).all()):
-            raise FloatingPointError("a control batch's signal or trunk gradient is not finite; the pair is not kept")
-        if trunk_grads.shape[1] != self.num_parameters or len(signals) != len(trunk_grads):
-            raise ValueError(f"predictor: expected rows of {self.num_parameters} trunk-gradient elements, one per signal")
-        self._check_width(signals)
+    def encode(self, index, tensor):
+        if self.rank is None:
+            raise RuntimeError("predictor: call plan(signal_width) before encode")
         if self.store is None:
-            if self.signal_width is None:
-                self._plan(signals.shape[1])
-            self._allocate(trunk_grads.device)
-        elif self.signals.device != trunk_grads.device:
-            self.signals = self.signals.to(trunk_grads.device)
-            self.store.to(trunk_grads.device)
-        compressed = [self.store.compress(row.float().contiguous()) for row in trunk_grads]  # all, then write
-        for row_signal, row_compressed in zip(signals, compressed):
-            slot = self.count % self.window_size
-            self.signals[slot].copy_(row_signal)
-            self.store.write(slot, row_compressed)
-            self.count += 1
+            self._allocate(tensor.device)
+        elif self.signals.device != tensor.device:
+            self.signals = self.signals.to(tensor.device)
+            self.store.to(tensor.device)
+        return self.store.encode(index, tensor.float())
+
+    def record(self, signal, parts):
+        self.plan(signal.shape[-1])
+        slot = self.count % self.window_size
+        self.signals[slot].copy_(signal)
+        self.store.write(slot, parts)
+        self.count += 1
         self._dual_map = None
 
-    def predict(self, signal):
+    def predict_tensors(self, signal):
         if self.count == 0:
             return None
         rows = _rows(signal)
-        self._check_width(rows)
+        self.plan(rows.shape[1])
         filled = min(self.count, self.window_size)
         if self._dual_map is None:
             self._dual_map = dual_ridge_map(self.signals[:filled], self.ridge)
         weights = rows.to(self._dual_map) @ self._dual_map.T
         if not torch.isfinite(weights).all():
             raise FloatingPointError("the predictor's ridge weights are not finite")
-        return self.store.combine(weights).reshape(*signal.shape[:-1], -1)
+        # finite weights times finite stored gradients (only finite ones are recorded): a finite prediction
+        return (self.store.combine_tensor(i, weights).reshape(*signal.shape[:-1], -1) for i in range(len(self.shapes)))
 
     def state_numel(self):
         """m (C(r) + w): the floats the state holds (allocated at the first `observe`), 0 before the window is

@@ -19,21 +19,11 @@ from . import theory
 from .arguments import PredictedGradientArguments, PredictedGradientSettings
 from .checkpoints import reload_renamed_weights
 from .costs import CostMeter, Stopwatch
-from .estimator import (
-    ControlVariateCoefficients,
-    control_size,
-    cosine_similarity,
-    relative_residual,
-    signal_difference,
-    split_batch_indices,
-    split_generator,
-    trunk_correction,
-    variance_explained,
-)
+from .estimator import ControlVariateCoefficients, control_size, signal_difference, split_batch_indices, split_generator
 from .heads import HEAD_ATTRIBUTE_NAMES, ModelPartition, capture_head
 from .losses import LossDecomposition
 from .model_card import write_model_card
-from .monitor import PredictorMonitor
+from .monitor import GradientSketch, PredictorMonitor
 from .predictors import make_predictor
 
 logger = logging.get_logger(__name__)
@@ -59,9 +49,10 @@ class PredictedGradientMixin:
     (they are pre-multiplied by its scale) and clipping see one ordinary gradient.
 
     When it trains exactly as the base class. At f = 1 (`control_fraction=1`, and "auto" until it lowers f) every
-    step is the base class's own `training_step`, except, under "auto", one pair of consecutive steps in every
-    `auto_observation_period` that is observed (head gradient, predictor fit): those run the same forward and the
-    same backward of the same loss, with read-only hooks, so the weights stay bit-identical to the base class's.
+    step is the base class's own `training_step`, except, under "auto", pairs of consecutive steps that are observed
+    (head gradient, predictor fit), paced so that they take at most `auto_observation_budget` of the compute
+    (`_schedule_observation`): those run the same forward and the same backward of the same loss, with read-only
+    hooks, so the weights stay bit-identical to the base class's.
     A model that cannot be split trains as the base class under "auto" (one log line says why) and is refused at
     f < 1: no identifiable head, a head whose output the model's loss does not go through (a fused LM head), a loss
     that does not split over examples (`losses`), DeepSpeed, FSDP, `torch.nn.DataParallel`, `ddp_static_graph`.
@@ -131,6 +122,7 @@ class PredictedGradientMixin:
         self.monitor = PredictorMonitor()
         self.loss_decomposition = LossDecomposition()
         self._micro_step = 0
+        self._next_observation = 0  # under "auto" at f = 1: the optimizer step at which the next observed pair starts
         self._step_sums: dict | None = None
         self._step_fell_back = False
         self._warned_single_example = False
@@ -143,11 +135,13 @@ class PredictedGradientMixin:
             memory_fraction=settings.predictor_memory_fraction,
         )
         self.coefficients = ControlVariateCoefficients(len(shapes), mode=settings.control_variate_coefficient)
-        self._trunk_numels = [p.numel() for p in self.partition.trunk_params]
-        offsets = dict(zip(map(id, self.partition.trunk_params), [0, *torch.tensor(self._trunk_numels).cumsum(0).tolist()]))
+        self.gradient_sketch = GradientSketch([p.numel() for p in self.partition.trunk_params])
         head_index = {id(p): i for i, p in enumerate(self.partition.head_params)}
-        # (index among head params, offset in the flat trunk gradient, numel) of each parameter shared by both
-        self._shared_slots = [(head_index[id(p)], offsets[id(p)], p.numel()) for p in self.partition.shared_params]
+        shared = {id(p) for p in self.partition.shared_params}
+        # trunk index -> head index of each parameter used by both
+        self._shared_heads = {i: head_index[id(p)] for i, p in enumerate(self.partition.trunk_params) if id(p) in shared}
+        # head gradients the f = 1 hooks keep: the shared parameters', and all for a head-gradient signal
+        self._recorded_heads = None if self.predictor.signal == "head_gradient" else set(self._shared_heads.values())
 
     def _unsupported_reason(self) -> str | None:
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
@@ -176,7 +170,8 @@ class PredictedGradientMixin:
         """One micro-batch: the estimator when this optimizer step is observed or split, else the base class's step."""
         if self._micro_step == 0:
             self._step_fell_back = False
-            self._step_sums = {"control": None, "applied": None, "shared_head": None} if self._observes_step() else None
+            self._step_sums = {"control": None, "applied": None, "shared_head": {}} if self._observes_step() else None
+            self._observing = self._step_sums is not None
         batch_size = _batch_size(inputs)
         num_control = control_size(batch_size, self._control_fraction)
         if self._step_sums is not None and self._control_fraction < 1 and num_control >= batch_size:
@@ -189,6 +184,8 @@ class PredictedGradientMixin:
         else:
             loss = self._estimator_step(model, inputs, num_items_in_batch, batch_size, num_control)
         if self.accelerator.sync_gradients:
+            if self._observing and self._auto and self._control_fraction == 1 and self.monitor.pending is None:
+                self._schedule_observation()
             if self._auto and self.disabled_reason is None and (self.state.global_step + 1) % self.lgp_settings.predictor_refit_steps == 0:
                 self._update_control_fraction()
             self._micro_step = 0
@@ -197,12 +194,24 @@ class PredictedGradientMixin:
         return loss
 
     def _observes_step(self) -> bool:
-        """Every step at f < 1; under "auto" at f = 1, one pair of consecutive steps every `auto_observation_period`."""
+        """Every step at f < 1; under "auto" at f = 1, pairs of consecutive steps paced by `_schedule_observation`."""
         if self.disabled_reason is not None or not self.loss_decomposition.splittable:
             return False
         if self._control_fraction < 1:
             return True
-        return self._auto and self.state.global_step % self.lgp_settings.auto_observation_period < 2
+        return self._auto and self.state.global_step >= self._next_observation
+
+    def _schedule_observation(self) -> None:
+        """After an observed pair at f = 1 (it began at step s - 1), the next begins at s - 1 + L, with
+        L = max(`auto_observation_period`, ceil(2 o / `auto_observation_budget`)) and o the measured overhead of an
+        observed step relative to a step's passes: observation then takes at most that budget of the compute spent
+        waiting for the predictor to pay. o is averaged over ranks, so that every rank observes the same steps."""
+        settings = self.lgp_settings
+        spacing = settings.auto_observation_period
+        if self.cost_meter.overhead_ratio is not None:
+            overhead = float(self._all_ranks_mean(torch.tensor([self.cost_meter.overhead_ratio], dtype=torch.float64, device=self.args.device)))
+            spacing = max(spacing, math.ceil(2 * overhead / settings.auto_observation_budget))
+        self._next_observation = self.state.global_step - 1 + spacing
 
     def _estimator_step(self, model, inputs, num_items_in_batch, batch_size: int, num_control: int):
         model.train()
@@ -260,13 +269,12 @@ class PredictedGradientMixin:
             difference = signal_difference(batch_signal, weight_control * signal_control, control_scale) / accumulation
             head_correction = [hb / accumulation - coefficient * hc for hb, hc in zip(head_batch, head_control)]
             _add_to_grads(self.partition.head_params, head_correction, loss_scale)
-            correction = self._trunk_correction(difference)
-            if correction is not None:
-                _add_to_grads(self.partition.trunk_params, correction.split(self._trunk_numels), loss_scale)
+            if self._add_trunk_correction(difference, loss_scale):
                 sums["applied"] = _add(sums["applied"], difference)
             self._add_control_sums(sums, coefficient * signal_control, head_batch, accumulation)
         else:
-            capture.record_gradients()  # f = 1: the head gradients come from the backward itself
+            capture.record_gradients(self._recorded_heads)  # f = 1: the head gradients come from the backward itself
+            logit_width, capture.logits = capture.logits.shape[-1], None  # not held through the backward
         overhead_seconds = stopwatch.lap()
 
         # The control backward: loss_control * r w_C (1 at f = 1, where this is the base class's backward).
@@ -278,11 +286,9 @@ class PredictedGradientMixin:
         if not num_prediction:
             # the hooks saw the gradients of loss_control * loss_scale / accumulation (scaled_for_ga: / 1)
             unscale = loss_scale / accumulation
-            head_control, signal_control = self._head_and_signal(
-                [None if g is None else g / unscale for g in capture.alias_gradients],
-                None if capture.logit_gradient is None else capture.logit_gradient.float() / unscale, capture.logits,
-            )
-            self._add_control_sums(sums, coefficient * signal_control, head_control, accumulation)
+            head_control = [None if g is None else g / unscale for g in capture.alias_gradients]
+            logit_error = None if capture.logit_gradient is None else capture.logit_gradient / unscale
+            self._add_control_sums(sums, coefficient * self._signal(head_control, logit_error, logit_width), head_control, accumulation)
 
         self.monitor.count_examples(num_control, batch_size)
         if self.accelerator.sync_gradients:
@@ -336,86 +342,100 @@ class PredictedGradientMixin:
             "captured; name the model's final layers with head_modules=[...]"
         )
 
-    def _trunk_correction(self, difference: torch.Tensor) -> torch.Tensor | None:
-        """beta * A(S_B - r S_C), or None (control-only update) when there is no prediction (see `_predict`)."""
-        return trunk_correction(self._predict, difference, self._expanded_beta())
+    def _add_trunk_correction(self, difference: torch.Tensor, loss_scale: float) -> bool:
+        """`.grad` += beta A(S_B - r S_C), one trunk tensor at a time (no parameter-sized temporary); False when
+        nothing is predicted (see `_predict_tensors`). A tensor whose prediction is not finite gets no correction:
+        its control-only estimate is unbiased on its own."""
+        parts = self._predict_tensors(difference)
+        if parts is None:
+            return False
+        faulty = False
+        for param, coefficient, part in zip(self.partition.trunk_params, self.coefficients.values.tolist(), parts):
+            if not torch.isfinite(part.sum()):
+                faulty = True
+            elif coefficient:
+                _add_to_grads([param], [part], coefficient * loss_scale)
+        if faulty:
+            self._record_fallback("the predicted trunk gradient is not finite in some tensors")
+        return True
 
-    def _expanded_beta(self) -> torch.Tensor:
-        return self.coefficients.expanded(self._trunk_numels, self.partition.trunk_params[0].device)
-
-    def _predict(self, signal: torch.Tensor) -> torch.Tensor | None:
-        """The predictor's output, or None when it has none, its fit fails or it is not finite: a fault in the
-        predictor never reaches the optimizer (the control-only estimate that replaces it is still unbiased) nor
-        the statistics."""
+    def _predict_tensors(self, signal: torch.Tensor):
+        """The predictor's output tensor by tensor, or None when it has none or its fit fails: a fault in the
+        predictor never reaches the optimizer (the control-only estimate that replaces it is still unbiased)."""
         try:
-            prediction = self.predictor.predict(signal)
+            return self.predictor.predict_tensors(signal)
         except (FloatingPointError, torch.linalg.LinAlgError) as error:
             self._record_fallback(f"the predictor fit failed ({error})")
             return None
-        if prediction is not None and not torch.isfinite(prediction).all():
-            self._record_fallback("the predicted trunk gradient is not finite")
-            return None
-        return prediction
 
     def _observe(self, loss_scale: float) -> None:
         """Score the predictor on this step's control batches, then (every second step) let it and beta learn.
 
-        Runs after the last backward of an observed optimizer step. The control part of the trunk gradient is what
-        `.grad` holds minus the corrections that were added (and, for a parameter shared with the head, minus the
-        exact head part); summed over micro-batches (and averaged over ranks, like `.grad`), it pairs with the summed
-        control signal. Consecutive observed steps come in pairs (`monitor`): the first keeps its control batch
-        aside, the second scores the pair and only then do the predictor and beta learn from both, so that both are
-        scored with a predictor fitted before either was drawn. Each step's estimator still uses only earlier control
-        batches. Predictions are made one at a time, so that at most one parameter-sized prediction is in flight.
+        Runs after the last backward of an observed optimizer step, one trunk tensor at a time, so that nothing
+        parameter-sized is allocated. The control part of a trunk tensor's gradient is what `.grad` holds minus the
+        corrections that were added (and, for a parameter shared with the head, minus the exact head part); summed
+        over micro-batches (and averaged over ranks, like `.grad`), it pairs with the summed control signal. What is
+        kept of it: its compressed form for the predictor (`encode`), its count sketch and that of the prediction
+        (`GradientSketch`, for the pair's score), and per tensor <g, A s>, ||A s||^2 (for beta). Consecutive observed
+        steps come in pairs (`monitor`): the first is kept aside, the second scores the pair and only then do the
+        predictor and beta learn from both, so that both are scored with a predictor fitted before either was
+        drawn. Each step's estimator still uses only earlier control batches.
         """
         sums, self._step_sums = self._step_sums, None
-        if sums is None or sums["control"] is None or any(p.grad is None for p in self.partition.trunk_params):
+        params = self.partition.trunk_params
+        if sums is None or sums["control"] is None or any(p.grad is None for p in params):
             return
-        true = torch.cat([p.grad.reshape(-1).float() for p in self.partition.trunk_params]) / loss_scale
-        if not torch.isfinite(true).all():
-            return  # an fp16 overflow: the scaler skips this step, and the predictor learns nothing from it
-        if sums["shared_head"] is not None:
-            shared = self._all_ranks_mean(sums["shared_head"]).split([numel for _, _, numel in self._shared_slots])
-            for (_, offset, numel), head_part in zip(self._shared_slots, shared):
-                true[offset : offset + numel] -= head_part
         control, applied = self._all_ranks_mean(sums["control"]), sums["applied"]
         if applied is None and self.accelerator.num_processes > 1 and self._control_fraction < 1:
             applied = torch.zeros_like(sums["control"])  # no correction here (or a fallback): still join the mean
+        shared = {index: self._all_ranks_mean(part) for index, part in sums["shared_head"].items()}
+        # one pass over the predictor's state for both rows: this batch's prediction and the applied correction
+        parts = self._predict_tensors(control if applied is None else torch.stack([control, self._all_ranks_mean(applied)]))
+        beta = self.coefficients.values.tolist()
+        self.predictor.plan(control.shape[-1])
+        true_sketch = self.gradient_sketch.zeros(control.device)
+        predicted_sketch = None if parts is None else self.gradient_sketch.zeros(control.device)
+        true_squares, products, squares, encoded = [], [], [], []
+        for index, (param, coefficient) in enumerate(zip(params, beta)):
+            true = param.grad.reshape(-1).float() / loss_scale  # a new tensor: .grad is left as it is
+            if index in shared:
+                true -= shared[index].reshape(-1)
+            if parts is not None:
+                part = next(parts)
+                if not torch.isfinite(part.sum()):
+                    self._record_fallback("the predicted trunk gradient is not finite; nothing is learned from this step")
+                    return
+                raw = part if applied is None else part[0]
+                if applied is not None:
+                    true -= coefficient * part[1]  # the corrections added to .grad: linear in the applied difference
+                products.append(true.dot(raw))
+                squares.append(raw.dot(raw))
+                self.gradient_sketch.add(predicted_sketch, index, raw * coefficient)
+            true_squares.append(true.dot(true))
+            if not torch.isfinite(true_squares[-1]):
+                return  # an fp16 overflow: the scaler skips this step, and the predictor learns nothing from it
+            self.gradient_sketch.add(true_sketch, index, true)
+            encoded.append(self.predictor.encode(index, true.view(param.shape)))
+        true_squares = torch.stack(true_squares)
+        observation = {"signal": control, "sketch": true_sketch, "step": self.state.global_step, "encoded": encoded}
+        if parts is None:
+            self.monitor.record_alignment(true_squares, None, None)
+        else:
+            products, squares = torch.stack(products), torch.stack(squares)
+            coefficients = torch.tensor(beta, device=products.device)
+            self.monitor.record_alignment(true_squares, coefficients.dot(products), coefficients.pow(2).dot(squares))
+            observation.update(predicted_sketch=predicted_sketch, products=products, squares=squares)
         pending = self.monitor.take_pending()
         if pending is not None and pending["step"] != self.state.global_step - 1:
             pending = None  # not the step before: the mean gradient may have moved too far for a pair
-        # One prediction at a time (each is parameter-sized): the applied correction, the pending batch, this batch.
-        beta = self._expanded_beta()
-        if applied is not None:
-            correction = self._predict(self._all_ranks_mean(applied))
-            if correction is not None:
-                true -= correction.mul_(beta)  # the corrections added to .grad: linear in the applied difference
-            del correction
-        previous_raw = self._predict(pending["signal"]) if pending is not None else None
-        raw = self._predict(control) if previous_raw is not None or pending is None else None
-        if raw is None:
-            alignment, residual = 0.0, 1.0
-        else:
-            predicted = raw * beta
-            alignment, residual = cosine_similarity(predicted, true), relative_residual(true, predicted)
-        self.monitor.record_alignment(alignment, residual)
         if pending is None:
-            self.monitor.keep_pending(control, true, self.state.global_step)
-        else:
-            self.monitor.score_pair(pending["trunk_gradient"], true, None if raw is None else (previous_raw * beta, predicted))
-            self._learn((pending["signal"], control), (pending["trunk_gradient"], true), None if raw is None else (previous_raw, raw))
-
-    def _learn(self, signals: tuple, gradients: tuple, predictions: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """beta from the (true, raw predicted) gradients and the predictor from the (signal, true gradient) pairs of
-        the pair's two control batches."""
-        if predictions is not None:
-            for gradient, prediction in zip(gradients, predictions):
-                self.coefficients.update(gradient, prediction, self._trunk_numels)
-        try:
-            for signal, gradient in zip(signals, gradients):  # one at a time: no stacked parameter-sized copy
-                self.predictor.observe(signal, gradient)
-        except (FloatingPointError, torch.linalg.LinAlgError) as error:
-            self._record_fallback(f"the predictor fit failed ({error})")
+            self.monitor.keep_pending(observation)
+            return
+        self.monitor.score_pair(pending, observation)
+        for kept in (pending, observation):  # beta, then the predictor, learn from both
+            if "products" in kept:
+                self.coefficients.update(kept["products"], kept["squares"])
+            self.predictor.record(kept["signal"], kept["encoded"])
 
     def _update_control_fraction(self) -> None:
         """`control_fraction="auto"`: the f minimising estimator variance per second (theory.optimal_control_fraction)
@@ -457,24 +477,33 @@ class PredictedGradientMixin:
         return self._head_and_signal(per_param, grads[-1], capture.logits)
 
     def _head_and_signal(self, head: list, logit_gradient: torch.Tensor | None, logits: torch.Tensor):
-        """Head gradients (zeros where a parameter's head use got none) and the predictor's signal: the flat head
-        gradient or the summed logit errors (in float32, also under bf16), count-sketched when wide."""
+        """Head gradients (zeros where a parameter's head use got none) and the predictor's signal (`_signal`)."""
         head = [torch.zeros_like(p, dtype=torch.float32) if g is None else g for p, g in zip(self.partition.head_params, head)]
+        return head, self._signal(head, logit_gradient, logits.shape[-1])
+
+    def _signal(self, head: list, logit_gradient: torch.Tensor | None, logit_width: int) -> torch.Tensor:
+        """The predictor's signal, in float32 (also under bf16) and count-sketched when wide: the logit errors summed
+        over every position (`logit_gradient` of any leading shape; None: no error) or the flat head gradient (a
+        None entry: that parameter's head use got no gradient)."""
         if self.predictor.signal == "logit_error":
-            if logit_gradient is None:
-                logit_gradient = torch.zeros_like(logits, dtype=torch.float32)
-            signal = logit_gradient.float().reshape(-1, logit_gradient.shape[-1]).sum(0)
+            signal = (
+                torch.zeros(logit_width, device=self.args.device) if logit_gradient is None
+                else logit_gradient.float().reshape(-1, logit_width).sum(0)
+            )
         else:
-            signal = torch.cat([g.reshape(-1).float() for g in head])
-        return head, self.predictor.sketch(signal)
+            signal = torch.cat([
+                torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1).float() for p, g in zip(self.partition.head_params, head)
+            ])
+        return self.predictor.sketch(signal)
 
     def _add_control_sums(self, sums: dict, control_signal: torch.Tensor, head_batch: list, accumulation: int) -> None:
         """What `_observe` needs of a micro-batch: the scaled control signal and, for parameters shared by head and
         trunk, the exact head part of the batch's gradient."""
         sums["control"] = _add(sums["control"], control_signal)
-        if self._shared_slots:
-            shared = torch.cat([head_batch[index].reshape(-1).float() for index, _, _ in self._shared_slots]) / accumulation
-            sums["shared_head"] = _add(sums["shared_head"], shared)
+        for trunk_index, head_index in self._shared_heads.items():
+            if head_batch[head_index] is not None:
+                part = head_batch[head_index].float() / accumulation
+                sums["shared_head"][trunk_index] = _add(sums["shared_head"].get(trunk_index), part)
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """The base class's rule for whether the loss is already scaled for gradient accumulation (followed as is,
@@ -609,6 +638,7 @@ class PredictedGradientMixin:
             "coefficients": self.coefficients.state_dict(),
             "costs": self.cost_meter.state_dict(),
             "control_fraction": self._control_fraction,
+            "next_observation": self._next_observation,
             "loss_decomposition": self.loss_decomposition.state_dict(),
             **self.monitor.state_dict(),
         }
@@ -638,6 +668,7 @@ class PredictedGradientMixin:
         self.coefficients.load_state_dict(state["coefficients"])
         self.cost_meter.load_state_dict(state["costs"])
         self._control_fraction = state["control_fraction"]
+        self._next_observation = state.get("next_observation", 0)
         if "loss_decomposition" in state:
             self.loss_decomposition.load_state_dict(state["loss_decomposition"])
         self.monitor.load_state_dict(state)

@@ -13,8 +13,10 @@ from lgp_hf.estimator import (
     split_batch_indices,
     split_generator,
     subset_loss_weights,
+    tensorwise_products,
     variance_explained,
 )
+from lgp_hf.monitor import GradientSketch
 from lgp_hf.predictors import make_predictor
 
 NUMELS = [3, 5]  # two "parameter tensors"
@@ -89,7 +91,7 @@ def test_fitted_coefficients_approach_the_optimal_beta():
     for _ in range(400):
         predicted = torch.randn(8, generator=generator)
         true = torch.cat([0.5 * predicted[:3], 3.0 * predicted[3:]]) + 0.1 * torch.randn(8, generator=generator)
-        coefficients.update(true, predicted, NUMELS)
+        coefficients.update(*tensorwise_products(true.split(NUMELS), predicted.split(NUMELS)))
     torch.testing.assert_close(coefficients.values, torch.tensor([0.5, 2.0]), atol=0.05, rtol=0)
     assert torch.equal(ControlVariateCoefficients(2).values, torch.zeros(2))  # nothing observed: no prediction used
 
@@ -126,3 +128,24 @@ def test_variance_explained_of_the_zero_predictor_is_zero_and_none_before_any_pa
     g1, g2 = torch.randn(10), torch.randn(10)
     assert variance_explained(*paired_squared_differences((g1, g2), None)) == 0.0
     assert variance_explained(0.0, 0.0) is None
+
+
+def test_gradient_sketch_is_exact_for_small_trunks_and_unbiased_for_large_ones():
+    """Pairs are scored on count sketches (monitor.GradientSketch), taken tensor by tensor: exact squared norms when
+    the trunk fits in the sketch, unbiased ones (over the sketch's seed) when it does not."""
+    generator = torch.Generator().manual_seed(0)
+    numels = [300, 1, 2000, 77]
+    vector = torch.randn(sum(numels), generator=generator) * torch.linspace(0.1, 3.0, sum(numels))  # uneven scales
+
+    def sketched(sketch):
+        total = sketch.zeros("cpu")
+        for index, piece in enumerate(vector.split(numels)):
+            sketch.add(total, index, piece)
+        return total
+
+    exact = sketched(GradientSketch(numels))
+    assert float(exact.dot(exact)) == pytest.approx(float(vector.dot(vector)), rel=1e-5)
+    estimates = torch.tensor([float(s.dot(s)) for s in (sketched(GradientSketch(numels, width=101, seed=seed)) for seed in range(300))])
+    z = (estimates.mean() - vector.dot(vector)) / (estimates.std() / len(estimates) ** 0.5)
+    assert abs(float(z)) < 4, float(z)
+    assert float(estimates.std() / vector.dot(vector)) > 0.01  # the narrow sketch does collide: the test has power

@@ -271,14 +271,14 @@ def test_headless_model_is_refused_at_an_explicit_fraction(tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2-lm-tied", "t5-seq2seq", "bert-token-classification"])
 def test_auto_at_fraction_one_is_bit_identical_to_trainer(family, tmp_path):
-    """"auto" before it lowers f: observed steps included (auto_observation_period=2 observes every step)."""
+    """"auto" before it lowers f: observed steps included (period 2 and no overhead budget: every step observed)."""
     model_factory, dataset_factory = FAMILIES[family]
     dataset = dataset_factory()
     settings = dict(output_dir=str(tmp_path), report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
                     per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2, seed=3)
     reference = Trainer(model=model_factory(), args=TrainingArguments(**settings), train_dataset=dataset)
     reference.train()
-    ours = PredictedGradientTrainer(model=model_factory(), args=PredictedGradientArguments(**settings, auto_observation_period=2),
+    ours = PredictedGradientTrainer(model=model_factory(), args=PredictedGradientArguments(**settings, auto_observation_period=2, auto_observation_budget=1e9),
                                     train_dataset=dataset)
     ours.train()
     assert ours.monitor.totals["observations"] == 6

@@ -93,20 +93,17 @@ def test_gradient_store_combines_like_the_dense_sum_of_its_compressed_gradients(
     store = GradientStore(SMALL_SHAPES, capacity=4, rank=2)
     assert store.compressed == [0, 2] and store.dense == [1, 3]
     gradients = random_pairs(6, 1)[1]
+    numels = [math.prod(shape) for shape in SMALL_SHAPES]
     stored = []
     for j, gradient in enumerate(gradients):  # wraps: slots hold gradients 4, 5, 2, 3
-        factors, dense = store.compress(gradient)
-        store.write(j % 4, (factors, dense))
-        flat = torch.zeros(numel(SMALL_SHAPES))
-        for (u, v), i in zip(factors, store.compressed):
-            flat[store.offsets[i] : store.offsets[i + 1]] = (u @ v.T).reshape(-1)
-        for values, i in zip(dense, store.dense):
-            flat[store.offsets[i] : store.offsets[i + 1]] = values
-        stored.append(flat)
+        parts = [store.encode(i, tensor.view(shape)) for i, (tensor, shape) in enumerate(zip(gradient.split(numels), SMALL_SHAPES))]
+        store.write(j % 4, parts)
+        stored.append(torch.cat([(part[0] @ part[1].T).reshape(-1) if i in store.compressed else part for i, part in enumerate(parts)]))
     slots = torch.stack([stored[4], stored[5], stored[2], stored[3]])
     weights = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(store.combine(weights), weights @ slots, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(store.combine(weights[:, :2]), weights[:, :2] @ slots[:2], rtol=1e-5, atol=1e-5)
+    for filled in (4, 2):
+        combined = torch.cat([store.combine_tensor(i, weights[:, :filled]) for i in range(len(SMALL_SHAPES))], dim=1)
+        torch.testing.assert_close(combined, weights[:, :filled] @ slots[:filled], rtol=1e-5, atol=1e-5)
     assert store.numel == 4 * compressed_numel(SMALL_SHAPES, 2)
 
 
@@ -320,3 +317,11 @@ def test_sketch_preserves_inner_products_in_expectation():
         assert abs(float(estimates.mean()) - exact) < 4 * standard_error, (float(estimates.mean()), exact, standard_error)
         assert standard_error < 0.02 * exact
     assert SIGN_PERIOD == 1048573 and math.gcd(SIGN_PERIOD, 4093) == 1
+
+
+def test_count_sketch_of_pieces_at_their_offsets_sums_to_the_sketch_of_the_whole():
+    signs = sign_vector(SIGN_PERIOD, seed=3)
+    vector = torch.randn(2, 30_000, generator=torch.Generator().manual_seed(0))
+    cuts = [0, 7, 4093, 4100, 12_345, 30_000]
+    pieces = sum(count_sketch(vector[:, a:b], 4093, signs, offset=a) for a, b in zip(cuts, cuts[1:]))
+    torch.testing.assert_close(pieces, count_sketch(vector, 4093, signs), rtol=0, atol=1e-4)

@@ -35,9 +35,11 @@ def resume_settings(quiet_args, predictor):
     )
 
 
-@pytest.mark.parametrize("predictor", ["ntk", "window", "zero"])
-def test_resume_is_bit_identical(predictor, quiet_args):
+@pytest.mark.parametrize("predictor,control_fraction", [("ntk", "0.5"), ("window", "0.5"), ("zero", "0.5"), ("ntk", "auto")])
+def test_resume_is_bit_identical(predictor, control_fraction, quiet_args):
+    """Weights and statistics; "auto" (at f = 1, pairs every 3 steps) also resumes which steps it observes."""
     settings = resume_settings(quiet_args, predictor)
+    settings.update(control_fraction=control_fraction, auto_observation_period=3, auto_observation_budget=1e9)
     dataset = image_dataset(40)
     straight = PredictedGradientTrainer(model=tiny_vit(seed=2), args=PredictedGradientArguments(**settings), train_dataset=dataset)
     straight.train()
@@ -77,8 +79,8 @@ def test_non_finite_prediction_falls_back_to_the_control_estimate(quiet_args):
         **quiet_args, per_device_train_batch_size=8, max_steps=8, logging_steps=4, predictor="window", control_fraction="0.5"
     )
     trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(32))
-    predict = trainer.predictor.predict
-    trainer.predictor.predict = lambda signal: None if (p := predict(signal)) is None else p * float("nan")
+    predict_tensors = trainer.predictor.predict_tensors
+    trainer.predictor.predict_tensors = lambda signal: None if (parts := predict_tensors(signal)) is None else (p * float("nan") for p in parts)
     trainer.train()
     assert all_finite(trainer.model)
     assert trainer.lgp_summary()["lgp_fallback_steps"] > 0
@@ -123,6 +125,26 @@ def test_auto_control_fraction_follows_the_predictor(predictor, expected, quiet_
     trainer.train()
     fraction = trainer.lgp_summary()["lgp_control_fraction"]
     assert fraction == (0.125 if expected == "low" else 1.0), fraction
+
+
+@pytest.mark.parametrize("overhead,expected_spacing", [(None, 10), (0.06, 10), (0.3, 20)])
+def test_observation_at_fraction_one_is_paced_by_its_measured_overhead(overhead, expected_spacing, quiet_args, monkeypatch):
+    """Under "auto" at f = 1 pairs start every max(auto_observation_period, ceil(2 o / auto_observation_budget))
+    steps: o = 0.3 of a step's passes at a 3 % budget spaces them 20 apart."""
+
+    def update(self, *args, **kwargs):
+        self.cost_ratio, self.backward_forward_ratio, self.overhead_ratio = 0.3, 2.0, overhead
+
+    monkeypatch.setattr(lgp_hf.costs.CostMeter, "update", update)
+    args = PredictedGradientArguments(
+        **quiet_args, per_device_train_batch_size=8, max_steps=45, predictor="zero", control_fraction="auto", logging_steps=50,
+    )
+    trainer = PredictedGradientTrainer(model=LinearTrunkRegressor(), args=args, train_dataset=linear_dataset(shared_input=False))
+    trainer.train()
+    assert trainer.lgp_summary()["lgp_control_fraction"] == 1.0
+    pair_starts = range(0, 45, expected_spacing)
+    assert trainer.monitor.totals["observations"] == sum(min(2, 45 - start) for start in pair_starts)
+    assert trainer._next_observation == pair_starts[-1] + expected_spacing
 
 
 def test_auto_control_fraction_keeps_every_step_unbiased(tmp_path, monkeypatch):
