@@ -10,6 +10,7 @@ whose gradient flows on to the parameter), so that the gradient of the head use 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -134,14 +135,19 @@ class HeadCapture:
         position (vocabulary-wide, not batch x length x vocabulary): the head gradients and the logit-error signal
         at no extra backward, holding only what is asked for."""
 
+        # The hooks live on tensors that this capture holds: through a weak reference they make no reference
+        # cycle, which would keep a parameter-sized head gradient alive until Python's next cycle collection.
+        capture = weakref.ref(self)
+
         def keep(index):
             def hook(gradient):
-                total = self.alias_gradients[index]
-                self.alias_gradients[index] = gradient.detach().float() if total is None else total + gradient.detach().float()
+                gradients = capture().alias_gradients
+                total = gradients[index]
+                gradients[index] = gradient.detach().float() if total is None else total + gradient.detach().float()
             return hook
 
         def keep_logits(gradient):
-            self.logit_gradient = gradient.detach().float().reshape(-1, gradient.shape[-1]).sum(0)
+            capture().logit_gradient = gradient.detach().float().reshape(-1, gradient.shape[-1]).sum(0)
 
         for index, uses in enumerate(self.aliases):
             if indices is None or index in indices:

@@ -140,8 +140,8 @@ class GradientSketch:
     def zeros(self, device: torch.device | str) -> torch.Tensor:
         return torch.zeros(self.width, dtype=torch.float32, device=device)
 
-    def add(self, sketch: torch.Tensor, index: int, tensor: torch.Tensor) -> None:
-        """sketch += S(tensor `index` of the flat vector)."""
+    def add(self, sketch: torch.Tensor, index: int, tensor: torch.Tensor, scale: float = 1.0) -> None:
+        """sketch += scale S(tensor `index` of the flat vector) (S is linear: no scaled copy of the tensor)."""
         if self._signs is None or self._signs.device != sketch.device:
             self._signs = sign_vector(SIGN_PERIOD, self.seed, sketch.device)
-        sketch += count_sketch(tensor.reshape(-1), self.width, self._signs, offset=self.offsets[index])
+        sketch.add_(count_sketch(tensor.reshape(-1), self.width, self._signs, offset=self.offsets[index]), alpha=scale)

@@ -219,11 +219,11 @@ class GradientStore:
 
     def encode(self, index: int, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """Tensor `index` of a gradient (any shape, float32) as it is stored: rank-r factors (U, V) when compressed,
-        else its flat values; the store itself is not touched (a failure leaves it as it was)."""
+        else a copy of its flat values; the store itself is not touched (a failure leaves it as it was)."""
         if index in self._compressed_position:
             matrix = tensor.reshape(matrix_shape(self.shapes[index]))
             return low_rank_factors(matrix, self.rank, self._test_matrix(index, tensor.device), self.power_iterations)
-        return tensor.reshape(-1)
+        return tensor.reshape(-1).clone()  # not a view: the caller's tensor may be .grad, zeroed before `write`
 
     def write(self, slot: int, parts: Sequence) -> None:
         """Stores one gradient, given as the `encode`d parts of all its tensors (in order), in `slot`."""

@@ -286,7 +286,7 @@ class PredictedGradientMixin:
         if not num_prediction:
             # the hooks saw the gradients of loss_control * loss_scale / accumulation (scaled_for_ga: / 1)
             unscale = loss_scale / accumulation
-            head_control = [None if g is None else g / unscale for g in capture.alias_gradients]
+            head_control = [g if g is None or unscale == 1 else g / unscale for g in capture.alias_gradients]
             logit_error = None if capture.logit_gradient is None else capture.logit_gradient / unscale
             self._add_control_sums(sums, coefficient * self._signal(head_control, logit_error, logit_width), head_control, accumulation)
 
@@ -397,9 +397,13 @@ class PredictedGradientMixin:
         predicted_sketch = None if parts is None else self.gradient_sketch.zeros(control.device)
         true_squares, products, squares, encoded = [], [], [], []
         for index, (param, coefficient) in enumerate(zip(params, beta)):
-            true = param.grad.reshape(-1).float() / loss_scale  # a new tensor: .grad is left as it is
-            if index in shared:
-                true -= shared[index].reshape(-1)
+            gradient = param.grad.reshape(-1)
+            if index in shared:  # trunk part = .grad - head part, computed in the head part's buffer (ours)
+                true = shared.pop(index).reshape(-1).neg_().add_(gradient, alpha=1 / loss_scale)
+            elif loss_scale != 1 or applied is not None or gradient.dtype != torch.float32:
+                true = gradient.float() / loss_scale  # a new tensor: .grad is left as it is
+            else:
+                true = gradient  # only read
             if parts is not None:
                 part = next(parts)
                 if not torch.isfinite(part.sum()):
@@ -407,10 +411,10 @@ class PredictedGradientMixin:
                     return
                 raw = part if applied is None else part[0]
                 if applied is not None:
-                    true -= coefficient * part[1]  # the corrections added to .grad: linear in the applied difference
+                    true.add_(part[1], alpha=-coefficient)  # the corrections added to .grad: linear in the applied difference
                 products.append(true.dot(raw))
                 squares.append(raw.dot(raw))
-                self.gradient_sketch.add(predicted_sketch, index, raw * coefficient)
+                self.gradient_sketch.add(predicted_sketch, index, raw, scale=coefficient)
             true_squares.append(true.dot(true))
             if not torch.isfinite(true_squares[-1]):
                 return  # an fp16 overflow: the scaler skips this step, and the predictor learns nothing from it
@@ -501,8 +505,9 @@ class PredictedGradientMixin:
         trunk, the exact head part of the batch's gradient."""
         sums["control"] = _add(sums["control"], control_signal)
         for trunk_index, head_index in self._shared_heads.items():
-            if head_batch[head_index] is not None:
-                part = head_batch[head_index].float() / accumulation
+            part = head_batch[head_index]
+            if part is not None:
+                part = part.float() / accumulation if accumulation != 1 else part.float()
                 sums["shared_head"][trunk_index] = _add(sums["shared_head"].get(trunk_index), part)
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
@@ -712,7 +717,8 @@ def _add_to_grads(params, values, scale: float) -> None:
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    return value.clone() if total is None else total + value
+    """A running sum over micro-batches; the first value is kept as it is (not copied: sums can be parameter-sized)."""
+    return value if total is None else total + value
 
 
 class PredictedGradientTrainer(PredictedGradientMixin, Trainer):

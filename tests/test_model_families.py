@@ -334,3 +334,27 @@ def test_sft_fused_lm_head_trains_as_sft_trainer(tmp_path):
     refused = trainer_class(model=gpt2(), args=config_class(**settings, control_fraction=0.5), train_dataset=dataset, processing_class=tokenizer)
     with pytest.raises(ValueError, match="control_fraction=0.5: the head modules"):
         refused.train()
+
+
+def test_observation_at_fraction_one_isolates_the_trunk_part_of_a_tied_embedding(tmp_path):
+    """Under "auto" at f = 1 the observed control batch is read from the backward by hooks: its trunk gradient (the
+    embedding's input use only, not its tied head use) and its signal (the summed logit errors) must equal those of
+    an untied copy differentiated directly. The pair sketch is exact at this size, so its norm is the gradient's."""
+    dataset = lm_data()
+    settings = dict(output_dir=str(tmp_path), report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+                    per_device_train_batch_size=BATCH, max_steps=1, learning_rate=0.0, seed=3)
+    trainer = PredictedGradientTrainer(model=gpt2(), args=PredictedGradientArguments(**settings), train_dataset=dataset)
+    trainer.train()
+    observed = trainer.monitor.pending
+    assert observed is not None and observed["step"] == 0
+
+    untied = gpt2()
+    untied.lm_head.weight = nn.Parameter(untied.transformer.wte.weight.detach().clone())
+    batch = dataset[:BATCH]
+    outputs = untied(**batch, num_items_in_batch=(batch["labels"] != -100).sum())  # Trainer's normalisation
+    logits = outputs.logits
+    logits.retain_grad()
+    outputs.loss.backward()
+    trunk_squares = sum(float(p.grad.pow(2).sum()) for name, p in untied.named_parameters() if not name.startswith("lm_head"))
+    assert float(observed["sketch"].pow(2).sum()) == pytest.approx(trunk_squares, rel=1e-4)
+    torch.testing.assert_close(observed["signal"], logits.grad.reshape(-1, VOCAB).sum(0), rtol=1e-4, atol=1e-7)
