@@ -80,14 +80,6 @@ def control_variate_estimate(
     return estimate if prediction is None else estimate + apply_coefficients(prediction, coefficients, numels)
 
 
-def tensorwise_products(true: Sequence[torch.Tensor], predicted: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tensor, (<g, g_hat>, ||g_hat||^2) of true and raw predicted gradients given tensor by tensor: what
-    `ControlVariateCoefficients.update` takes."""
-    products = torch.stack([t.float().reshape(-1).dot(p.float().reshape(-1)) for t, p in zip(true, predicted)])
-    squares = torch.stack([p.float().reshape(-1).dot(p.float().reshape(-1)) for p in predicted])
-    return products, squares
-
-
 def alignment_and_residual(true_squares: float, product: float, predicted_squares: float) -> tuple[float, float]:
     """(cos(g, p), ||g - p||^2 / ||g||^2) from ||g||^2, <g, p> and ||p||^2 (sums that can be taken tensor by
     tensor): the batch-level cosine (0 when either is zero) and relative residual (1 for the zero predictor, 0
@@ -163,7 +155,7 @@ class ControlVariateCoefficients:
 
     def update(self, products: torch.Tensor, squares: torch.Tensor) -> None:
         """Add one control batch: per tensor, <g, g_hat> and ||g_hat||^2 of its true and raw predicted trunk
-        gradients (`tensorwise_products`)."""
+        gradients, from which beta = sum <g, g_hat> / sum ||g_hat||^2 per tensor."""
         self.numerator.mul_(self.decay).add_(products.double().cpu())
         self.denominator.mul_(self.decay).add_(squares.double().cpu())
 

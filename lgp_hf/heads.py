@@ -141,12 +141,16 @@ class HeadCapture:
 
         def keep(index):
             def hook(gradient):
+                if gradient is None:  # this use did not reach the loss
+                    return
                 gradients = capture().alias_gradients
                 total = gradients[index]
                 gradients[index] = gradient.detach().float() if total is None else total + gradient.detach().float()
             return hook
 
         def keep_logits(gradient):
+            if gradient is None:
+                return
             capture().logit_gradient = gradient.detach().float().reshape(-1, gradient.shape[-1]).sum(0)
 
         for index, uses in enumerate(self.aliases):

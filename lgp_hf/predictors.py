@@ -46,8 +46,9 @@ Costs (P_lr = elements of the compressed tensors, k = r + `oversampling`, q = `p
 an observation compresses each trunk gradient with 2 + 2q products of a tensor with a k-column matrix,
 2 (2 + 2q) k P_lr flops (8 k P_lr at q = 1), plus a QR of each (a x k) and an SVD of each (k x b) matrix; a
 prediction costs 2 m r P_lr + 2 m (P - P_lr) flops per row (r times a dense window's 2 m P: compute traded for
-memory). Everything is float32 except the m x m system (float64). GPT-2 small (P = 124 M, m = 16, r = 9,
-30.8 M floats = 0.248 P), one CPU thread: 1.7 s to compress one gradient, 0.87 s per predicted row.
+memory). Everything is float32 except the m x m system (float64). GPT-2 small (P = 124 M): the budget would allow
+r = 9 (0.248 P), `DEFAULT_MAX_RANK` keeps r = 4 (0.119 P); an observed step's prediction, learning and sketches
+cost 0.28 of a training step on 2 CPU cores (benchmarks/README.md, lm_scale.py).
 
 Defaults (the example's ViT, 2.7 M trunk parameters, 120 steps from scratch, two 32-example control batches per
 step, E with the trainer's fitted beta, steps < 60 / >= 60): at `memory_fraction` 0.25 the budget allows m = 16

@@ -55,7 +55,8 @@ class PredictedGradientMixin:
     hooks, so the weights stay bit-identical to the base class's.
     A model that cannot be split trains as the base class under "auto" (one log line says why) and is refused at
     f < 1: no identifiable head, a head whose output the model's loss does not go through (a fused LM head), a loss
-    that does not split over examples (`losses`), DeepSpeed, FSDP, `torch.nn.DataParallel`, `ddp_static_graph`.
+    that does not split over examples (`losses`), a compiled model (`torch_compile`), DeepSpeed, FSDP,
+    `torch.nn.DataParallel`, `ddp_static_graph`.
 
     Distributed (DDP through `accelerate launch`). Each rank splits its own per-device batch with a generator seeded
     by (seed, optimizer step, micro-step), so all ranks take the same decisions without communicating; the update is
@@ -108,7 +109,7 @@ class PredictedGradientMixin:
         self._auto = settings.control_fraction == "auto"
         self._control_fraction = settings.auto_initial_control_fraction if self._auto else settings.control_fraction
         self.partition = self.predictor = self.coefficients = None
-        self.disabled_reason = self._unsupported_reason()
+        self.disabled_reason = self._unsupported_reason(model)
         if self.disabled_reason is None:
             self.partition = ModelPartition.from_model(self.accelerator.unwrap_model(model), settings.head_modules)
             if self.partition is None:
@@ -143,7 +144,12 @@ class PredictedGradientMixin:
         # head gradients the f = 1 hooks keep: the shared parameters', and all for a head-gradient signal
         self._recorded_heads = None if self.predictor.signal == "head_gradient" else set(self._shared_heads.values())
 
-    def _unsupported_reason(self) -> str | None:
+    def _unsupported_reason(self, model) -> str | None:
+        if self.args.torch_compile or hasattr(model, "_orig_mod"):  # `_orig_mod`: a module torch.compile returned
+            return (
+                "a compiled model (torch_compile=True or torch.compile) runs its head and loss inside one graph, where the "
+                "estimator's hooks cannot see the head's output and parameters; train it uncompiled for f < 1"
+            )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return "DeepSpeed and FSDP shard or hide `.grad`, which the estimator writes; single-device and DDP training are supported"
         if self.args.n_gpu > 1:
