@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import torch
 from transformers import Trainer

@@ -16,7 +16,6 @@ from lgp_hf.estimator import (
     variance_explained,
 )
 from lgp_hf.monitor import GradientSketch
-from lgp_hf.predictors import make_predictor
 
 NUMELS = [3, 5]  # two "parameter tensors"
 

@@ -1,7 +1,6 @@
 """Exact resume, faults that never reach the optimizer, the automatic control fraction, run-time errors."""
 
 import logging
-import math
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import lgp_hf.costs
 from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
 from conftest import image_dataset, tiny_vit
 from test_trainer import LinearTrunkRegressor, linear_dataset
-from test_unbiased import BATCH, MODELS, Z_LIMIT, max_z_score
+from test_unbiased import MODELS, Z_LIMIT, max_z_score
 
 STEPS = 5  # odd: the checkpoint falls between the two control batches of a pair (PredictedGradientTrainer._observe)
 
