@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 
 from .estimator import alignment_and_residual, paired_squared_differences, variance_explained
-from .predictors import SIGN_PERIOD, count_sketch, largest_prime_at_most, sign_vector
+from .predictors import CountSketch, largest_prime_at_most
 
 #: Width of the count sketch of trunk gradients that pairs are scored on: the relative error of a sketched
 #: squared norm is about sqrt(2 / D) = 0.6 % per pair, and it averages out over pairs.
@@ -125,23 +125,20 @@ class PredictorMonitor:
 
 
 class GradientSketch:
-    """Count sketch (`predictors.count_sketch`, width D = `SCORE_SKETCH_WIDTH`, its own seed) of flat trunk
+    """Count sketch (`predictors.CountSketch`, width D = `SCORE_SKETCH_WIDTH`, its own seed) of flat trunk
     gradients, taken one tensor at a time at its offset in the flat vector: E <S x, S y> = <x, y>, so squared
     norms of sketched differences are unbiased estimates of the true ones. Exact (no two coordinates share a
     bucket) when the trunk has at most D parameters."""
 
     def __init__(self, numels: list[int], width: int = SCORE_SKETCH_WIDTH, seed: int = 1):
-        self.width, self.seed = width, seed
+        self.count_sketch = CountSketch(width, seed)
         self.offsets = [0]
         for numel in numels[:-1]:
             self.offsets.append(self.offsets[-1] + numel)
-        self._signs: torch.Tensor | None = None  # SIGN_PERIOD signs (prime, so coprime to D) from the seed
 
     def zeros(self, device: torch.device | str) -> torch.Tensor:
-        return torch.zeros(self.width, dtype=torch.float32, device=device)
+        return torch.zeros(self.count_sketch.width, dtype=torch.float32, device=device)
 
     def add(self, sketch: torch.Tensor, index: int, tensor: torch.Tensor, scale: float = 1.0) -> None:
         """sketch += scale S(tensor `index` of the flat vector) (S is linear: no scaled copy of the tensor)."""
-        if self._signs is None or self._signs.device != sketch.device:
-            self._signs = sign_vector(SIGN_PERIOD, self.seed, sketch.device)
-        sketch.add_(count_sketch(tensor.reshape(-1), self.width, self._signs, offset=self.offsets[index]), alpha=scale)
+        sketch.add_(self.count_sketch(tensor.reshape(-1), offset=self.offsets[index]), alpha=scale)

@@ -332,6 +332,20 @@ def count_sketch(signal: torch.Tensor, width: int, signs: torch.Tensor, offset: 
     return out.reshape(*signal.shape[:-1], width)
 
 
+class CountSketch:
+    """`count_sketch` of width `width` with the `SIGN_PERIOD` signs of `seed`, made at the first call (and again
+    on another device); they derive from the seed and are never saved."""
+
+    def __init__(self, width: int, seed: int):
+        self.width, self.seed = width, seed
+        self._signs: torch.Tensor | None = None
+
+    def __call__(self, signal: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        if self._signs is None or self._signs.device != signal.device:
+            self._signs = sign_vector(SIGN_PERIOD, self.seed, signal.device)
+        return count_sketch(signal, self.width, self._signs, offset=offset)
+
+
 # ---------------------------------------------------------------------------------------------- ridge fit
 
 
@@ -372,7 +386,9 @@ class GradientPredictor:
     signal: str = "head_gradient"
     window_size: int | None = 0
     rank: int | None = 0
-    shapes: list = []
+
+    def __init__(self, shapes: Sequence[Shape]):
+        self.shapes = [tuple(int(n) for n in shape) for shape in shapes]
 
     def sketch(self, signal: torch.Tensor) -> torch.Tensor:
         """The signal as `observe` and `predict` take it (linear; the identity here)."""
@@ -469,8 +485,7 @@ class RidgePredictor(GradientPredictor):
             raise ValueError(f"signal must be 'logit_error' or 'head_gradient' (got {signal!r})")
         if not ridge >= 0:
             raise ValueError(f"ridge must be >= 0 (got {ridge})")
-        self.shapes = [tuple(int(n) for n in shape) for shape in shapes]
-        self.num_parameters = sum(math.prod(shape) for shape in self.shapes)
+        super().__init__(shapes)
         self.signal, self.ridge = signal, ridge
         self.requested_window_size, self.memory_fraction, self.max_rank = window_size, memory_fraction, max_rank
         plan_window(self.shapes, 0, window_size, memory_fraction, max_rank)  # validates the arguments
@@ -478,7 +493,7 @@ class RidgePredictor(GradientPredictor):
         if not 2 <= max_signal_width < SIGN_PERIOD:
             raise ValueError(f"max_signal_width must be in [2, {SIGN_PERIOD}) (got {max_signal_width})")
         self.sketch_width = largest_prime_at_most(max_signal_width)
-        self._signs: torch.Tensor | None = None  # SIGN_PERIOD signs from the seed, made at the first wide signal
+        self._count_sketch = CountSketch(self.sketch_width, seed)
         self.seed, self.oversampling, self.power_iterations = seed, oversampling, power_iterations
         self.window_size: int | None = None
         self.rank: int | None = None
@@ -499,9 +514,7 @@ class RidgePredictor(GradientPredictor):
         Accepts 1-D or stacked rows. Linear: apply it to each captured signal, then sum, difference, average."""
         if signal.shape[-1] <= self.max_signal_width:
             return signal
-        if self._signs is None or self._signs.device != signal.device:
-            self._signs = sign_vector(SIGN_PERIOD, self.seed, signal.device)
-        return count_sketch(signal, self.sketch_width, self._signs)
+        return self._count_sketch(signal)
 
     def _plan(self, signal_width: int) -> None:
         self.window_size, self.rank = plan_window(self.shapes, signal_width, self.requested_window_size, self.memory_fraction, self.max_rank)
@@ -600,7 +613,7 @@ def make_predictor(
     """The predictor named by `PredictedGradientArguments.predictor` for trunk tensors of `shapes` (ridge None:
     the preset's default; `signal_width`, the raw signal width if known, fixes m and r at once)."""
     if name == "zero":
-        return ZeroPredictor()
+        return ZeroPredictor(shapes)
     if name not in PRESETS:
         raise ValueError(f"predictor: unknown value {name!r}; allowed values are {list(PREDICTOR_NAMES)}.")
     signal, default_ridge = PRESETS[name]

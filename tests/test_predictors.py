@@ -267,6 +267,8 @@ def test_presets_and_errors():
     assert (ntk.signal, ntk.ridge, window.signal, window.ridge) == ("logit_error", 1.0, "head_gradient", 0.5)
     zero = make_predictor("zero", SMALL_SHAPES)
     assert isinstance(zero, ZeroPredictor) and zero.predict(torch.ones(3)) is None and zero.state_numel() == 0
+    zero.observe(torch.ones(3), torch.ones(numel(SMALL_SHAPES)))  # accepted, kept nowhere
+    assert zero.predict(torch.ones(3)) is None
     with pytest.raises(ValueError):
         make_predictor("jacobian", SMALL_SHAPES)
     with pytest.raises(ValueError):  # an unsketched wide signal
