@@ -28,7 +28,8 @@ optimizer steps (control fraction `--control_fraction`, batch `--batch_size`; fr
 
 Variants: `<predictor>[:key=value,...]`. Keys set PredictedGradientArguments fields: `m` =
 `predictor_window_size` (the window predictor's m; the ntk fit's memory, about the last m steps), `ridge` =
-`predictor_ridge`, `refit` = `predictor_refit_steps`; `head` is `classifier` (the default split) or `block`: the
+`predictor_ridge`, `refit` = `predictor_refit_steps`, `chunks` = `predictor_fit_chunks` (K: the predictor learns K - 1
+chunk contrasts per control batch), `memory` = `predictor_memory_fraction`; `head` is `classifier` (the default split) or `block`: the
 last transformer block, the final layernorm and the classifier get exact gradients on every example and make up
 the window predictor's signal (head_modules), for a backward through them on every example.
 
@@ -74,6 +75,8 @@ VARIANT_KEYS = {
     "m": ("predictor_window_size", int),
     "ridge": ("predictor_ridge", float),
     "refit": ("predictor_refit_steps", int),
+    "chunks": ("predictor_fit_chunks", int),
+    "memory": ("predictor_memory_fraction", float),
 }
 HEADS = ("classifier", "block")
 

@@ -79,7 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fractions", type=fraction_argument, nargs="+", default=[0.125, 0.25, 0.5, 1.0],
         help="Control fractions f, or 'auto' (control_fraction='auto', reported at the f it ended with).",
     )
-    parser.add_argument("--predictors", nargs="+", default=["ntk"], help="Predictors (ntk, window, zero), each at every f.")
+    parser.add_argument(
+        "--predictors", nargs="+", default=["ntk"],
+        help="Predictors (ntk, window, zero), each at every f; with run options after it, e.g. window_k8_m64 (common.RUN_OPTIONS).",
+    )
     parser.add_argument("--rounds", type=int, default=8, help="Rounds of the rotation (every configuration once per round).")
     parser.add_argument("--steps_per_turn", type=int, default=4, help="Optimizer steps per configuration per round.")
     parser.add_argument("--warmup_rounds", type=int, default=1, help="First rounds left out of the statistics.")
@@ -100,12 +103,14 @@ def fraction_argument(text: str) -> float | str:
     return text if text == "auto" else float(text)
 
 
+def lgp_spec(variant: str, fraction, args) -> common.RunSpec:
+    """`variant` is a predictor name, optionally followed by run options (`window_k8`)."""
+    predictor, _, options = variant.partition("_")
+    return common.parse_run(common.lgp_run_name(predictor, fraction) + (f"_{options}" if options else ""), args.batch_size)
+
+
 def run_specs(args) -> list[common.RunSpec]:
-    lgp = [
-        common.RunSpec(common.lgp_run_name(predictor, fraction), args.batch_size, predictor, fraction)
-        for predictor in args.predictors
-        for fraction in args.fractions
-    ]
+    lgp = [lgp_spec(variant, fraction, args) for variant in args.predictors for fraction in args.fractions]
     return [common.parse_run("trainer", args.batch_size), *lgp]
 
 
@@ -299,8 +304,7 @@ def run_rotation(specs: list[common.RunSpec], args) -> tuple[dict[str, dict], li
 
 def profile_training_step(args) -> str:
     """cProfile statistics of PredictedGradientTrainer.training_step over `--profile_steps` steps."""
-    predictor = args.predictors[0]
-    spec = common.RunSpec(common.lgp_run_name(predictor, args.goal_fraction), args.batch_size, predictor, args.goal_fraction)
+    spec = lgp_spec(args.predictors[0], args.goal_fraction, args)
     data = common.load_data(args)
     set_seed(args.seed)
     model, _ = common.build_model(data.labels)
@@ -392,9 +396,10 @@ def plot(specs, rows, costs, args, path: Path) -> None:
     c = costs["cost_ratio_c"]
     ratio_axes.plot(grid, [f + (1 - f) * c for f in grid], color="black", label=f"floor f + (1 - f) c, c = {c:.2f}")
     ratio_axes.plot(grid, [args.goal * (f + (1 - f) * c) for f in grid], color="black", ls="--", label=f"{args.goal:g} x floor")
-    for predictor in args.predictors:
-        points = [(row["f"], row["ratio"]) for spec, row in zip(specs, rows) if spec.predictor == predictor]
-        ratio_axes.plot(*zip(*points), marker="o", label=f"PredictedGradientTrainer ({predictor}), median step")
+    for variant in args.predictors:
+        names = {lgp_spec(variant, fraction, args).name for fraction in args.fractions}
+        points = [(row["f"], row["ratio"]) for spec, row in zip(specs, rows) if spec.name in names]
+        ratio_axes.plot(*zip(*points), marker="o", label=f"PredictedGradientTrainer ({variant}), median step")
     ratio_axes.axhline(1, color="gray", lw=0.8)
     ratio_axes.set(xlabel="control fraction f", ylabel="step time / Trainer step time", title=f"step cost, batch {args.batch_size}")
     ratio_axes.legend(fontsize=8)

@@ -55,6 +55,14 @@ class PredictedGradientSettings:
             control batches (`predictors` module): `"ntk"` maps the summed logit errors (the NTK picture,
             g ~ J^T e), `"window"` the head gradient, `"zero"` predicts nothing (the ablation). Signals wider than
             4096 (a language model's vocabulary) are count-sketched.
+        predictor_fit_chunks (`int`, defaults to `1`):
+            K. With K > 1 the predictor learns, from each observed control micro-batch, K - 1 orthonormal contrasts
+            of the gradients of K chunks of its examples instead of one (signal, gradient) pair: fit data on the
+            within-batch spread of gradients, which is what the control variate removes (`chunks` module). The
+            chunk gradients of linear layers (`nn.Linear`, GPT-2's `Conv1D`, LoRA's adapters) come from hooks on
+            the same backward, at the cost of one more weight-gradient product per layer and K - 1 compressions per
+            control batch; other trunk tensors get zero in the contrasts. Each pair takes a slot of
+            `predictor_window_size`, so the window covers fewer control batches: raise it with K.
         predictor_refit_steps (`int`, defaults to `25`):
             Optimizer steps between updates of the automatic control fraction (`control_fraction="auto"`). The
             predictors learn from every observed control batch and need no refit schedule.
@@ -101,6 +109,9 @@ class PredictedGradientSettings:
         default=0.03, metadata={"help": "At f = 1 under 'auto', the fraction of training compute that observation may take."}
     )
     predictor: str = field(default="ntk", metadata={"help": "Trunk-gradient predictor.", "choices": list(PREDICTOR_NAMES)})
+    predictor_fit_chunks: int = field(
+        default=1, metadata={"help": "Chunks per control batch whose gradient contrasts the predictor learns from (1: the batch's sum)."}
+    )
     predictor_refit_steps: int = field(default=25, metadata={"help": "Optimizer steps between updates of the automatic control fraction."})
     predictor_window_size: int = field(default=16, metadata={"help": "Control batches the predictor keeps."})
     predictor_memory_fraction: float = field(
@@ -123,7 +134,7 @@ class PredictedGradientSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ValueError(f"{name}: {value!r} is not allowed; use a number in (0, 1].")
-        for name in ("auto_observation_period", "predictor_refit_steps", "predictor_window_size"):
+        for name in ("auto_observation_period", "predictor_fit_chunks", "predictor_refit_steps", "predictor_window_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {value!r} is not allowed; use an integer >= 1.")
@@ -132,6 +143,11 @@ class PredictedGradientSettings:
             raise ValueError(f"auto_observation_budget: {budget!r} is not allowed; use a number > 0.")
         if self.predictor not in PREDICTOR_NAMES:
             raise ValueError(f"predictor: unknown value {self.predictor!r}; allowed values are {list(PREDICTOR_NAMES)}.")
+        if self.predictor == "zero" and self.predictor_fit_chunks != 1:
+            raise ValueError(
+                f"predictor_fit_chunks: {self.predictor_fit_chunks} is not allowed with predictor='zero', which learns nothing; "
+                "use 1 or another predictor."
+            )
         if not (isinstance(self.predictor_memory_fraction, (int, float)) and 0 < self.predictor_memory_fraction):
             raise ValueError(f"predictor_memory_fraction: {self.predictor_memory_fraction!r} is not allowed; use a number > 0.")
         if self.predictor_ridge is not None and not self.predictor_ridge >= 0:

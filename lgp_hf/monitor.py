@@ -34,7 +34,7 @@ class PredictorMonitor:
             "alignment_sum": 0.0, "observations": 0, "last_alignment": None, "control_examples": 0, "examples": 0,
             "fallback_steps": 0, "residual_squares": 0.0, "gradient_squares": 0.0,
         }
-        self.pending: dict | None = None  # the first control batch of a pair: {"signal", "trunk_gradient", "step"}
+        self.pending: dict | None = None  # the first control batch of a pair (`keep_pending`)
         self.log_pairs = [0.0, 0.0]  # summed (||dR||^2, ||dG||^2) since the last log
         self.recent_pairs = [0.0, 0.0, 0]  # the same and the pair count since the last control fraction update
 
@@ -63,8 +63,9 @@ class PredictorMonitor:
         return pending
 
     def keep_pending(self, observation: dict) -> None:
-        """The first control batch of a pair: {"signal", "sketch", "step", "encoded"} and, when there was a
-        prediction, {"predicted_sketch", "products", "squares"} (`PredictedGradientMixin._observe`)."""
+        """The first control batch of a pair: {"sketch", "step", "fit"} ("fit": the (signal, encoded trunk
+        gradient) pairs the predictor will learn from) and, when there was a prediction, {"predicted_sketch",
+        "products", "squares"} (`PredictedGradientMixin._observe`)."""
         self.pending = observation
 
     def score_pair(self, first: dict, second: dict) -> None:
@@ -118,6 +119,8 @@ class PredictorMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         self.pending = state["pending_batch"]
+        if self.pending is not None and "encoded" in self.pending:  # written before chunk contrasts (issue 14)
+            self.pending["fit"] = [(self.pending.pop("signal"), self.pending.pop("encoded"))]
         self.log_pairs, self.recent_pairs = list(state["log_pairs"]), list(state["recent_pairs"])
         if len(self.recent_pairs) == 2:  # written before pairs were counted
             self.recent_pairs.append(MIN_PAIRS_PER_DECISION)

@@ -218,9 +218,16 @@ class GradientStore:
             self._test_matrices[index] = matrix
         return matrix
 
-    def encode(self, index: int, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    def encode(self, index: int, tensor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """Tensor `index` of a gradient (any shape, float32) as it is stored: rank-r factors (U, V) when compressed,
-        else a copy of its flat values; the store itself is not touched (a failure leaves it as it was)."""
+        else a copy of its flat values (None: a zero tensor, on the store's device, without compression work); the
+        store itself is not touched (a failure leaves it as it was)."""
+        if tensor is None:
+            device = self.dense_buffer.device
+            if index in self._compressed_position:
+                a, b = matrix_shape(self.shapes[index])
+                return torch.zeros(a, self.rank, device=device), torch.zeros(b, self.rank, device=device)
+            return torch.zeros(self.numels[index], device=device)
         if index in self._compressed_position:
             matrix = tensor.reshape(matrix_shape(self.shapes[index]))
             return low_rank_factors(matrix, self.rank, self._test_matrix(index, tensor.device), self.power_iterations)
@@ -402,8 +409,8 @@ class GradientPredictor:
     def plan(self, signal_width: int) -> None:
         """Fix what depends on the (sketched) signal width before the first `encode`."""
 
-    def encode(self, index: int, tensor: torch.Tensor):
-        """Trunk tensor `index` of one control batch's gradient, in the form `record` keeps."""
+    def encode(self, index: int, tensor: torch.Tensor | None):
+        """Trunk tensor `index` of one control batch's gradient, in the form `record` keeps (None: zero)."""
         return None
 
     def record(self, signal: torch.Tensor, parts: list) -> None:
@@ -536,6 +543,8 @@ class RidgePredictor(GradientPredictor):
     def encode(self, index, tensor):
         if self.rank is None:
             raise RuntimeError("predictor: call plan(signal_width) before encode")
+        if tensor is None:  # on the store's device; allocated on the first real tensor's
+            return (self.store or GradientStore(self.shapes, 0, self.rank)).encode(index, None)
         if self.store is None:
             self._allocate(tensor.device)
         elif self.signals.device != tensor.device:

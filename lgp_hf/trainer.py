@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 
 import torch
 from transformers import Trainer
@@ -17,6 +18,7 @@ from transformers.utils import logging
 from . import theory
 from .arguments import PredictedGradientArguments, PredictedGradientSettings
 from .checkpoints import reload_renamed_weights
+from .chunks import ChunkContrasts
 from .costs import CostMeter, Stopwatch
 from .estimator import ControlVariateCoefficients, control_size, signal_difference, split_batch_indices, split_generator
 from .heads import HEAD_ATTRIBUTE_NAMES, ModelPartition, capture_head
@@ -142,6 +144,12 @@ class PredictedGradientMixin:
         self._shared_heads = {i: head_index[id(p)] for i, p in enumerate(self.partition.trunk_params) if id(p) in shared}
         # head gradients the f = 1 hooks keep: the shared parameters', and all for a head-gradient signal
         self._recorded_heads = None if self.predictor.signal == "head_gradient" else set(self._shared_heads.values())
+        self.chunk_contrasts = None
+        if settings.predictor_fit_chunks > 1:
+            self.chunk_contrasts = ChunkContrasts(
+                self.accelerator.unwrap_model(model), self.partition.trunk_params, self.partition.head_params, shared,
+                settings.predictor_fit_chunks, self.predictor.signal,
+            )
 
     def _unsupported_reason(self, model) -> str | None:
         if self.args.torch_compile or hasattr(model, "_orig_mod"):  # `_orig_mod`: a module torch.compile returned
@@ -175,7 +183,7 @@ class PredictedGradientMixin:
         """One micro-batch: the estimator when this optimizer step is observed or split, else the base class's step."""
         if self._micro_step == 0:
             self._step_fell_back = False
-            self._step_sums = {"control": None, "applied": None, "shared_head": {}} if self._observes_step() else None
+            self._step_sums = {"control": None, "applied": None, "shared_head": {}, "fit": None} if self._observes_step() else None
             self._observing = self._step_sums is not None
         batch_size = _batch_size(inputs)
         num_control = control_size(batch_size, self._control_fraction)
@@ -256,7 +264,8 @@ class PredictedGradientMixin:
 
         # Control micro-batch: forward with autograd; head gradient first (the graph is kept for the backward).
         control_inputs = _select_examples(inputs, control_index, batch_size) if num_prediction else inputs
-        with capture_head(self.partition) as capture, self.compute_loss_context_manager():
+        chunks = self.chunk_contrasts if self.chunk_contrasts is not None and num_control >= 2 else None
+        with capture_head(self.partition) as capture, chunks.recording(num_control, measure) if chunks else nullcontext(), self.compute_loss_context_manager():
             loss_control = self.compute_loss(model, control_inputs, num_items_in_batch=num_items_in_batch)
         forward_seconds = stopwatch.lap()
         if capture.logits is None or not loss_control.requires_grad:  # only at f = 1: the batch is the control part
@@ -264,6 +273,8 @@ class PredictedGradientMixin:
             loss = loss_control if scaled_for_ga else loss_control / accumulation
             self.accelerator.backward(loss)
             return loss.detach()
+        if chunks:
+            chunks.watch_logits(capture.logits)
         if weight_control == 0:  # no item in C: its exact contribution is zero (its own loss would be 0 / 0)
             loss_control = capture.logits.float().sum() * 0.0
         coefficient = control_scale * weight_control / accumulation
@@ -286,8 +297,12 @@ class PredictedGradientMixin:
         backward_loss = loss_control * (control_scale * weight_control)
         if not scaled_for_ga:
             backward_loss = backward_loss / accumulation
-        self.accelerator.backward(backward_loss)
+        with chunks.active() if chunks else nullcontext():
+            self.accelerator.backward(backward_loss)
         backward_seconds = stopwatch.lap()
+        if chunks:  # the chunk hooks ran inside the backward: their time is the predictor's, not the pass's
+            backward_seconds -= chunks.seconds
+            overhead_seconds += chunks.seconds
         if not num_prediction:
             # the hooks saw the gradients of loss_control * loss_scale / accumulation (scaled_for_ga: / 1)
             unscale = loss_scale / accumulation
@@ -295,10 +310,12 @@ class PredictedGradientMixin:
             logit_error = None if capture.logit_gradient is None else capture.logit_gradient / unscale
             self._add_control_sums(sums, coefficient * self._signal(head_control, logit_error, logit_width), head_control, accumulation)
 
+        if chunks:
+            self._keep_chunk_pairs(sums, loss_scale)
         self.monitor.count_examples(num_control, batch_size)
         if self.accelerator.sync_gradients:
             self._observe(loss_scale)
-            overhead_seconds += stopwatch.lap()
+        overhead_seconds += stopwatch.lap()
         if measure:
             self.cost_meter.update(prediction_seconds, num_prediction, forward_seconds, backward_seconds, num_control, overhead_seconds)
         if not num_prediction:
@@ -373,6 +390,58 @@ class PredictedGradientMixin:
             self._record_fallback(f"the predictor fit failed ({error})")
             return None
 
+    def _keep_chunk_pairs(self, sums: dict, loss_scale: float) -> None:
+        """This micro-batch's chunk contrasts (`chunks`) as the predictor keeps them: sketched signal rows and encoded
+        trunk tensors (zero where a tensor has no chunk gradient), appended to `sums["fit"]` as one list per
+        micro-batch. In units of `.grad` after DDP's mean (divided by the loss scale and the number of ranks). When
+        they are not finite or could not be formed, each pair is (None, None): every rank still sends as many rows
+        (`_all_ranks_pairs` drops them)."""
+        chunks = self.chunk_contrasts
+        signals, trunk = chunks.take(loss_scale * self.accelerator.num_processes)
+        self.predictor.plan(self.predictor.sketched_width(chunks.signal_width))
+        finite = signals is not None and bool(torch.isfinite(torch.stack([signals.sum(), *(t.sum() for t in trunk.values())])).all())
+        if finite:
+            signals = self.predictor.sketch(signals)
+        pairs = [
+            (signals[row], [
+                self.predictor.encode(index, trunk[index][row].view(param.shape) if index in trunk else None)
+                for index, param in enumerate(self.partition.trunk_params)
+            ]) if finite else (None, None)
+            for row in range(len(chunks.sizes) - 1)
+        ]
+        sums["fit"] = (sums["fit"] or []) + [pairs]
+
+    def _all_ranks_pairs(self, micro_batches: list[list]) -> list:
+        """The chunk pairs of every rank, without the missing ones, in the order of one process that runs the
+        ranks' micro-batches interleaved (micro-batch by micro-batch, rank by rank): identical on every rank. One
+        gather of the encoded pairs: J (w + C(r)) floats per micro-batch and rank (C(r): a compressed gradient)."""
+        pairs = [pair for micro_batch in micro_batches for pair in micro_batch]
+        if self.accelerator.num_processes == 1:
+            return [pair for pair in pairs if pair[0] is not None]
+        template = [_pieces(self.predictor.encode(index, None)) for index in range(len(self.partition.trunk_params))]
+        width = self.predictor.signal_width
+        rows = torch.full((len(pairs), width + sum(t.numel() for part in template for t in part)), float("nan"), device=self.args.device)
+        for row, (signal, parts) in zip(rows, pairs):
+            if signal is not None:
+                row.copy_(torch.cat([signal.reshape(-1), *(t.reshape(-1) for part in parts for t in _pieces(part))]))
+        rows = self.accelerator.gather(self.accelerator.pad_across_processes(rows, dim=0, pad_index=float("nan")))
+        if len(rows) == len(pairs) * self.accelerator.num_processes and len({len(m) for m in micro_batches}) == 1:
+            # rank-major as gathered: reorder to micro-batch-major
+            rows = rows.reshape(self.accelerator.num_processes, len(micro_batches), -1, rows.shape[-1]).transpose(0, 1).reshape(-1, rows.shape[-1])
+        result = []
+        for row in rows:
+            if torch.isnan(row[0]):
+                continue
+            signal, offset, parts = row[:width], width, []
+            for part in template:
+                pieces = []
+                for piece in part:
+                    pieces.append(row[offset : offset + piece.numel()].view(piece.shape))
+                    offset += piece.numel()
+                parts.append(tuple(pieces) if len(pieces) == 2 else pieces[0])
+            result.append((signal, parts))
+        return result
+
     def _observe(self, loss_scale: float) -> None:
         """Score the predictor on this step's control batches, then (every second step) let it and beta learn.
 
@@ -424,9 +493,12 @@ class PredictedGradientMixin:
             if not torch.isfinite(true_squares[-1]):
                 return  # an fp16 overflow: the scaler skips this step, and the predictor learns nothing from it
             self.gradient_sketch.add(true_sketch, index, true)
-            encoded.append(self.predictor.encode(index, true.view(param.shape)))
+            if sums["fit"] is None:
+                encoded.append(self.predictor.encode(index, true.view(param.shape)))
         true_squares = torch.stack(true_squares)
-        observation = {"signal": control, "sketch": true_sketch, "step": self.state.global_step, "encoded": encoded}
+        # what the predictor will learn from: this batch's pair, or its chunk contrasts (`chunks`)
+        fit = [(control, encoded)] if sums["fit"] is None else self._all_ranks_pairs(sums["fit"])
+        observation = {"sketch": true_sketch, "step": self.state.global_step, "fit": fit}
         if parts is None:
             self.monitor.record_alignment(true_squares, None, None)
         else:
@@ -444,7 +516,8 @@ class PredictedGradientMixin:
         for kept in (pending, observation):  # beta, then the predictor, learn from both
             if "products" in kept:
                 self.coefficients.update(kept["products"], kept["squares"])
-            self.predictor.record(kept["signal"], kept["encoded"])
+            for signal, parts in kept["fit"]:
+                self.predictor.record(signal, parts)
 
     def _update_control_fraction(self) -> None:
         """`control_fraction="auto"`: the f minimising estimator variance per second (theory.optimal_control_fraction)
@@ -719,6 +792,11 @@ def _add_to_grads(params, values, scale: float) -> None:
             param.grad = value.contiguous()
         else:
             param.grad.add_(value)
+
+
+def _pieces(part) -> tuple:
+    """The tensors of one encoded trunk tensor: (U, V) when compressed, else its dense values."""
+    return part if isinstance(part, tuple) else (part,)
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from transformers import TrainerCallback  # noqa: E402
 import lgp_hf.trainer  # noqa: E402
 from conftest import image_dataset, tiny_vit  # noqa: E402
 from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer  # noqa: E402
+from lgp_hf.predictors import compressed_numel  # noqa: E402
 
 PER_DEVICE_BATCH = 8
 STEPS = 5
@@ -43,6 +44,8 @@ CONFIGS = {
     # DDP rebuilds its buckets after the first step only without find_unused_parameters (Trainer's choice under
     # activation checkpointing): a forward that DDP mistook for a training forward fails there
     "ntk_f0.25_ga2_no_unused": (0.25, "ntk", 2, {"ddp_find_unused_parameters": False}),
+    # chunk contrasts (3 chunks of the 4 control examples: 2 pairs per micro-batch), gathered from every rank
+    "window_chunks_f0.5_ga2": (0.5, "window", 2, {"predictor_fit_chunks": 3}),
     "full_f1_ga2": (1.0, "ntk", 2),
     # f chosen from measured timings: not comparable with one process, but every rank must choose the same f
     "auto_ga1": ("auto", "ntk", 1, {"auto_initial_control_fraction": 0.5, "auto_observation_period": 1}),
@@ -154,6 +157,11 @@ def run_config(name: str, output_dir: str, emulate_ranks: int = 1) -> dict:
     predictor_state = {"predictor": trainer.predictor.state_dict(), "coefficients": trainer.coefficients.state_dict()}
     head_numel = sum(p.numel() for p in trainer.partition.head_params)
     signal_numel = head_numel if trainer.predictor.signal == "head_gradient" else trainer.model.config.num_labels
+    # what a rank sends of its chunk pairs per optimizer step: rows of (sketched signal, compressed trunk gradient)
+    fit_numel = 0
+    if args.predictor_fit_chunks > 1:
+        rows = accumulation * (min(args.predictor_fit_chunks, round(control_fraction * PER_DEVICE_BATCH)) - 1)
+        fit_numel = rows * (trainer.predictor.signal_width + compressed_numel(trainer.predictor.shapes, trainer.predictor.rank))
     return {
         "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
         "predictor_state": predictor_state,
@@ -162,6 +170,7 @@ def run_config(name: str, output_dir: str, emulate_ranks: int = 1) -> dict:
         "collectives": log.collectives,
         "buckets": log.buckets,
         "signal_numel": signal_numel,
+        "fit_numel": fit_numel,
         "trunk_numel": trainer.partition.num_trunk_parameters,
         "global_step": trainer.state.global_step,
         "control_fraction": trainer._control_fraction,

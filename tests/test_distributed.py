@@ -4,7 +4,7 @@
 per-device batch, and one process with R times the accumulation steps sees the same micro-batches in the order
 (micro-step 0 of rank 0, of rank 1, micro-step 1 of rank 0, ...); the one process draws each micro-batch's split as
 the rank that holds it does. What a pass proves, for f < 1 (`ntk` and `window` predictors, with and without
-accumulation) and f = 1 (the base class's step):
+accumulation, and with chunk contrasts) and f = 1 (the base class's step):
 
 - the update of the 2 ranks equals the update of 1 process over 5 optimizer steps (SGD, clipping on), so the
   corrections written into `.grad` are all-reduced by DDP like the control gradient, and the predictor and beta,
@@ -14,7 +14,8 @@ accumulation) and f = 1 (the base class's step):
 - DDP all-reduces gradients once per optimizer step, on the last micro-batch only (a comm hook counts the buckets
   and the trainer's `sync_gradients` at each), as many buckets per step as the base class's f = 1 step;
 - every other collective the trainer issues during training carries at most a predictor input (the signal: k
-  logits for `ntk`, the head gradient for `window`), never a parameter-sized tensor.
+  logits for `ntk`, the head gradient for `window`), or with `predictor_fit_chunks` the rank's compressed chunk
+  pairs (gathered, so that every rank learns from all of them), never a parameter-sized tensor.
 """
 
 import os
@@ -110,8 +111,10 @@ def test_only_predictor_input_sized_tensors_are_communicated(runs, name):
     ddp, _ = runs
     for rank_result in ddp[name]:
         sizes = [numel for _, numel in rank_result["collectives"]]
-        # besides signals: the loss-split probe (lgp_hf.losses) agrees on one flag and one mask of len(RULES) floats
-        assert max(sizes) <= max(rank_result["signal_numel"], len(RULES)), rank_result["collectives"]
+        # besides signals: the loss-split probe (lgp_hf.losses) agrees on one flag and one mask of len(RULES) floats,
+        # and with predictor_fit_chunks > 1 each rank sends its compressed chunk pairs
+        assert max(sizes) <= max(rank_result["signal_numel"], len(RULES), rank_result["fit_numel"]), rank_result["collectives"]
         assert rank_result["signal_numel"] < rank_result["trunk_numel"] / 50
+        assert rank_result["fit_numel"] < rank_result["trunk_numel"]  # J compressed pairs, below one gradient here
         if CONFIGS[name][0] != 1:  # the control signal (and the applied difference) are averaged every step
             assert sum(1 for op, numel in rank_result["collectives"] if op == "all_reduce" and numel == rank_result["signal_numel"]) >= distributed_worker.STEPS

@@ -357,7 +357,7 @@ def test_observation_at_fraction_one_isolates_the_trunk_part_of_a_tied_embedding
     outputs.loss.backward()
     trunk_squares = sum(float(p.grad.pow(2).sum()) for name, p in untied.named_parameters() if not name.startswith("lm_head"))
     assert float(observed["sketch"].pow(2).sum()) == pytest.approx(trunk_squares, rel=1e-4)
-    torch.testing.assert_close(observed["signal"], logits.grad.reshape(-1, VOCAB).sum(0), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(observed["fit"][0][0], logits.grad.reshape(-1, VOCAB).sum(0), rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("family", ["gpt2-lm-tied", "t5-seq2seq"])

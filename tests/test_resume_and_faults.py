@@ -34,11 +34,14 @@ def resume_settings(quiet_args, predictor):
     )
 
 
-@pytest.mark.parametrize("predictor,control_fraction", [("ntk", "0.5"), ("window", "0.5"), ("zero", "0.5"), ("ntk", "auto")])
-def test_resume_is_bit_identical(predictor, control_fraction, quiet_args):
-    """Weights and statistics; "auto" (at f = 1, pairs every 3 steps) also resumes which steps it observes."""
+@pytest.mark.parametrize("predictor,control_fraction,chunks", [
+    ("ntk", "0.5", 1), ("window", "0.5", 1), ("zero", "0.5", 1), ("ntk", "auto", 1), ("window", "0.5", 3), ("ntk", "auto", 2),
+])
+def test_resume_is_bit_identical(predictor, control_fraction, chunks, quiet_args):
+    """Weights and statistics; "auto" (at f = 1, pairs every 3 steps) also resumes which steps it observes; with
+    chunk contrasts the pending batch's pairs travel in the checkpoint."""
     settings = resume_settings(quiet_args, predictor)
-    settings.update(control_fraction=control_fraction, auto_observation_period=3, auto_observation_budget=1e9)
+    settings.update(control_fraction=control_fraction, auto_observation_period=3, auto_observation_budget=1e9, predictor_fit_chunks=chunks)
     dataset = image_dataset(40)
     straight = PredictedGradientTrainer(model=tiny_vit(seed=2), args=PredictedGradientArguments(**settings), train_dataset=dataset)
     straight.train()
