@@ -153,7 +153,7 @@ def per_example_statistics(trainer, batch: dict[str, torch.Tensor]) -> dict[str,
         inputs = {key: value[i : i + 1].to(trainer.args.device) for key, value in batch.items()}
         with capture_head(partition) as capture:
             loss = model(**inputs).loss
-        _, signal = trainer._head_gradients(loss, capture.logits, retain_graph=True)
+        _, signal = trainer._head_gradients(loss, capture, 1.0, True)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         g = torch.cat([(torch.zeros_like(p) if grad is None else grad).reshape(-1) for p, grad in zip(params, grads)]).double()
         raw = predictor.predict(signal)

@@ -118,13 +118,14 @@ class RunSpec:
     """One trainer configuration. Names: `trainer` (transformers.Trainer at the run's batch size), `trainer_b<n>`
     (transformers.Trainer at batch size n), `lgp_<predictor>_f<fraction>` (PredictedGradientTrainer at a fixed
     control fraction) and `lgp_<predictor>_fauto` (at `control_fraction="auto"`); an lgp name may end in options
-    (`RUN_OPTIONS`), e.g. `lgp_window_f0.25_k8_m64`: 8 chunks per control batch, a window of 64 pairs."""
+    (`RUN_OPTIONS`), e.g. `lgp_window_f0.25_k32_m128_mem2`: 32 chunks per control batch, a window of 128 pairs,
+    a predictor state of up to twice the trunk's size."""
 
     name: str
     batch_size: int
     predictor: str | None = None
     control_fraction: float | str | None = None  # a number in (0, 1] or "auto"
-    settings: tuple[tuple[str, int], ...] = ()  # (PredictedGradientArguments field, value) from the name's options
+    settings: tuple[tuple[str, int | float], ...] = ()  # (PredictedGradientArguments field, value) from the name's options
 
     @property
     def is_lgp(self) -> bool:
@@ -138,8 +139,8 @@ class RunSpec:
         return control_size(self.batch_size, self.control_fraction) if self.is_lgp else self.batch_size
 
 
-#: option letter of an lgp run name -> the PredictedGradientArguments field it sets (an integer)
-RUN_OPTIONS = {"k": "predictor_fit_chunks", "m": "predictor_window_size"}
+#: option of an lgp run name -> (the PredictedGradientArguments field it sets, its type)
+RUN_OPTIONS = {"k": ("predictor_fit_chunks", int), "m": ("predictor_window_size", int), "mem": ("predictor_memory_fraction", float)}
 
 
 def parse_run(name: str, batch_size: int) -> RunSpec:
@@ -147,16 +148,18 @@ def parse_run(name: str, batch_size: int) -> RunSpec:
         return RunSpec(name, batch_size)
     if match := re.fullmatch(r"trainer_b(\d+)", name):
         return RunSpec(name, int(match.group(1)))
-    pattern = r"lgp_([a-z]+)_f(auto|[0-9.]+)((?:_[" + "".join(RUN_OPTIONS) + r"]\d+)*)"
-    if (match := re.fullmatch(pattern, name)) and match.group(1) in PREDICTOR_NAMES:
+    option = "_(" + "|".join(RUN_OPTIONS) + r")([0-9.]+)"
+    if (match := re.fullmatch(r"lgp_([a-z]+)_f(auto|[0-9.]+)((?:" + option + ")*)", name)) and match.group(1) in PREDICTOR_NAMES:
         fraction = match.group(2) if match.group(2) == "auto" else float(match.group(2))
-        settings = tuple((RUN_OPTIONS[option[0]], int(option[1:])) for option in filter(None, match.group(3).split("_")))
+        settings = tuple(
+            (RUN_OPTIONS[key][0], RUN_OPTIONS[key][1](value)) for key, value in re.findall(option, match.group(3))
+        )
         if fraction == "auto" or 0 < fraction <= 1:
             return RunSpec(name, batch_size, match.group(1), fraction, settings)
     raise ValueError(
         f"run {name!r}: use 'trainer', 'trainer_b<batch size>', 'lgp_<predictor>_f<fraction in (0, 1]>' or 'lgp_<predictor>_fauto' "
-        f"with a predictor among {list(PREDICTOR_NAMES)}, optionally followed by {', '.join(f'_{k}<{v}>' for k, v in RUN_OPTIONS.items())}, "
-        "e.g. lgp_ntk_f0.25 or lgp_window_fauto_k8_m64."
+        f"with a predictor among {list(PREDICTOR_NAMES)}, optionally followed by {', '.join(f'_{k}<{v[0]}>' for k, v in RUN_OPTIONS.items())}, "
+        "e.g. lgp_ntk_f0.25 or lgp_window_fauto_k32_m128_mem2."
     )
 
 

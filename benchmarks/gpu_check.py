@@ -14,7 +14,15 @@ script runs the same checks on a GPU, in about a minute, and prints the figures:
   unbiased            learning rate 0, f=0.25, ntk, fp32: the mean update over many random splits against the exact
                       full-batch gradient, z-scores along random and per-tensor directions (|z| < 4.5)
 
+Then (unless --race_seconds 0) a short equal-time race under bf16 on the example's ViT and the CIFAR-10 subset the
+repository ships (`time_to_accuracy.py --subset --bf16`, one seed, `--race_seconds` of training per run): Trainer
+at batch 128 and 64, the default ("auto"), ntk at f = 0.25 and window at f = 0.25 with per-example chunk contrasts;
+its table gives, per run, steps, seconds per step, test accuracy, the measured variance explained E and its
+break-even (from the measured cost ratio c and overhead), and the control fraction "auto" ended at. About 6
+minutes on a GPU at the default.
+
     python benchmarks/gpu_check.py               # on a machine with CUDA; prints a table, exit status 1 on a failure
+    python benchmarks/gpu_check.py --race_seconds 0                  # the checks only
     python benchmarks/gpu_check.py --allow_cpu   # the checks that do not need CUDA, on the CPU (slow, for the script)
 
 Without a CUDA device (and without --allow_cpu) it says so and exits 0.
@@ -23,7 +31,6 @@ Without a CUDA device (and without --allow_cpu) it says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -227,6 +234,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--allow_cpu", action="store_true", help="Without CUDA, run the checks that do not need it on the CPU.")
     parser.add_argument("--unbiased_steps", type=int, default=400, help="Steps of the unbiasedness check (default: %(default)s).")
+    parser.add_argument("--race_seconds", type=float, default=45.0, help="Training seconds per run of the bf16 race (0: no race).")
     cli = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not cli.allow_cpu:
@@ -263,7 +271,25 @@ def main() -> int:
             failures += not ok
             print(f"{name:20s} {'PASS' if ok else 'FAIL'}  {figures}  ({time.perf_counter() - start:.1f} s)", flush=True)
     print("all checks passed" if not failures else f"{failures} check(s) failed")
+    if cli.race_seconds > 0:
+        race(cli.race_seconds, cuda)
     return 1 if failures else 0
+
+
+RACE_RUNS = ["trainer", "trainer_b64", "lgp_ntk_fauto", "lgp_ntk_f0.25", "lgp_window_f0.25_k32_m128_mem2"]
+
+
+def race(seconds: float, cuda: bool) -> None:
+    """The equal-time race of the module docstring (`time_to_accuracy.py`, in this process); bf16 needs CUDA here:
+    on the CPU (--allow_cpu) it runs in fp32, only to check the script."""
+    import time_to_accuracy  # benchmarks/, next to this script
+
+    print(f"race: {seconds:g} s per run, {'bf16' if cuda else 'fp32 (CPU)'}, CIFAR-10 subset, one seed", flush=True)
+    time_to_accuracy.main([
+        "--subset", "--seeds", "1", "--budget_seconds", str(seconds), "--eval_every_seconds", str(seconds / 3),
+        "--eval_samples", "1000", "--runs", *RACE_RUNS, "--output_dir", tempfile.mkdtemp(prefix="gpu_race_"),
+        *(["--bf16"] if cuda else []),
+    ])
 
 
 if __name__ == "__main__":

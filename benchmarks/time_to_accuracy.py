@@ -13,6 +13,8 @@ Runs (`--runs`; the default is all of them for `--fractions` and `--predictors`)
   lgp_<predictor>_f<f>    PredictedGradientTrainer with that predictor and control fraction
   lgp_<predictor>_fauto   PredictedGradientTrainer at control_fraction="auto" (the library's default); the
                           defaults add it for the first of `--predictors`
+  lgp_..._k<K>_m<m>       either lgp name with options: predictor_fit_chunks K, predictor_window_size m
+                          (`common.RUN_OPTIONS`; _mem<f>: predictor_memory_fraction), e.g. lgp_window_fauto_k32_m128_mem2
 
 All runs use the example's optimizer settings (AdamW, weight decay 0.05) at `--learning_rate` for every batch
 size, constant after `--warmup_steps` warm-up steps (a schedule over a fixed number of steps would differ
@@ -56,7 +58,8 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
         "--runs",
         nargs="+",
         default=None,
-        help="Run names: trainer, trainer_b<batch size>, lgp_<predictor>_f<fraction>, lgp_<predictor>_fauto. Default: "
+        help="Run names: trainer, trainer_b<batch size>, lgp_<predictor>_f<fraction>, lgp_<predictor>_fauto, either lgp name "
+        "followed by options _k<chunks>_m<window>_mem<memory fraction> (e.g. lgp_window_f0.25_k32_m128_mem2). Default: "
         "trainer, trainer_b<n> for each control micro-batch size n, lgp_<p>_f<f> for every --predictors p and "
         "--fractions f, and lgp_<first predictor>_fauto.",
     )
@@ -67,6 +70,7 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--warmup_steps", type=int, default=20, help="Linear warm-up steps, then a constant rate.")
     parser.add_argument("--logging_steps", type=int, default=10, help="Steps between log entries (and lgp/* statistics).")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every run (TrainingArguments.bf16; for a GPU).")
     parser.add_argument("--output_dir", type=Path, default=common.RESULTS_DIR / "time_to_accuracy")
     common.add_data_arguments(parser, subset_default=False)
     return parser
@@ -97,6 +101,7 @@ def run_one(spec: common.RunSpec, seed: int, data: common.ImageData, args, model
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=args.warmup_steps,
         logging_steps=args.logging_steps,
+        bf16=args.bf16,
     )
     trainer = common.make_trainer(spec, model, training_args, data.train, data.eval, callbacks=[budget])
     trainer.train()

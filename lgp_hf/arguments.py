@@ -62,7 +62,9 @@ class PredictedGradientSettings:
             chunk gradients of linear layers (`nn.Linear`, GPT-2's `Conv1D`, LoRA's adapters) come from hooks on
             the same backward, at the cost of one more weight-gradient product per layer and K - 1 compressions per
             control batch; other trunk tensors get zero in the contrasts. Each pair takes a slot of
-            `predictor_window_size`, so the window covers fewer control batches: raise it with K.
+            `predictor_window_size`, so the window covers fewer control batches: raise it with K. On the example's
+            ViT, per-example contrasts (K = the control batch size) explain 4 times more variance than one pair
+            per batch (0.14 against 0.03) but cost about half a step on CPU (README, Results).
         predictor_refit_steps (`int`, defaults to `25`):
             Optimizer steps between updates of the automatic control fraction (`control_fraction="auto"`). The
             predictors learn from every observed control batch and need no refit schedule.

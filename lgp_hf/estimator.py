@@ -50,6 +50,12 @@ def subset_loss_weights(loss_is_sum_normalised: bool, batch_size: int, num_contr
     return num_control / batch_size, (batch_size - num_control) / batch_size
 
 
+def running_sum(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """A running sum over micro-batches (or calls); the first value is kept as it is (not copied: sums can be
+    parameter-sized)."""
+    return value if total is None else total + value
+
+
 def signal_difference(batch_signal: torch.Tensor, control_signal: torch.Tensor, control_scale: float) -> torch.Tensor:
     """S_B - r S_C: what the predictor maps to the trunk correction."""
     return batch_signal - control_scale * control_signal

@@ -305,6 +305,7 @@ def lgp_hyperparameters_from_trainer(trainer) -> dict[str, Any]:
         settings["control_fraction"] = args.control_fraction
     settings["predictor"] = args.predictor
     settings["predictor_refit_steps"] = args.predictor_refit_steps
+    settings["predictor_fit_chunks"] = args.predictor_fit_chunks
     settings["predictor_window_size"] = args.predictor_window_size
     settings["predictor_memory_fraction"] = args.predictor_memory_fraction
     settings["predictor_ridge"] = getattr(trainer.predictor, "ridge", args.predictor_ridge)  # as resolved

@@ -162,12 +162,13 @@ def low_rank_factors(
     Exact when rank(M) <= r (then Q spans M's range and the truncated SVD of B loses nothing); otherwise close
     to the best rank-r approximation when the spectrum decays, which power iterations sharpen. Cost: 2 + 2q
     products of M with a k-column matrix (2 (2 + 2q) k a b flops), a QR of (a x k) and an SVD of (k x b).
+    A stack of matrices (t x a x b) gives stacked factors, in batched products (one call for t gradients).
     """
     basis = torch.linalg.qr(matrix @ test_matrix).Q
     for _ in range(power_iterations):
-        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
-    left, values, right = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return basis @ (left[:, :rank] * values[:rank]), right[:rank].T
+        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.mT @ basis).Q).Q
+    left, values, right = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)
+    return basis @ (left[..., :rank] * values[..., None, :rank]), right[..., :rank, :].mT
 
 
 class GradientStore:
@@ -232,6 +233,14 @@ class GradientStore:
             matrix = tensor.reshape(matrix_shape(self.shapes[index]))
             return low_rank_factors(matrix, self.rank, self._test_matrix(index, tensor.device), self.power_iterations)
         return tensor.reshape(-1).clone()  # not a view: the caller's tensor may be .grad, zeroed before `write`
+
+    def encode_stack(self, index: int, tensors: torch.Tensor) -> list:
+        """`encode` of each of t stacked tensors (t x the tensor's shape), compressed in one batched call."""
+        if index not in self._compressed_position:
+            return list(tensors.reshape(len(tensors), -1).clone())
+        matrices = tensors.reshape(len(tensors), *matrix_shape(self.shapes[index]))
+        u, v = low_rank_factors(matrices, self.rank, self._test_matrix(index, tensors.device), self.power_iterations)
+        return list(zip(u, v))
 
     def write(self, slot: int, parts: Sequence) -> None:
         """Stores one gradient, given as the `encode`d parts of all its tensors (in order), in `slot`."""
@@ -413,6 +422,10 @@ class GradientPredictor:
         """Trunk tensor `index` of one control batch's gradient, in the form `record` keeps (None: zero)."""
         return None
 
+    def encode_stack(self, index: int, tensors: torch.Tensor) -> list:
+        """`encode` of each of t stacked tensors (t x the tensor's shape); subclasses may batch the work."""
+        return [self.encode(index, tensor) for tensor in tensors]
+
     def record(self, signal: torch.Tensor, parts: list) -> None:
         """Keep one control batch: its signal (1-D) and the `encode`d tensors of its true trunk gradient."""
 
@@ -551,6 +564,11 @@ class RidgePredictor(GradientPredictor):
             self.signals = self.signals.to(tensor.device)
             self.store.to(tensor.device)
         return self.store.encode(index, tensor.float())
+
+    def encode_stack(self, index, tensors):
+        if self.store is None or self.signals.device != tensors.device:
+            self.encode(index, tensors[0])  # allocates or moves the state, as `encode` does
+        return self.store.encode_stack(index, tensors.float())
 
     def record(self, signal, parts):
         self.plan(signal.shape[-1])

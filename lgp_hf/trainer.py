@@ -18,9 +18,9 @@ from transformers.utils import logging
 from . import theory
 from .arguments import PredictedGradientArguments, PredictedGradientSettings
 from .checkpoints import reload_renamed_weights
-from .chunks import ChunkContrasts
+from .chunks import ChunkContrasts, pack_pairs, unpack_pairs
 from .costs import CostMeter, Stopwatch
-from .estimator import ControlVariateCoefficients, control_size, signal_difference, split_batch_indices, split_generator
+from .estimator import ControlVariateCoefficients, control_size, running_sum, signal_difference, split_batch_indices, split_generator
 from .heads import HEAD_ATTRIBUTE_NAMES, ModelPartition, capture_head
 from .losses import LossDecomposition
 from .model_card import write_model_card
@@ -66,7 +66,8 @@ class PredictedGradientMixin:
     `Trainer` (the head and predicted trunk corrections already in `.grad` travel with it); the summed control
     signal and the summed signal difference S_B - r S_C that the applied corrections came from (signal-sized); for a
     parameter shared by head and trunk, the exact head part of its gradient (its size), so that the trunk part can be
-    isolated. The predictor and beta are fitted from inputs identical on every rank, so their state is identical on
+    isolated; with `predictor_fit_chunks` > 1, each rank's compressed chunk pairs (one gather), so that every rank
+    learns from all of them. The predictor and beta are fitted from inputs identical on every rank, so their state is identical on
     every rank and equal to one process's on the same global batches (tests/test_distributed.py). The prediction
     forward runs on the module inside the DDP wrapper (it has no backward for DDP to reduce).
 
@@ -148,7 +149,7 @@ class PredictedGradientMixin:
         if settings.predictor_fit_chunks > 1:
             self.chunk_contrasts = ChunkContrasts(
                 self.accelerator.unwrap_model(model), self.partition.trunk_params, self.partition.head_params, shared,
-                settings.predictor_fit_chunks, self.predictor.signal,
+                settings.predictor_fit_chunks, self.predictor.signal, self.predictor.encode_stack,
             )
 
     def _unsupported_reason(self, model) -> str | None:
@@ -275,6 +276,7 @@ class PredictedGradientMixin:
             return loss.detach()
         if chunks:
             chunks.watch_logits(capture.logits)
+            self.predictor.plan(self.predictor.sketched_width(chunks.signal_width))  # before the hooks encode
         if weight_control == 0:  # no item in C: its exact contribution is zero (its own loss would be 0 / 0)
             loss_control = capture.logits.float().sum() * 0.0
         coefficient = control_scale * weight_control / accumulation
@@ -286,7 +288,7 @@ class PredictedGradientMixin:
             head_correction = [hb / accumulation - coefficient * hc for hb, hc in zip(head_batch, head_control)]
             _add_to_grads(self.partition.head_params, head_correction, loss_scale)
             if self._add_trunk_correction(difference, loss_scale):
-                sums["applied"] = _add(sums["applied"], difference)
+                sums["applied"] = running_sum(sums["applied"], difference)
             self._add_control_sums(sums, coefficient * signal_control, head_batch, accumulation)
         else:
             capture.record_gradients(self._recorded_heads)  # f = 1: the head gradients come from the backward itself
@@ -297,7 +299,7 @@ class PredictedGradientMixin:
         backward_loss = loss_control * (control_scale * weight_control)
         if not scaled_for_ga:
             backward_loss = backward_loss / accumulation
-        with chunks.active() if chunks else nullcontext():
+        with chunks.active(loss_scale * self.accelerator.num_processes) if chunks else nullcontext():
             self.accelerator.backward(backward_loss)
         backward_seconds = stopwatch.lap()
         if chunks:  # the chunk hooks ran inside the backward: their time is the predictor's, not the pass's
@@ -311,7 +313,7 @@ class PredictedGradientMixin:
             self._add_control_sums(sums, coefficient * self._signal(head_control, logit_error, logit_width), head_control, accumulation)
 
         if chunks:
-            self._keep_chunk_pairs(sums, loss_scale)
+            self._keep_chunk_pairs(sums)
         self.monitor.count_examples(num_control, batch_size)
         if self.accelerator.sync_gradients:
             self._observe(loss_scale)
@@ -390,25 +392,22 @@ class PredictedGradientMixin:
             self._record_fallback(f"the predictor fit failed ({error})")
             return None
 
-    def _keep_chunk_pairs(self, sums: dict, loss_scale: float) -> None:
+    def _keep_chunk_pairs(self, sums: dict) -> None:
         """This micro-batch's chunk contrasts (`chunks`) as the predictor keeps them: sketched signal rows and encoded
         trunk tensors (zero where a tensor has no chunk gradient), appended to `sums["fit"]` as one list per
-        micro-batch. In units of `.grad` after DDP's mean (divided by the loss scale and the number of ranks). When
-        they are not finite or could not be formed, each pair is (None, None): every rank still sends as many rows
-        (`_all_ranks_pairs` drops them)."""
+        micro-batch, in `.grad`'s units after DDP's mean. When they are not finite or could not be formed, each pair
+        is (None, None): every rank still sends as many rows (`_all_ranks_pairs` drops them)."""
         chunks = self.chunk_contrasts
-        signals, trunk = chunks.take(loss_scale * self.accelerator.num_processes)
-        self.predictor.plan(self.predictor.sketched_width(chunks.signal_width))
-        finite = signals is not None and bool(torch.isfinite(torch.stack([signals.sum(), *(t.sum() for t in trunk.values())])).all())
-        if finite:
+        signals, encoded = chunks.take()
+        rows = len(chunks.sizes) - 1
+        if signals is None:
+            pairs = [(None, None)] * rows
+        else:
             signals = self.predictor.sketch(signals)
-        pairs = [
-            (signals[row], [
-                self.predictor.encode(index, trunk[index][row].view(param.shape) if index in trunk else None)
-                for index, param in enumerate(self.partition.trunk_params)
-            ]) if finite else (None, None)
-            for row in range(len(chunks.sizes) - 1)
-        ]
+            for index in range(len(self.partition.trunk_params)):
+                if index not in encoded:
+                    encoded[index] = [self.predictor.encode(index, None)] * rows
+            pairs = [(signals[row], [encoded[index][row] for index in range(len(encoded))]) for row in range(rows)]
         sums["fit"] = (sums["fit"] or []) + [pairs]
 
     def _all_ranks_pairs(self, micro_batches: list[list]) -> list:
@@ -418,29 +417,13 @@ class PredictedGradientMixin:
         pairs = [pair for micro_batch in micro_batches for pair in micro_batch]
         if self.accelerator.num_processes == 1:
             return [pair for pair in pairs if pair[0] is not None]
-        template = [_pieces(self.predictor.encode(index, None)) for index in range(len(self.partition.trunk_params))]
-        width = self.predictor.signal_width
-        rows = torch.full((len(pairs), width + sum(t.numel() for part in template for t in part)), float("nan"), device=self.args.device)
-        for row, (signal, parts) in zip(rows, pairs):
-            if signal is not None:
-                row.copy_(torch.cat([signal.reshape(-1), *(t.reshape(-1) for part in parts for t in _pieces(part))]))
+        template = [self.predictor.encode(index, None) for index in range(len(self.partition.trunk_params))]
+        rows = pack_pairs(pairs, template, self.predictor.signal_width).to(self.args.device)
         rows = self.accelerator.gather(self.accelerator.pad_across_processes(rows, dim=0, pad_index=float("nan")))
-        if len(rows) == len(pairs) * self.accelerator.num_processes and len({len(m) for m in micro_batches}) == 1:
-            # rank-major as gathered: reorder to micro-batch-major
-            rows = rows.reshape(self.accelerator.num_processes, len(micro_batches), -1, rows.shape[-1]).transpose(0, 1).reshape(-1, rows.shape[-1])
-        result = []
-        for row in rows:
-            if torch.isnan(row[0]):
-                continue
-            signal, offset, parts = row[:width], width, []
-            for part in template:
-                pieces = []
-                for piece in part:
-                    pieces.append(row[offset : offset + piece.numel()].view(piece.shape))
-                    offset += piece.numel()
-                parts.append(tuple(pieces) if len(pieces) == 2 else pieces[0])
-            result.append((signal, parts))
-        return result
+        ranks = self.accelerator.num_processes
+        if len(rows) == len(pairs) * ranks and len({len(m) for m in micro_batches}) == 1:  # rank-major: interleave
+            rows = rows.reshape(ranks, len(micro_batches), -1, rows.shape[-1]).transpose(0, 1).reshape(-1, rows.shape[-1])
+        return unpack_pairs(rows, template, self.predictor.signal_width)
 
     def _observe(self, loss_scale: float) -> None:
         """Score the predictor on this step's control batches, then (every second step) let it and beta learn.
@@ -581,12 +564,12 @@ class PredictedGradientMixin:
     def _add_control_sums(self, sums: dict, control_signal: torch.Tensor, head_batch: list, accumulation: int) -> None:
         """What `_observe` needs of a micro-batch: the scaled control signal and, for parameters shared by head and
         trunk, the exact head part of the batch's gradient."""
-        sums["control"] = _add(sums["control"], control_signal)
+        sums["control"] = running_sum(sums["control"], control_signal)
         for trunk_index, head_index in self._shared_heads.items():
             part = head_batch[head_index]
             if part is not None:
                 part = part.float() / accumulation if accumulation != 1 else part.float()
-                sums["shared_head"][trunk_index] = _add(sums["shared_head"].get(trunk_index), part)
+                sums["shared_head"][trunk_index] = running_sum(sums["shared_head"].get(trunk_index), part)
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """The base class's rule for whether the loss is already scaled for gradient accumulation (followed as is,
@@ -792,16 +775,6 @@ def _add_to_grads(params, values, scale: float) -> None:
             param.grad = value.contiguous()
         else:
             param.grad.add_(value)
-
-
-def _pieces(part) -> tuple:
-    """The tensors of one encoded trunk tensor: (U, V) when compressed, else its dense values."""
-    return part if isinstance(part, tuple) else (part,)
-
-
-def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    """A running sum over micro-batches; the first value is kept as it is (not copied: sums can be parameter-sized)."""
-    return value if total is None else total + value
 
 
 class PredictedGradientTrainer(PredictedGradientMixin, Trainer):

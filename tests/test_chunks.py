@@ -7,7 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
-from lgp_hf.chunks import ChunkContrasts, chunk_sizes, contrast_matrix, linear_gradient_contrasts, per_example_contrasts
+from lgp_hf.chunks import ChunkContrasts, chunk_sizes, contrast_matrix, linear_gradient_contrasts, pack_pairs, unpack_pairs
 from lgp_hf.heads import ModelPartition, capture_head
 from conftest import image_dataset, tiny_vit
 from test_model_families import BATCH, FAMILIES, gpt2, lm_data
@@ -53,6 +53,29 @@ def test_linear_contrasts_equal_chunk_gradients_by_autograd(layer):
     torch.testing.assert_close(bias, matrix @ torch.stack([b for _, b in chunk_gradients]))
 
 
+def test_packed_pairs_unpack_to_the_same_pairs_without_the_missing_ones():
+    """The rows that DDP ranks gather: a compressed tensor (U, V) and a dense one per pair; a missing pair is NaN."""
+    generator = torch.Generator().manual_seed(0)
+
+    def pair():
+        return torch.randn(3, generator=generator), [(torch.randn(4, 2, generator=generator), torch.randn(5, 2, generator=generator)), torch.randn(6, generator=generator)]
+
+    pairs = [pair(), (None, None), pair()]
+    rows = pack_pairs(pairs, pairs[0][1], 3)
+    assert rows.shape == (3, 3 + 8 + 10 + 6) and torch.isnan(rows[1]).all()
+    unpacked = unpack_pairs(rows, pairs[0][1], 3)
+    assert len(unpacked) == 2
+    for (signal, parts), (expected_signal, expected_parts) in zip(unpacked, [pairs[0], pairs[2]]):
+        assert torch.equal(signal, expected_signal)
+        assert torch.equal(parts[0][0], expected_parts[0][0]) and torch.equal(parts[0][1], expected_parts[0][1])
+        assert torch.equal(parts[1], expected_parts[1])
+
+
+def keep_raw(index, rows):
+    """An `encode` for ChunkContrasts that keeps the contrasts as they are (J tensors of the parameter's shape)."""
+    return list(rows)
+
+
 def _chunk_gradients_by_autograd(model, partition, batch, sizes, loss_of):
     """Per chunk: the trunk gradients and the signal rows (logit error summed, head gradient) of its share
     (n_k / n) x its mean loss, i.e. of its part of the batch's mean loss, one backward per chunk."""
@@ -79,14 +102,14 @@ def test_hooks_on_the_control_backward_give_the_chunk_contrasts(signal):
     partition = ModelPartition.from_model(model)
     batch = image_dataset(8, num_labels=3)[:8]
     sizes, matrix = chunk_sizes(8, 3), contrast_matrix(chunk_sizes(8, 3)).float()
-    collector = ChunkContrasts(model, partition.trunk_params, partition.head_params, set(), 3, signal)
+    collector = ChunkContrasts(model, partition.trunk_params, partition.head_params, set(), 3, signal, keep_raw)
     assert 0.7 < collector.trunk_coverage < 1  # all but the patch embedding, position embeddings, norms, cls token
     with capture_head(partition) as capture, collector.recording(8):
         loss = model(**batch).loss
     collector.watch_logits(capture.logits)
-    with collector.active():
-        (loss * 64.0).backward()  # a loss scale, divided out by take()
-    signals, trunk = collector.take(64.0)
+    with collector.active(64.0):
+        (loss * 64.0).backward()  # a loss scale, divided out
+    signals, trunk = collector.take()
 
     expected_trunk, logit_errors, heads = _chunk_gradients_by_autograd(model, partition, batch, sizes, lambda out, chunk: out.loss)
     torch.testing.assert_close(signals, matrix @ (logit_errors if signal == "logit_error" else heads), rtol=1e-4, atol=1e-6)
@@ -95,7 +118,7 @@ def test_hooks_on_the_control_backward_give_the_chunk_contrasts(signal):
         if index in trunk:
             covered += 1
             expected = torch.einsum("jk,k...->j...", matrix, torch.stack([g[index] for g in expected_trunk]))
-            torch.testing.assert_close(trunk[index], expected.reshape(len(matrix), -1), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(torch.stack(trunk[index]), expected, rtol=1e-4, atol=1e-6)
     assert covered == sum(1 for side, w, b in collector.layers.values() if side == "trunk" for i in (w, b) if i is not None)
 
 
@@ -104,7 +127,7 @@ def test_hooks_leave_out_a_tied_embedding_and_read_gpt2_conv1d_layers():
     model = gpt2()
     partition = ModelPartition.from_model(model)
     shared = {id(p) for p in partition.shared_params}
-    collector = ChunkContrasts(model, partition.trunk_params, partition.head_params, shared, 4, "logit_error")
+    collector = ChunkContrasts(model, partition.trunk_params, partition.head_params, shared, 4, "logit_error", keep_raw)
     batch = lm_data()[:BATCH]
     with capture_head(partition) as capture, collector.recording(BATCH):
         loss = model(**batch).loss
@@ -132,7 +155,7 @@ def test_hooks_leave_out_a_tied_embedding_and_read_gpt2_conv1d_layers():
     assert conv and all(i in trunk for i in conv)
     for index in conv:
         expected = torch.einsum("jk,k...->j...", matrix, torch.stack([g[index] for g in expected_trunk]))
-        torch.testing.assert_close(trunk[index], expected.reshape(len(matrix), -1), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.stack(trunk[index]), expected, rtol=1e-4, atol=1e-6)
 
 
 def _train(tmp_path, **settings):

@@ -109,7 +109,7 @@ def test_create_model_card_records_the_run(quiet_args, no_network):
     text = card.text
     assert "arXiv 2511.05187" in text and "https://arxiv.org/abs/2511.05187" in text
     for line in (
-        "- control_fraction: 0.5", "- predictor: ntk", "- predictor_refit_steps: 25", "- predictor_window_size: 16",
+        "- control_fraction: 0.5", "- predictor: ntk", "- predictor_refit_steps: 25", "- predictor_fit_chunks: 1", "- predictor_window_size: 16",
         "- predictor_memory_fraction: 0.25", "- predictor_ridge: 1.0", "- control_variate_coefficient: fitted", "- head_modules: classifier",
         "- learning_rate: 0.001", "- train_batch_size: 8", "- seed: 0", "- training_steps: 4",
     ):

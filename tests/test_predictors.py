@@ -107,6 +107,24 @@ def test_gradient_store_combines_like_the_dense_sum_of_its_compressed_gradients(
     assert store.numel == 4 * compressed_numel(SMALL_SHAPES, 2)
 
 
+def test_stacked_encoding_equals_one_tensor_at_a_time():
+    """`encode_stack` (the chunk contrasts' batched compression) stores what `encode` stores, row by row; a None
+    tensor encodes as zeros."""
+    store = GradientStore(SMALL_SHAPES, capacity=4, rank=2)
+    generator = torch.Generator().manual_seed(3)
+    for index, shape in enumerate(SMALL_SHAPES):
+        tensors = torch.randn(3, *shape, generator=generator)
+        for stacked, tensor in zip(store.encode_stack(index, tensors), tensors):
+            single = store.encode(index, tensor)
+            for a, b in zip(_pieces(stacked), _pieces(single)):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert all(float(piece.abs().sum()) == 0 for piece in _pieces(store.encode(index, None)))
+
+
+def _pieces(part):
+    return part if isinstance(part, tuple) else (part,)
+
+
 def test_predictions_are_exact_for_low_rank_gradients_linear_in_the_signal():
     """g(s): per matrix tensor U0 diag(L s) V0^T (rank <= 3, linear in s), per 1-D tensor M s; window 8 > width 3,
     so a near-zero ridge recovers the map exactly on a new signal."""
