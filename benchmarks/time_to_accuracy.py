@@ -22,7 +22,7 @@ between runs that reach different step counts in the same time).
 
 Reported per run: time to reach the target accuracy, the best Trainer run's final test accuracy (mean over seeds),
 per seed and as mean when every seed reached it; final accuracy (mean and per seed); steps and seconds per
-step; the per-example variance explained with its break-even, the mean (batch) alignment and the final control
+step; the measured cost ratio c and predictor overhead o, the per-example variance explained with its break-even, the mean (batch) alignment and the final control
 fraction (`trainer.lgp_summary()`). Plots: test accuracy against training seconds (accuracy_vs_seconds.png) and
 `lgp/variance_explained` with `lgp/break_even_variance_explained` against step (alignment_vs_step.png). results.json holds every evaluation and the lgp log history, and is rewritten after
 each run, so an interrupted suite keeps what it finished.
@@ -164,6 +164,8 @@ def summarize(results: list[dict]) -> tuple[float | None, list[dict]]:
             "final_acc_per_seed": " / ".join(f"{r['final_accuracy']:.4f}" for r in records),
             "time_to_target_s": statistics.fmean(reach) if reach and None not in reach else None,
             "time_to_target_per_seed": " / ".join("not reached" if t is None else f"{t:.0f}" for t in reach) or None,
+            "cost_ratio": mean_of(lgp, "lgp_cost_ratio"),
+            "overhead": mean_of(lgp, "lgp_overhead_ratio"),
             "variance_explained": mean_of(lgp, "lgp_variance_explained"),
             "break_even_ve": mean_of(lgp, "lgp_break_even_variance_explained"),
             "mean_alignment": mean_of(lgp, "lgp_mean_alignment"),
@@ -184,7 +186,8 @@ def mean_of(summaries: list[dict], key: str) -> float | None:
 
 COLUMNS = [
     "run", "batch", "full_bwd_examples", "steps", "s_per_step", "final_acc", "final_acc_per_seed",
-    "time_to_target_s", "time_to_target_per_seed", "variance_explained", "break_even_ve", "mean_alignment", "final_f",
+    "time_to_target_s", "time_to_target_per_seed", "cost_ratio", "overhead", "variance_explained", "break_even_ve",
+    "mean_alignment", "final_f",
 ]
 
 
