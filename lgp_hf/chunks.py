@@ -106,7 +106,8 @@ class ChunkContrasts:
     then the backward inside `active(scale)`, then `take()`. A layer's contrasts are encoded as soon as the last
     backward through it has run, so that at most J raw copies of one layer are alive at a time; only the layers'
     inputs are held from forward to backward (autograd holds them too, except under gradient checkpointing,
-    where these hooks keep them through the backward).
+    where these hooks keep them through the backward; with `use_reentrant=True` checkpointing the checkpointed
+    layers run their forward without autograd, so they get no contrasts).
     """
 
     def __init__(self, model: nn.Module, trunk_params: list, head_params: list, shared: set[int], num_chunks: int, signal: str, encode):
