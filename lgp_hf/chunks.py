@@ -125,7 +125,9 @@ class ChunkContrasts:
                 continue
             params = [getattr(module, "weight", None), getattr(module, "bias", None)]
             params = [p if p is not None and p.requires_grad and id(p) not in shared else None for p in params]
-            for side, index in (("trunk", trunk_index), ("head", head_index)):
+            # head layers only for the head-gradient signal: the logit-error signal comes from the logits
+            sides = (("trunk", trunk_index), ("head", head_index)) if signal == "head_gradient" else (("trunk", trunk_index),)
+            for side, index in sides:
                 found = [None if p is None else index.get(id(p)) for p in params]
                 if any(i is not None for i in found):
                     self.layers[module] = (side, *found)

@@ -95,6 +95,15 @@ def is_compressed(shape: Shape, rank: int) -> bool:
     return matrix is not None and rank * (matrix[0] + matrix[1]) < matrix[0] * matrix[1]
 
 
+def zero_encoding(shape: Shape, rank: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """A zero tensor of `shape` as `GradientStore.encode` stores it at `rank`: zero factors (U: a x r, V: b x r)
+    when compressed, else zero flat values; no compression work."""
+    if is_compressed(shape, rank):
+        a, b = matrix_shape(shape)
+        return torch.zeros(a, rank, device=device), torch.zeros(b, rank, device=device)
+    return torch.zeros(math.prod(int(n) for n in shape), device=device)
+
+
 def compressed_numel(shapes: Sequence[Shape], rank: int) -> int:
     """C(r): floats that one stored gradient takes, sum over tensors of min(r (a + b), a b) (numel for 1-D)."""
     total = 0
@@ -224,20 +233,13 @@ class GradientStore:
         else a copy of its flat values (None: a zero tensor, on the store's device, without compression work); the
         store itself is not touched (a failure leaves it as it was)."""
         if tensor is None:
-            device = self.dense_buffer.device
-            if index in self._compressed_position:
-                a, b = matrix_shape(self.shapes[index])
-                return torch.zeros(a, self.rank, device=device), torch.zeros(b, self.rank, device=device)
-            return torch.zeros(self.numels[index], device=device)
-        if index in self._compressed_position:
-            matrix = tensor.reshape(matrix_shape(self.shapes[index]))
-            return low_rank_factors(matrix, self.rank, self._test_matrix(index, tensor.device), self.power_iterations)
-        return tensor.reshape(-1).clone()  # not a view: the caller's tensor may be .grad, zeroed before `write`
+            return zero_encoding(self.shapes[index], self.rank, self.dense_buffer.device)
+        return self.encode_stack(index, tensor[None])[0]
 
     def encode_stack(self, index: int, tensors: torch.Tensor) -> list:
         """`encode` of each of t stacked tensors (t x the tensor's shape), compressed in one batched call."""
         if index not in self._compressed_position:
-            return list(tensors.reshape(len(tensors), -1).clone())
+            return list(tensors.reshape(len(tensors), -1).clone())  # not views: the caller's tensor may be .grad, zeroed before `write`
         matrices = tensors.reshape(len(tensors), *matrix_shape(self.shapes[index]))
         u, v = low_rank_factors(matrices, self.rank, self._test_matrix(index, tensors.device), self.power_iterations)
         return list(zip(u, v))
@@ -554,20 +556,21 @@ class RidgePredictor(GradientPredictor):
             raise ValueError(f"predictor: signal width {signal_width}, but this predictor's window holds width {self.signal_width}")
 
     def encode(self, index, tensor):
+        if tensor is not None:
+            return self.encode_stack(index, tensor[None])[0]
         if self.rank is None:
             raise RuntimeError("predictor: call plan(signal_width) before encode")
-        if tensor is None:  # on the store's device; allocated on the first real tensor's
-            return (self.store or GradientStore(self.shapes, 0, self.rank)).encode(index, None)
-        if self.store is None:
-            self._allocate(tensor.device)
-        elif self.signals.device != tensor.device:
-            self.signals = self.signals.to(tensor.device)
-            self.store.to(tensor.device)
-        return self.store.encode(index, tensor.float())
+        # a zero tensor: on the store's device (allocated on the first real tensor's)
+        return zero_encoding(self.shapes[index], self.rank, "cpu" if self.store is None else self.store.dense_buffer.device)
 
     def encode_stack(self, index, tensors):
-        if self.store is None or self.signals.device != tensors.device:
-            self.encode(index, tensors[0])  # allocates or moves the state, as `encode` does
+        if self.rank is None:
+            raise RuntimeError("predictor: call plan(signal_width) before encode")
+        if self.store is None:
+            self._allocate(tensors.device)
+        elif self.signals.device != tensors.device:
+            self.signals = self.signals.to(tensors.device)
+            self.store.to(tensors.device)
         return self.store.encode_stack(index, tensors.float())
 
     def record(self, signal, parts):

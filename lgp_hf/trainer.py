@@ -151,6 +151,10 @@ class PredictedGradientMixin:
                 self.accelerator.unwrap_model(model), self.partition.trunk_params, self.partition.head_params, shared,
                 settings.predictor_fit_chunks, self.predictor.signal, self.predictor.encode_stack,
             )
+            logger.info(
+                f"predictor_fit_chunks={settings.predictor_fit_chunks}: chunk gradients from {len(self.chunk_contrasts.layers)} linear "
+                f"layers, {self.chunk_contrasts.trunk_coverage:.0%} of the trunk's parameters (the rest get zero contrasts)."
+            )
 
     def _unsupported_reason(self, model) -> str | None:
         if self.args.torch_compile or hasattr(model, "_orig_mod"):  # `_orig_mod`: a module torch.compile returned
@@ -407,7 +411,7 @@ class PredictedGradientMixin:
             for index in range(len(self.partition.trunk_params)):
                 if index not in encoded:
                     encoded[index] = [self.predictor.encode(index, None)] * rows
-            pairs = [(signals[row], [encoded[index][row] for index in range(len(encoded))]) for row in range(rows)]
+            pairs = [(signals[row], [encoded[index][row] for index in range(len(self.partition.trunk_params))]) for row in range(rows)]
         sums["fit"] = (sums["fit"] or []) + [pairs]
 
     def _all_ranks_pairs(self, micro_batches: list[list]) -> list:
