@@ -1,4 +1,4 @@
-"""Run-time measurement of what a backward pass costs, the input of the break-even alignment."""
+"""What a step costs at each control fraction, from the step times the run measures."""
 
 from __future__ import annotations
 
@@ -6,59 +6,51 @@ import time
 
 import torch
 
-from .theory import cost_ratio_from_backward_forward
+#: cost(f) = intercept + f before a sampled step has been timed: a forward without autograd is about a third of a
+#: forward and backward, and each drawn row then costs its block's forward and backward again (`replay`).
+PRIOR_INTERCEPT = 1 / 3
 
 
-class CostMeter:
-    """Exponential moving averages of measured pass times, per example.
+class StepCostModel:
+    """cost(f) = step time at control fraction f over a `Trainer` step (f = 1), as intercept + f.
 
-    - backward/forward ratio: control micro-batch backward time over its forward time;
-    - cost ratio c: time per prediction example (no-grad trunk forward, head forward and backward) over time per
-      control example (forward and backward). Both passes run at their own batch sizes, so c includes what
-      smaller batches cost on this hardware; it is the c of `theory.break_even_rho2`.
-      A step without a prediction micro-batch (f = 1 under `control_fraction="auto"`) estimates c as
-      t_forward / (t_forward + t_backward) of its control pass (`theory.cost_ratio_from_backward_forward`), so that
-      "auto" can tell when lowering f would pay. Its forward runs under autograd, slower than the prediction
-      pass's no-grad forward, so this errs high: towards plain backprop.
-    - overhead ratio o: the predictor's own work in a step (predicting the correction, the fit and the statistics of
-      `_observe`) over a full step's passes (n examples at the control pass's cost per example). Timed apart from
-      the passes, so that c stays the passes' cost, and added to the step cost that "auto" compares
-      (`theory.relative_efficiency`). Measured on observed steps only: at f = 1 under "auto" most steps are not
-      observed and pay none of it, so this errs high too.
+    Plain steps give the reference time (an exponential moving average per micro-batch). A sampled micro-batch that
+    backpropagated a share q of its trunk rows (`replay`) at cost c = time / reference gives intercept = c - q: the
+    work that does not shrink with f (the forward, the head, the checks). The slope 1 is what a drawn row costs in
+    replayed blocks (their forward and backward), slightly more than the rest of the step's per-row work, so the
+    model errs towards plain backprop for fractions below the ones measured.
     """
 
-    def __init__(self, decay: float = 0.9):
+    def __init__(self, decay: float = 0.8):
         self.decay = decay
-        self.backward_forward_ratio: float | None = None
-        self.cost_ratio: float | None = None
-        self.overhead_ratio: float | None = None
-        self.overhead_seconds: float | None = None
+        self.reference_seconds: float | None = None
+        self.intercept: float | None = None
+        self.last_cost: float | None = None
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new
 
-    def update(
-        self, prediction_seconds: float, num_prediction: int, forward_seconds: float, backward_seconds: float, num_control: int,
-        overhead_seconds: float = 0.0,
-    ) -> None:
-        if forward_seconds <= 0:
+    def observe_plain(self, seconds: float) -> None:
+        self.reference_seconds = self._average(self.reference_seconds, seconds)
+
+    def observe_sampled(self, computed_share: float, seconds: float) -> None:
+        if not self.reference_seconds:
             return
-        ratio = backward_seconds / forward_seconds
-        self.backward_forward_ratio = self._average(self.backward_forward_ratio, ratio)
-        per_control = (forward_seconds + backward_seconds) / num_control
-        self.overhead_seconds = self._average(self.overhead_seconds, overhead_seconds)
-        self.overhead_ratio = self._average(self.overhead_ratio, overhead_seconds / (per_control * (num_control + num_prediction)))
-        if num_prediction > 0:
-            cost_ratio = min(1.0, (prediction_seconds / num_prediction) / per_control)
-        else:
-            cost_ratio = cost_ratio_from_backward_forward(ratio)
-        self.cost_ratio = self._average(self.cost_ratio, cost_ratio)
+        self.last_cost = seconds / self.reference_seconds
+        self.intercept = self._average(self.intercept, self.last_cost - computed_share)
+
+    def cost(self, fraction: float) -> float:
+        """Relative cost of a step at `fraction` (1 at f = 1: `Trainer`'s own step)."""
+        if fraction >= 1:
+            return 1.0
+        return (PRIOR_INTERCEPT if self.intercept is None else self.intercept) + fraction
+
+    @property
+    def measured(self) -> bool:
+        return self.intercept is not None
 
     def state_dict(self) -> dict:
-        return {
-            "backward_forward_ratio": self.backward_forward_ratio, "cost_ratio": self.cost_ratio,
-            "overhead_ratio": self.overhead_ratio, "overhead_seconds": self.overhead_seconds,
-        }
+        return {"reference_seconds": self.reference_seconds, "intercept": self.intercept, "last_cost": self.last_cost}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():

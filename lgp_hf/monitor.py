@@ -1,147 +1,127 @@
-"""`PredictorMonitor`: the online statistics of a run (pairing, scoring, what is logged and summarised).
+"""`SamplingMonitor`: the run's statistics of the draws, and the variance factor F it estimates for "auto".
 
-Consecutive observed optimizer steps form pairs. The first keeps its control batch aside (`keep_pending`); the
-second scores the pair: in the difference of the two control gradients the mean gradient cancels, so summed over
-pairs 1 - sum ||dR||^2 / sum ||dG||^2 (R = true - predicted) estimates E, the per-example variance the prediction
-removes (`estimator.variance_explained`). The differences are taken between count sketches of the gradients
-(`GradientSketch`): what is kept of the first batch is D floats, not a parameter-sized vector, and the sketched
-squared norms are unbiased. Sums are kept since the last log (`lgp/variance_explained`), since the
-last control fraction update (what "auto" decides on) and over the run (`summary`). Everything here is a float or
-a tensor that every DDP rank holds identically, and all of it travels in checkpoints.
+Every sampled or observed micro-batch reports its boundary draw (`boundary.BoundaryDraw`); an observed one also the
+squared trunk-gradient norm of each drawn row (`row_norms`). From those, the Horvitz-Thompson sums of
+`sampling.variance_factor_sums` estimate F at the current fraction and at every candidate fraction of "auto"
+(`CANDIDATE_FRACTIONS`), as the scores of the very same rows would have drawn them. Sums are kept since the last log
+(`lgp/*`), since the last decision of "auto" and over the run (`summary`); everything travels in checkpoints.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
-from .estimator import alignment_and_residual, paired_squared_differences, variance_explained
-from .predictors import CountSketch, largest_prime_at_most
+from .boundary import BoundaryDraw
+from .sampling import inclusion_probabilities, variance_factor_sums
 
-#: Width of the count sketch of trunk gradients that pairs are scored on: the relative error of a sketched
-#: squared norm is about sqrt(2 / D) = 0.6 % per pair, and it averages out over pairs.
-SCORE_SKETCH_WIDTH = largest_prime_at_most(1 << 16)
+#: Fractions "auto" may choose (those at or above its `auto_min_control_fraction`).
+CANDIDATE_FRACTIONS = (0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
-#: Pairs needed before "auto" may change the control fraction: fewer give too noisy an estimate of E.
-MIN_PAIRS_PER_DECISION = 2
+#: Observed rows needed before "auto" trusts an F estimate.
+MIN_OBSERVED_ROWS = 64
 
 
-class PredictorMonitor:
-    def __init__(self) -> None:
-        self.metrics: dict[str, list[float]] = defaultdict(list)
-        self.totals = {
-            "alignment_sum": 0.0, "observations": 0, "last_alignment": None, "control_examples": 0, "examples": 0,
-            "fallback_steps": 0, "residual_squares": 0.0, "gradient_squares": 0.0,
-        }
-        self.pending: dict | None = None  # the first control batch of a pair (`keep_pending`)
-        self.log_pairs = [0.0, 0.0]  # summed (||dR||^2, ||dG||^2) since the last log
-        self.recent_pairs = [0.0, 0.0, 0]  # the same and the pair count since the last control fraction update
+class _FactorSums:
+    """Summed numerators (current fraction first, then each candidate) and denominator of F, and the rows behind them."""
 
-    def count_examples(self, num_control: int, batch_size: int) -> None:
-        self.totals["control_examples"] += num_control
-        self.totals["examples"] += batch_size
+    def __init__(self):
+        self.numerators = torch.zeros(1 + len(CANDIDATE_FRACTIONS), dtype=torch.float64)
+        self.denominator = 0.0
+        self.rows = 0
 
-    def count_fallback_step(self) -> None:
-        self.totals["fallback_steps"] += 1
+    def add(self, numerators: torch.Tensor, denominator: float, rows: int) -> None:
+        self.numerators += numerators
+        self.denominator += denominator
+        self.rows += rows
 
-    def record_alignment(self, true_squares: torch.Tensor, product: torch.Tensor | None, predicted_squares: torch.Tensor | None) -> None:
-        """The batch-level cosine and relative residual of one observed control batch (monitoring numbers), from
-        ||g||^2, <g, p> and ||p||^2 (None: no prediction)."""
-        if product is None:
-            alignment, residual = 0.0, 1.0
-        else:
-            alignment, residual = alignment_and_residual(float(true_squares.sum()), float(product), float(predicted_squares))
-        self.metrics["lgp/alignment"].append(alignment)
-        self.metrics["lgp/predictor_residual"].append(residual)
-        self.totals["alignment_sum"] += alignment
-        self.totals["observations"] += 1
-        self.totals["last_alignment"] = alignment
-
-    def take_pending(self) -> dict | None:
-        pending, self.pending = self.pending, None
-        return pending
-
-    def keep_pending(self, observation: dict) -> None:
-        """The first control batch of a pair: {"sketch", "step", "fit"} ("fit": the (signal, encoded trunk
-        gradient) pairs the predictor will learn from) and, when there was a prediction, {"predicted_sketch",
-        "products", "squares"} (`PredictedGradientMixin._observe`)."""
-        self.pending = observation
-
-    def score_pair(self, first: dict, second: dict) -> None:
-        """Adds the pair's sketched (||dR||^2, ||dG||^2); the zero predictor's residual unless both were predicted."""
-        predicted = None
-        if "predicted_sketch" in first and "predicted_sketch" in second:
-            predicted = (first["predicted_sketch"], second["predicted_sketch"])
-        residual_squares, gradient_squares = paired_squared_differences((first["sketch"], second["sketch"]), predicted)
-        for sums in (self.log_pairs, self.recent_pairs):
-            sums[0] += residual_squares
-            sums[1] += gradient_squares
-        self.recent_pairs[2] += 1
-        self.totals["residual_squares"] += residual_squares
-        self.totals["gradient_squares"] += gradient_squares
-
-    def take_recent_variance_explained(self) -> float | None:
-        """E since the last call, once at least `MIN_PAIRS_PER_DECISION` pairs were scored (then the sums restart);
-        None before."""
-        if self.recent_pairs[2] < MIN_PAIRS_PER_DECISION:
+    def factors(self) -> list[float] | None:
+        """1 + numerator / denominator for the current fraction and each candidate; None before any gradient."""
+        if self.denominator <= 0:
             return None
-        explained = variance_explained(*self.recent_pairs[:2])
-        self.recent_pairs = [0.0, 0.0, 0]
-        return explained
+        return (1 + self.numerators / self.denominator).tolist()
+
+    def state_dict(self) -> dict:
+        return {"numerators": self.numerators.clone(), "denominator": self.denominator, "rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.numerators.copy_(state["numerators"])
+        self.denominator, self.rows = state["denominator"], state["rows"]
+
+
+class SamplingMonitor:
+    def __init__(self, uniform_mix: float):
+        self.uniform_mix = uniform_mix
+        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, "computed_rows": 0, "block_rows": 0}
+        self.log = {"rows": 0, "drawn_rows": 0, "computed_rows": 0, "block_rows": 0, "costs": []}
+        self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
+
+    def record(self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, block_rows: tuple[int, int]) -> None:
+        """One micro-batch: its draws, the fraction they were made at, its rows' squared gradient norms when it was
+        observed (one draw only: rows are attributed to it), and (rows backpropagated, rows) in replayed blocks."""
+        for draw in draws:
+            for sums in (self.totals, self.log):
+                sums["rows"] += draw.drawn.numel()
+                sums["drawn_rows"] += int(draw.drawn.sum())
+            self.totals["uniform_draws"] += int(draw.uniform)
+        for sums in (self.totals, self.log):
+            sums["computed_rows"] += block_rows[0]
+            sums["block_rows"] += block_rows[1]
+        if squared_norms is None or len(draws) != 1 or draws[0].uniform:
+            return
+        draw = draws[0]
+        candidates = torch.stack([draw.probabilities] + [inclusion_probabilities(draw.scores, f, self.uniform_mix) for f in CANDIDATE_FRACTIONS])
+        # the current design's own F: the probabilities it drew with (all 1 at f = 1)
+        numerators, denominator = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms)
+        for sums in (self.log_factors, self.decision_factors, self.run_factors):
+            sums.add(numerators, denominator, int(draw.drawn.sum()))
+
+    def record_cost(self, cost: float) -> None:
+        self.log["costs"].append(cost)
+
+    def take_decision_factors(self) -> list[float] | None:
+        """F of each candidate fraction (`CANDIDATE_FRACTIONS` order) from the rows observed since the last call, once
+        there are `MIN_OBSERVED_ROWS` of them (then the sums restart); None before."""
+        if self.decision_factors.rows < MIN_OBSERVED_ROWS:
+            return None
+        factors = self.decision_factors.factors()
+        self.decision_factors = _FactorSums()
+        return None if factors is None else factors[1:]
 
     def take_log_values(self) -> dict[str, float]:
-        """Means since the last log of the recorded metrics, and E of the pairs scored since then."""
-        logs = {key: sum(values) / len(values) for key, values in self.metrics.items() if values}
-        self.metrics.clear()
-        explained = variance_explained(*self.log_pairs)
-        if explained is not None:
-            logs["lgp/variance_explained"] = explained
-        self.log_pairs = [0.0, 0.0]
-        logs["lgp/fallback_steps"] = self.totals["fallback_steps"]
+        """Since the last log: the share of rows drawn, of trunk block rows backpropagated, F at the current fraction
+        and the mean measured step cost; the run's count of uniform draws."""
+        log, logs = self.log, {"lgp/uniform_draws": self.totals["uniform_draws"]}
+        if log["rows"]:
+            logs["lgp/drawn_fraction"] = log["drawn_rows"] / log["rows"]
+        if log["block_rows"]:
+            logs["lgp/trunk_rows_computed"] = log["computed_rows"] / log["block_rows"]
+        factors = self.log_factors.factors()
+        if factors is not None:
+            logs["lgp/variance_factor"] = factors[0]
+        if log["costs"]:
+            logs["lgp/step_cost"] = sum(log["costs"]) / len(log["costs"])
+        self.log = {"rows": 0, "drawn_rows": 0, "computed_rows": 0, "block_rows": 0, "costs": []}
+        self.log_factors = _FactorSums()
         return logs
 
     def summary(self) -> dict[str, float | None]:
         totals = self.totals
+        factors = self.run_factors.factors()
         return {
-            "lgp_mean_alignment": totals["alignment_sum"] / totals["observations"] if totals["observations"] else None,
-            "lgp_final_alignment": totals["last_alignment"],
-            "lgp_variance_explained": variance_explained(totals["residual_squares"], totals["gradient_squares"]),
-            "lgp_backward_work_skipped": 1 - totals["control_examples"] / totals["examples"] if totals["examples"] else 0.0,
-            "lgp_fallback_steps": totals["fallback_steps"],
+            "lgp_drawn_fraction": totals["drawn_rows"] / totals["rows"] if totals["rows"] else None,
+            "lgp_trunk_rows_computed": totals["computed_rows"] / totals["block_rows"] if totals["block_rows"] else None,
+            "lgp_variance_factor": None if factors is None else factors[0],
+            "lgp_uniform_draws": totals["uniform_draws"],
         }
 
     def state_dict(self) -> dict:
         return {
-            "pending_batch": self.pending, "log_pairs": list(self.log_pairs), "recent_pairs": list(self.recent_pairs),
-            "totals": dict(self.totals),
+            "totals": dict(self.totals), "log": {**self.log, "costs": list(self.log["costs"])},
+            "factors": {name: getattr(self, name).state_dict() for name in ("log_factors", "decision_factors", "run_factors")},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.pending = state["pending_batch"]
-        if self.pending is not None and "encoded" in self.pending:  # written before chunk contrasts (issue 14)
-            self.pending["fit"] = [(self.pending.pop("signal"), self.pending.pop("encoded"))]
-        self.log_pairs, self.recent_pairs = list(state["log_pairs"]), list(state["recent_pairs"])
-        if len(self.recent_pairs) == 2:  # written before pairs were counted
-            self.recent_pairs.append(MIN_PAIRS_PER_DECISION)
         self.totals.update(state["totals"])
-
-
-class GradientSketch:
-    """Count sketch (`predictors.CountSketch`, width D = `SCORE_SKETCH_WIDTH`, its own seed) of flat trunk
-    gradients, taken one tensor at a time at its offset in the flat vector: E <S x, S y> = <x, y>, so squared
-    norms of sketched differences are unbiased estimates of the true ones. Exact (no two coordinates share a
-    bucket) when the trunk has at most D parameters."""
-
-    def __init__(self, numels: list[int], width: int = SCORE_SKETCH_WIDTH, seed: int = 1):
-        self.count_sketch = CountSketch(width, seed)
-        self.offsets = [0]
-        for numel in numels[:-1]:
-            self.offsets.append(self.offsets[-1] + numel)
-
-    def zeros(self, device: torch.device | str) -> torch.Tensor:
-        return torch.zeros(self.count_sketch.width, dtype=torch.float32, device=device)
-
-    def add(self, sketch: torch.Tensor, index: int, tensor: torch.Tensor, scale: float = 1.0) -> None:
-        """sketch += scale S(tensor `index` of the flat vector) (S is linear: no scaled copy of the tensor)."""
-        sketch.add_(self.count_sketch(tensor.reshape(-1), offset=self.offsets[index]), alpha=scale)
+        self.log = {**state["log"], "costs": list(state["log"]["costs"])}
+        for name, sums in state["factors"].items():
+            getattr(self, name).load_state_dict(sums)

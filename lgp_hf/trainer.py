@@ -1,4 +1,4 @@
-"""`PredictedGradientMixin`: the control-variate estimator in `training_step` of any `transformers.Trainer`.
+"""`PredictedGradientMixin`: an importance-sampled backward in `training_step` of any `transformers.Trainer`.
 
 `PredictedGradientTrainer` is the mixin plus `Trainer`; other trainers of the family get it the same way
 (`class Seq2SeqPredictedGradientTrainer(PredictedGradientMixin, Seq2SeqTrainer)`, TRL's `SFTTrainer`).
@@ -6,79 +6,64 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from contextlib import nullcontext
 
 import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils import logging
 
-from . import theory
 from .arguments import PredictedGradientArguments, PredictedGradientSettings
+from .boundary import HEAD_ATTRIBUTE_NAMES, BoundarySampler, find_head_module_names, sampled_boundary
 from .checkpoints import reload_renamed_weights
-from .chunks import ChunkContrasts, pack_pairs, unpack_pairs
-from .costs import CostMeter, Stopwatch
-from .estimator import ControlVariateCoefficients, control_size, running_sum, signal_difference, split_batch_indices, split_generator
-from .heads import HEAD_ATTRIBUTE_NAMES, ModelPartition, capture_head
-from .losses import LossDecomposition
+from .costs import StepCostModel, Stopwatch
 from .model_card import write_model_card
-from .monitor import GradientSketch, PredictorMonitor
-from .predictors import make_predictor
+from .monitor import CANDIDATE_FRACTIONS, SamplingMonitor
+from .replay import BlockReplay, find_blocks
+from .row_norms import RowGradientNorms
+from .sampling import draw_generator
+from .theory import best_control_fraction
+from .verification import gradient_error_statistics, report_from_statistics
 
 logger = logging.get_logger(__name__)
 
 LGP_STATE_NAME = "lgp_state.pt"
-
-
-class HeadNotCaptured(RuntimeError):
-    """The head modules did not run as modules under autograd (a fused head, a loss outside the model's forward
-    graph): this model's batches cannot be split."""
+#: "auto" lowers f only where the predicted F x cost is below 1 - AUTO_MARGIN: estimates are noisy, and a step
+#: that does not pay must not cost more than a few percent over `Trainer`'s.
+AUTO_MARGIN = 0.05
+#: Fewest sampled backwards for a meaningful unbiasedness check.
+MIN_CHECK_DRAWS = 16
 
 
 class PredictedGradientMixin:
-    """Mixin for a `transformers.Trainer` (sub)class: a full backward on a random control fraction of each batch only.
+    """Mixin for a `transformers.Trainer` (sub)class: the trunk's backward on an importance-sampled share of rows.
 
-    Each per-device micro-batch B is split at random into a control part C (forward and backward) and a prediction
-    part P (trunk forward without autograd, head forward and backward with the model's own loss). The head gets its
-    exact gradient over B; the trunk gets r w_C g(C) + beta A(S_B - r S_C) (`estimator`), an unbiased estimate of
-    the trunk gradient of B because the predictor A and the coefficients beta are fitted from earlier control
-    batches only, and w_C (`losses`) is how the loss of B splits over C and P, measured on the model's own loss.
-    Everything else (callbacks, logging, evaluation, saving, accumulation, DDP, mixed precision) is the base class's:
-    the extra gradient terms are written into `.grad` before the control backward, so DDP's reducer, the fp16 scaler
-    (they are pre-multiplied by its scale) and clipping see one ordinary gradient.
+    A step is the base class's own `training_step` (forward, the model's loss over the whole batch, one
+    `accelerator.backward`), run with two things in place (`sampled_backward`):
+    - at the input of the head (`boundary`), an identity autograd function that, in the backward, scores each row by
+      the norm of its gradient there, draws rows with probabilities pi_i (sum pi = f n) and passes the drawn ones on
+      weighted 1 / pi_i, the others as 0: unbiased by the chain rule (`sampling`), the head exact;
+    - the trunk's blocks run without autograd and replay their backward on the rows that carry a gradient (`replay`),
+      which is where the compute is saved; every block's backward stays exact.
+    Nothing is written into `.grad` by hand: DDP, the fp16 scaler, clipping and accumulation are the base class's.
 
-    When it trains exactly as the base class. At f = 1 (`control_fraction=1`, and "auto" until it lowers f) every
-    step is the base class's own `training_step`, except, under "auto", pairs of consecutive steps that are observed
-    (head gradient, predictor fit), paced so that they take at most `auto_observation_budget` of the compute
-    (`_schedule_observation`): those run the same forward and the same backward of the same loss, with read-only
-    hooks, so the weights stay bit-identical to the base class's.
-    A model that cannot be split trains as the base class under "auto" (one log line says why) and is refused at
-    f < 1: no identifiable head, a head whose output the model's loss does not go through (a fused LM head), a loss
-    that does not split over examples (`losses`), a compiled model (`torch_compile`), DeepSpeed, FSDP,
-    `torch.nn.DataParallel`, `ddp_static_graph`.
+    At f = 1 (`control_fraction=1`, and "auto" until it lowers f) every step is the base class's own, except
+    observed steps under "auto", which run the same computation with read-only hooks (the rows' scores and
+    gradient norms, for F): the weights stay bit-identical to the base class's. "auto" lowers f when the estimated
+    F(f) x cost(f) (`theory`) is below 1 - AUTO_MARGIN, after an unbiasedness check on the run (`verification`).
+    What cannot be sampled trains as the base class (a log line says why): no identifiable head, a compiled model,
+    DeepSpeed, FSDP, `torch.nn.DataParallel`, `ddp_static_graph`.
 
-    Distributed (DDP through `accelerate launch`). Each rank splits its own per-device batch with a generator seeded
-    by (seed, optimizer step, micro-step), so all ranks take the same decisions without communicating; the update is
-    the rank average of per-rank unbiased estimates, hence unbiased for the global batch. What is sent between ranks,
-    per observed optimizer step and only on its last (sync) micro-batch: DDP's own gradient all-reduce, once, as for
-    `Trainer` (the head and predicted trunk corrections already in `.grad` travel with it); the summed control
-    signal and the summed signal difference S_B - r S_C that the applied corrections came from (signal-sized); for a
-    parameter shared by head and trunk, the exact head part of its gradient (its size), so that the trunk part can be
-    isolated; with `predictor_fit_chunks` > 1, each rank's compressed chunk pairs (one gather), so that every rank
-    learns from all of them. The predictor and beta are fitted from inputs identical on every rank, so their state is identical on
-    every rank and equal to one process's on the same global batches (tests/test_distributed.py). The prediction
-    forward runs on the module inside the DDP wrapper (it has no backward for DDP to reduce).
+    Distributed (DDP through `accelerate launch`): each rank draws its rows with a generator seeded by (seed, step,
+    micro-step, rank); the rank average of unbiased estimates is unbiased. Besides DDP's own all-reduce, ranks
+    exchange only a few floats: the F and cost estimates at each decision of "auto", the observation overhead and
+    the check's verdict, so that every rank takes the same decisions.
 
-    Mixed precision. bf16/fp16 autocast applies to both forwards; head gradients and signals are taken in float32
-    and the predictors fit and predict in float32. Under fp16 every term written into `.grad` is in the GradScaler's
-    scale, and `_observe` divides it out; an overflow makes the scaler skip the step, as in `Trainer`, and the
-    predictor learns nothing from it.
-
-    Overridden hooks: `training_step` (the estimator), `call_model_init` (a new model gets a new partition), `log`
-    (adds the `lgp/*` statistics), `_save_checkpoint` and `_load_from_checkpoint` (the estimator's state travels with
-    checkpoints), `create_model_card` and `_save` (lgp_hf's model card).
+    Overridden hooks: `training_step`, `call_model_init` (a new model gets a new boundary and blocks), `log` (adds
+    `lgp/*`), `_save_checkpoint` and `_load_from_checkpoint` (the sampling state travels with checkpoints),
+    `create_model_card` and `_save` (lgp_hf's model card).
     """
 
     _tag_names = ["lgp-hf", "predicted-gradients"]
@@ -91,558 +76,263 @@ class PredictedGradientMixin:
         super().__init__(model, args, *pargs, **kwargs)
         if hasattr(self.model, "add_model_tags"):  # transformers' Trainer does not: push_to_hub's card gets them
             self.model.add_model_tags(self._tag_names)
-        self._setup_estimator(self.model)
+        self._setup_sampling(self.model)
 
     @property
     def lgp_settings(self) -> PredictedGradientSettings:
-        """The estimator's settings: `args` when it carries them, else their defaults."""
+        """The sampling settings: `args` when it carries them, else their defaults."""
         return self.args if isinstance(self.args, PredictedGradientSettings) else self._default_settings
 
     def call_model_init(self, trial=None):
-        """The base class's, plus a new partition, predictor and statistics for the new model (`model_init`,
+        """The base class's, plus a new boundary, blocks and statistics for the new model (`model_init`,
         `hyperparameter_search`)."""
         model = super().call_model_init(trial)
         if hasattr(self, "monitor"):  # not during the base class's __init__: ours sets up after it
-            self._setup_estimator(model)
+            self._setup_sampling(model)
         return model
 
-    def _setup_estimator(self, model) -> None:
+    def _setup_sampling(self, model) -> None:
         settings = self.lgp_settings
         self._auto = settings.control_fraction == "auto"
-        self._control_fraction = settings.auto_initial_control_fraction if self._auto else settings.control_fraction
-        self.partition = self.predictor = self.coefficients = None
+        self._control_fraction = 1.0 if self._auto else settings.control_fraction
+        self._pending_fraction: float | None = None  # chosen by "auto", waiting for the unbiasedness check
+        self._last_decision: dict | None = None
+        self.sampler = BoundarySampler(uniform_mix=settings.sampling_uniform_mix)
+        self.monitor = SamplingMonitor(settings.sampling_uniform_mix)
+        self.cost_model = StepCostModel()
+        self.unbiasedness: dict = {"status": "not run"}
+        self._observation_overhead: float | None = None
+        self._micro_step = 0
+        self._next_observation = 0  # the optimizer step at which the next observed step is due
+        self._plan: tuple[float | None, bool] = (None, False)
+        self.head_module_names: list[str] = []
+        self.head_modules: list[torch.nn.Module] = []
+        self.replay = BlockReplay([])
         self.disabled_reason = self._unsupported_reason(model)
         if self.disabled_reason is None:
-            self.partition = ModelPartition.from_model(self.accelerator.unwrap_model(model), settings.head_modules)
-            if self.partition is None:
+            unwrapped = self.accelerator.unwrap_model(model)
+            names = find_head_module_names(unwrapped, settings.head_modules)
+            if names is None:
                 self.disabled_reason = (
-                    f"{type(model).__name__} has no head to split at (looked for the attributes {list(HEAD_ATTRIBUTE_NAMES)} "
-                    "and get_output_embeddings(), and for trainable parameters outside it); name it with head_modules=[...]"
+                    f"{type(unwrapped).__name__} has no head to sample at (looked for the attributes {list(HEAD_ATTRIBUTE_NAMES)} "
+                    "and get_output_embeddings()); name it with head_modules=[...]"
                 )
-            elif settings.predictor == "window" and not self.partition.head_params:
-                self.disabled_reason = "predictor='window' maps the head gradient, and the head has no trainable parameter; use predictor='ntk'"
-        self.cost_meter = CostMeter()
-        self.monitor = PredictorMonitor()
-        self.loss_decomposition = LossDecomposition()
-        self._micro_step = 0
-        self._next_observation = 0  # under "auto" at f = 1: the optimizer step at which the next observed pair starts
-        self._step_sums: dict | None = None
-        self._step_fell_back = False
-        self._warned_single_example = False
+            else:
+                modules = dict(unwrapped.named_modules())
+                self.head_module_names, self.head_modules = names, [modules[name] for name in names]
+                self.replay = BlockReplay(find_blocks(unwrapped, self.head_modules))
+                if not self.replay.blocks:
+                    logger.warning(
+                        f"{type(unwrapped).__name__} has no transformers GradientCheckpointingLayer below its head: sampled rows "
+                        "stay unbiased, but the trunk's backward is not made cheaper, so control_fraction='auto' stays at 1."
+                    )
+        self.row_norms = RowGradientNorms(self.replay.blocks)
         if self.disabled_reason is not None:
             self._disable(self.disabled_reason)
-            return
-        shapes = [p.shape for p in self.partition.trunk_params]
-        self.predictor = make_predictor(
-            settings.predictor, shapes, window_size=settings.predictor_window_size, ridge=settings.predictor_ridge,
-            memory_fraction=settings.predictor_memory_fraction,
-        )
-        self.coefficients = ControlVariateCoefficients(len(shapes), mode=settings.control_variate_coefficient)
-        self.gradient_sketch = GradientSketch([p.numel() for p in self.partition.trunk_params])
-        head_index = {id(p): i for i, p in enumerate(self.partition.head_params)}
-        shared = {id(p) for p in self.partition.shared_params}
-        # trunk index -> head index of each parameter used by both
-        self._shared_heads = {i: head_index[id(p)] for i, p in enumerate(self.partition.trunk_params) if id(p) in shared}
-        # head gradients the f = 1 hooks keep: the shared parameters', and all for a head-gradient signal
-        self._recorded_heads = None if self.predictor.signal == "head_gradient" else set(self._shared_heads.values())
-        self.chunk_contrasts = None
-        if settings.predictor_fit_chunks > 1:
-            self.chunk_contrasts = ChunkContrasts(
-                self.accelerator.unwrap_model(model), self.partition.trunk_params, self.partition.head_params, shared,
-                settings.predictor_fit_chunks, self.predictor.signal, self.predictor.encode_stack,
-            )
-            logger.info(
-                f"predictor_fit_chunks={settings.predictor_fit_chunks}: chunk gradients from {len(self.chunk_contrasts.layers)} linear "
-                f"layers, {self.chunk_contrasts.trunk_coverage:.0%} of the trunk's parameters (the rest get zero contrasts)."
-            )
 
     def _unsupported_reason(self, model) -> str | None:
         if self.args.torch_compile or hasattr(model, "_orig_mod"):  # `_orig_mod`: a module torch.compile returned
-            return (
-                "a compiled model (torch_compile=True or torch.compile) runs its head and loss inside one graph, where the "
-                "estimator's hooks cannot see the head's output and parameters; train it uncompiled for f < 1"
-            )
+            return "a compiled model (torch_compile=True or torch.compile) runs its forward as one graph, where the boundary and the blocks' replay cannot be put"
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return "DeepSpeed and FSDP shard or hide `.grad`, which the estimator writes; single-device and DDP training are supported"
+            return "DeepSpeed and FSDP shard the parameters that the trunk's replay runs with; single-device and DDP training are supported"
         if self.args.n_gpu > 1:
             return "torch.nn.DataParallel (several GPUs in one process) is not supported; launch one process per GPU with `accelerate launch --multi_gpu`"
         if self.args.ddp_static_graph:
-            return (
-                "ddp_static_graph=True replays the autograd passes of the first step, and the estimator's extra head-gradient "
-                "pass breaks it; leave ddp_static_graph unset"
-            )
+            return "ddp_static_graph=True replays the autograd graph of the first step, and sampled steps change it; leave ddp_static_graph unset"
         return None
 
     def _disable(self, reason: str) -> None:
-        """Train as the base class from now on: refused when the user asked for f < 1 explicitly."""
-        if not self._auto and self._control_fraction < 1:
-            raise ValueError(f"control_fraction={self._control_fraction}: {reason}. Use control_fraction=1 or 'auto' to train as Trainer does.")
-        logger.warning(f"{type(self).__name__} trains as its base class does (control fraction 1): {reason}.")
+        """Train as the base class from now on, and say so (also when f < 1 was asked for: it trains as `Trainer`
+        would, rather than refuse)."""
+        asked = "" if self._auto else f" although control_fraction={self._control_fraction} was asked for"
+        logger.warning(f"{type(self).__name__} trains as its base class does (control fraction 1){asked}: {reason}.")
         self.disabled_reason = reason
         self._control_fraction = 1.0
-        self._step_sums = None
 
-    # ------------------------------------------------------------------ the estimator
+    # ------------------------------------------------------------------ the step
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One micro-batch: the estimator when this optimizer step is observed or split, else the base class's step."""
+        """One micro-batch: the base class's own step, with the boundary and the trunk's replay in place when this
+        optimizer step samples (f < 1) or is observed."""
         if self._micro_step == 0:
-            self._step_fell_back = False
-            self._step_sums = {"control": None, "applied": None, "shared_head": {}, "fit": None} if self._observes_step() else None
-            self._observing = self._step_sums is not None
-        batch_size = _batch_size(inputs)
-        num_control = control_size(batch_size, self._control_fraction)
-        if self._step_sums is not None and self._control_fraction < 1 and num_control >= batch_size:
-            if not self._warned_single_example:
-                logger.warning("A batch of one example cannot be split into control and prediction parts: full backward.")
-                self._warned_single_example = True
-            self._step_sums = None  # part of this optimizer step is not an estimator step: observe nothing
-        if self._step_sums is None:
+            self._plan = self._plan_step(model, inputs, num_items_in_batch)
+        fraction, observe = self._plan
+        measure = self.state.global_step > 0 and self.state.global_step % self._measure_period() == 0
+        stopwatch = Stopwatch(self.args.device, synchronize=measure)
+        if fraction is None:
             loss = super().training_step(model, inputs, num_items_in_batch)
+            if measure:
+                self.cost_model.observe_plain(stopwatch.lap())
         else:
-            loss = self._estimator_step(model, inputs, num_items_in_batch, batch_size, num_control)
+            loss = self._sampled_step(model, inputs, num_items_in_batch, fraction, observe, stopwatch, measure)
         if self.accelerator.sync_gradients:
-            if self._observing and self._auto and self._control_fraction == 1 and self.monitor.pending is None:
-                self._schedule_observation()
-            if self._auto and self.disabled_reason is None and (self.state.global_step + 1) % self.lgp_settings.predictor_refit_steps == 0:
-                self._update_control_fraction()
+            self._finish_optimizer_step(observe)
             self._micro_step = 0
         else:
             self._micro_step += 1
         return loss
 
-    def _observes_step(self) -> bool:
-        """Every step at f < 1; under "auto" at f = 1, pairs of consecutive steps paced by `_schedule_observation`."""
-        if self.disabled_reason is not None or not self.loss_decomposition.splittable:
-            return False
-        if self._control_fraction < 1:
-            return True
-        return self._auto and self.state.global_step >= self._next_observation
-
-    def _schedule_observation(self) -> None:
-        """After an observed pair at f = 1 (it began at step s - 1), the next begins at s - 1 + L, with
-        L = max(`auto_observation_period`, ceil(2 o / `auto_observation_budget`)) and o the measured overhead of an
-        observed step relative to a step's passes: observation then takes at most that budget of the compute spent
-        waiting for the predictor to pay. o is averaged over ranks, so that every rank observes the same steps."""
-        settings = self.lgp_settings
-        spacing = settings.auto_observation_period
-        if self.cost_meter.overhead_ratio is not None:
-            overhead = float(self._all_ranks_mean(torch.tensor([self.cost_meter.overhead_ratio], dtype=torch.float64, device=self.args.device)))
-            spacing = max(spacing, math.ceil(2 * overhead / settings.auto_observation_budget))
-        self._next_observation = self.state.global_step - 1 + spacing
-
-    def _estimator_step(self, model, inputs, num_items_in_batch, batch_size: int, num_control: int):
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        num_prediction = batch_size - num_control
-        generator = split_generator(self.args.seed, self.state.global_step, self._micro_step)
-        control_index, prediction_index = split_batch_indices(batch_size, num_control, generator)
-        weights = (1.0, 0.0) if num_prediction == 0 else self._split_weights(model, inputs, num_items_in_batch, control_index, prediction_index)
-        if weights is None:
-            self._disable("the loss does not split over examples as a sum or a mean (lgp_hf.losses), so a part of the batch cannot stand for it")
-            return super().training_step(model, inputs, num_items_in_batch)
-        weight_control, weight_prediction = weights
-        sums = self._step_sums
-        scaled_for_ga = self._loss_is_scaled_for_ga(num_items_in_batch)
-        accumulation = 1 if scaled_for_ga else self.current_gradient_accumulation_steps
-        control_scale = batch_size / num_control
-        # Pass times (which synchronise CUDA) every logging or refit period, whichever is shorter, and on every observed
-        # step at f = 1 (rare), so that "auto" has them; never on the first step, whose passes include one-off work.
-        period = max(1, min(int(self.args.logging_steps), self.lgp_settings.predictor_refit_steps))
-        measure = self.state.global_step > 0 and (num_prediction == 0 or self.state.global_step % period == 0)
-        stopwatch = Stopwatch(self.args.device, synchronize=measure)
-        loss_scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
-
-        # Prediction micro-batch: no-grad trunk, differentiable head and loss.
-        prediction_seconds = 0.0
-        if num_prediction:
-            prediction_inputs = _select_examples(inputs, prediction_index, batch_size)
-            with torch.no_grad(), capture_head(self.partition, head_only_autograd=True) as capture, self.compute_loss_context_manager():
-                loss_prediction = self.compute_loss(_without_ddp(model), prediction_inputs, num_items_in_batch=num_items_in_batch)
-            if capture.logits is None or not loss_prediction.requires_grad:
-                self._disable(self._head_not_captured())
-                return super().training_step(model, inputs, num_items_in_batch)
-            head_prediction, signal_prediction = self._head_gradients(loss_prediction, capture, weight_prediction, False, loss_scale)
-            prediction_seconds = stopwatch.lap()
-
-        # Control micro-batch: forward with autograd; head gradient first (the graph is kept for the backward).
-        control_inputs = _select_examples(inputs, control_index, batch_size) if num_prediction else inputs
-        chunks = self.chunk_contrasts if self.chunk_contrasts is not None and num_control >= 2 else None
-        with capture_head(self.partition) as capture, chunks.recording(num_control, measure) if chunks else nullcontext(), self.compute_loss_context_manager():
-            loss_control = self.compute_loss(model, control_inputs, num_items_in_batch=num_items_in_batch)
-        forward_seconds = stopwatch.lap()
-        if capture.logits is None or not loss_control.requires_grad:  # only at f = 1: the batch is the control part
-            self._disable(self._head_not_captured())
-            loss = loss_control if scaled_for_ga else loss_control / accumulation
-            self.accelerator.backward(loss)
-            return loss.detach()
-        if chunks:
-            chunks.watch_logits(capture.logits)
-            self.predictor.plan(self.predictor.sketched_width(chunks.signal_width))  # before the hooks encode
-        if weight_control == 0:  # no item in C: its exact contribution is zero (its own loss would be 0 / 0)
-            loss_control = capture.logits.float().sum() * 0.0
-        coefficient = control_scale * weight_control / accumulation
-        if num_prediction:
-            head_control, signal_control = self._head_gradients(loss_control, capture, weight_control, True, loss_scale)
-            head_batch = [weight_control * hc + weight_prediction * hp for hc, hp in zip(head_control, head_prediction)]
-            batch_signal = weight_control * signal_control + weight_prediction * signal_prediction
-            difference = signal_difference(batch_signal, weight_control * signal_control, control_scale) / accumulation
-            head_correction = [hb / accumulation - coefficient * hc for hb, hc in zip(head_batch, head_control)]
-            _add_to_grads(self.partition.head_params, head_correction, loss_scale)
-            if self._add_trunk_correction(difference, loss_scale):
-                sums["applied"] = running_sum(sums["applied"], difference)
-            self._add_control_sums(sums, coefficient * signal_control, head_batch, accumulation)
-        else:
-            capture.record_gradients(self._recorded_heads)  # f = 1: the head gradients come from the backward itself
-            logit_width, capture.logits = capture.logits.shape[-1], None  # not held through the backward
-        overhead_seconds = stopwatch.lap()
-
-        # The control backward: loss_control * r w_C (1 at f = 1, where this is the base class's backward).
-        backward_loss = loss_control * (control_scale * weight_control)
-        if not scaled_for_ga:
-            backward_loss = backward_loss / accumulation
-        with chunks.active(loss_scale * self.accelerator.num_processes) if chunks else nullcontext():
-            self.accelerator.backward(backward_loss)
-        backward_seconds = stopwatch.lap()
-        if chunks:  # the chunk hooks ran inside the backward: their time is the predictor's, not the pass's
-            backward_seconds -= chunks.seconds
-            overhead_seconds += chunks.seconds
-        if not num_prediction:
-            # the hooks saw the gradients of loss_control * loss_scale / accumulation (scaled_for_ga: / 1)
-            unscale = loss_scale / accumulation
-            head_control = [g if g is None or unscale == 1 else g / unscale for g in capture.alias_gradients]
-            logit_error = None if capture.logit_gradient is None else capture.logit_gradient / unscale
-            self._add_control_sums(sums, coefficient * self._signal(head_control, logit_error, logit_width), head_control, accumulation)
-
-        if chunks:
-            self._keep_chunk_pairs(sums)
-        self.monitor.count_examples(num_control, batch_size)
-        if self.accelerator.sync_gradients:
-            self._observe(loss_scale)
-        overhead_seconds += stopwatch.lap()
-        if measure:
-            self.cost_meter.update(prediction_seconds, num_prediction, forward_seconds, backward_seconds, num_control, overhead_seconds)
-        if not num_prediction:
-            return backward_loss.detach()
-        loss = weight_control * loss_control.detach()
-        if weight_prediction:
-            loss = loss + weight_prediction * loss_prediction.detach()
-        return loss / accumulation
-
-    def _split_weights(self, model, inputs, num_items_in_batch, control_index, prediction_index) -> tuple[float, float] | None:
-        """(w_C, w_P) with loss(B) = w_C loss(C) + w_P loss(P) (`losses`); the batch is probed when the rules still
-        possible disagree on it. None when no rule is left: this loss cannot be split."""
-        batch_size = _batch_size(inputs)
-        has_items = num_items_in_batch is not None
-        labels = inputs.get(self.label_names[0]) if self.label_names else inputs.get("labels")
-        decomposition = self.loss_decomposition
-        weights = decomposition.weights(has_items, labels, control_index, batch_size)
-        probe = weights is None
-        if self.accelerator.num_processes > 1 and len(decomposition.candidates(has_items, labels)) > 1:
-            probe = bool(self.accelerator.reduce(torch.tensor([float(probe)], device=self.args.device), reduction="sum") > 0)
-        if probe:
-            module = _without_ddp(model)
-            module.eval()  # no dropout: the three losses are of the same function
-            with torch.no_grad(), self.compute_loss_context_manager():
-                losses = tuple(
-                    float(self.compute_loss(module, part, num_items_in_batch=num_items_in_batch))
-                    for part in (dict(inputs), _select_examples(inputs, control_index, batch_size), _select_examples(inputs, prediction_index, batch_size))
-                )
-            module.train()
-            mask = decomposition.consistent_mask(has_items, labels, control_index, batch_size, losses)
-            if self.accelerator.num_processes > 1:  # a rule stays only if every rank's batch follows it
-                mask = self.accelerator.gather(mask[None].to(self.args.device)).min(0).values.cpu()
-            decomposition.keep_consistent(mask)
-            logger.info(f"Loss split rule(s) consistent with the probed batch: {decomposition.rules}.")
-            if not decomposition.splittable:
-                return None
-            weights = decomposition.weights(has_items, labels, control_index, batch_size)
-            if weights is None:  # several rules fit this batch exactly: any of them is right for it
-                weights = decomposition.first_weights(has_items, labels, control_index, batch_size)
-        return weights
-
-    def _head_not_captured(self) -> str:
-        return (
-            f"the head modules {self.partition.head_module_names} did not run as modules under autograd in the model's "
-            "forward (a fused head, or a loss computed outside the model's graph), so their gradient cannot be "
-            "captured; name the model's final layers with head_modules=[...]"
-        )
-
-    def _add_trunk_correction(self, difference: torch.Tensor, loss_scale: float) -> bool:
-        """`.grad` += beta A(S_B - r S_C), one trunk tensor at a time (no parameter-sized temporary); False when
-        nothing is predicted (see `_predict_tensors`). A tensor whose prediction is not finite gets no correction:
-        its control-only estimate is unbiased on its own."""
-        parts = self._predict_tensors(difference)
-        if parts is None:
-            return False
-        faulty = False
-        for param, coefficient, part in zip(self.partition.trunk_params, self.coefficients.values.tolist(), parts):
-            if not torch.isfinite(part.sum()):
-                faulty = True
-            elif coefficient:
-                _add_to_grads([param], [part], coefficient * loss_scale)
-        if faulty:
-            self._record_fallback("the predicted trunk gradient is not finite in some tensors")
-        return True
-
-    def _predict_tensors(self, signal: torch.Tensor):
-        """The predictor's output tensor by tensor, or None when it has none or its fit fails: a fault in the
-        predictor never reaches the optimizer (the control-only estimate that replaces it is still unbiased)."""
-        try:
-            return self.predictor.predict_tensors(signal)
-        except (FloatingPointError, torch.linalg.LinAlgError) as error:
-            self._record_fallback(f"the predictor fit failed ({error})")
-            return None
-
-    def _keep_chunk_pairs(self, sums: dict) -> None:
-        """This micro-batch's chunk contrasts (`chunks`) as the predictor keeps them: sketched signal rows and encoded
-        trunk tensors (zero where a tensor has no chunk gradient), appended to `sums["fit"]` as one list per
-        micro-batch, in `.grad`'s units after DDP's mean. When they are not finite or could not be formed, each pair
-        is (None, None): every rank still sends as many rows (`_all_ranks_pairs` drops them)."""
-        chunks = self.chunk_contrasts
-        signals, encoded = chunks.take()
-        rows = len(chunks.sizes) - 1
-        if signals is None:
-            pairs = [(None, None)] * rows
-        else:
-            signals = self.predictor.sketch(signals)
-            for index in range(len(self.partition.trunk_params)):
-                if index not in encoded:
-                    encoded[index] = [self.predictor.encode(index, None)] * rows
-            pairs = [(signals[row], [encoded[index][row] for index in range(len(self.partition.trunk_params))]) for row in range(rows)]
-        sums["fit"] = (sums["fit"] or []) + [pairs]
-
-    def _all_ranks_pairs(self, micro_batches: list[list]) -> list:
-        """The chunk pairs of every rank, without the missing ones, in the order of one process that runs the
-        ranks' micro-batches interleaved (micro-batch by micro-batch, rank by rank): identical on every rank. One
-        gather of the encoded pairs: J (w + C(r)) floats per micro-batch and rank (C(r): a compressed gradient)."""
-        pairs = [pair for micro_batch in micro_batches for pair in micro_batch]
-        if self.accelerator.num_processes == 1:
-            return [pair for pair in pairs if pair[0] is not None]
-        template = [self.predictor.encode(index, None) for index in range(len(self.partition.trunk_params))]
-        rows = pack_pairs(pairs, template, self.predictor.signal_width).to(self.args.device)
-        rows = self.accelerator.gather(self.accelerator.pad_across_processes(rows, dim=0, pad_index=float("nan")))
-        ranks = self.accelerator.num_processes
-        if len(rows) == len(pairs) * ranks and len({len(m) for m in micro_batches}) == 1:  # rank-major: interleave
-            rows = rows.reshape(ranks, len(micro_batches), -1, rows.shape[-1]).transpose(0, 1).reshape(-1, rows.shape[-1])
-        return unpack_pairs(rows, template, self.predictor.signal_width)
-
-    def _observe(self, loss_scale: float) -> None:
-        """Score the predictor on this step's control batches, then (every second step) let it and beta learn.
-
-        Runs after the last backward of an observed optimizer step, one trunk tensor at a time, so that nothing
-        parameter-sized is allocated. The control part of a trunk tensor's gradient is what `.grad` holds minus the
-        corrections that were added (and, for a parameter shared with the head, minus the exact head part); summed
-        over micro-batches (and averaged over ranks, like `.grad`), it pairs with the summed control signal. What is
-        kept of it: its compressed form for the predictor (`encode`), its count sketch and that of the prediction
-        (`GradientSketch`, for the pair's score), and per tensor <g, A s>, ||A s||^2 (for beta). Consecutive observed
-        steps come in pairs (`monitor`): the first is kept aside, the second scores the pair and only then do the
-        predictor and beta learn from both, so that both are scored with a predictor fitted before either was
-        drawn. Each step's estimator still uses only earlier control batches.
-        """
-        sums, self._step_sums = self._step_sums, None
-        params = self.partition.trunk_params
-        if sums is None or sums["control"] is None or any(p.grad is None for p in params):
-            return
-        control, applied = self._all_ranks_mean(sums["control"]), sums["applied"]
-        if applied is None and self.accelerator.num_processes > 1 and self._control_fraction < 1:
-            applied = torch.zeros_like(sums["control"])  # no correction here (or a fallback): still join the mean
-        shared = {index: self._all_ranks_mean(part) for index, part in sums["shared_head"].items()}
-        # one pass over the predictor's state for both rows: this batch's prediction and the applied correction
-        parts = self._predict_tensors(control if applied is None else torch.stack([control, self._all_ranks_mean(applied)]))
-        beta = self.coefficients.values.tolist()
-        self.predictor.plan(control.shape[-1])
-        true_sketch = self.gradient_sketch.zeros(control.device)
-        predicted_sketch = None if parts is None else self.gradient_sketch.zeros(control.device)
-        true_squares, products, squares, encoded = [], [], [], []
-        for index, (param, coefficient) in enumerate(zip(params, beta)):
-            gradient = param.grad.reshape(-1)
-            if index in shared:  # trunk part = .grad - head part, computed in the head part's buffer (ours)
-                true = shared.pop(index).reshape(-1).neg_().add_(gradient, alpha=1 / loss_scale)
-            elif loss_scale != 1 or applied is not None or gradient.dtype != torch.float32:
-                true = gradient.float() / loss_scale  # a new tensor: .grad is left as it is
-            else:
-                true = gradient  # only read
-            if parts is not None:
-                part = next(parts)
-                if not torch.isfinite(part.sum()):
-                    self._record_fallback("the predicted trunk gradient is not finite; nothing is learned from this step")
-                    return
-                raw = part if applied is None else part[0]
-                if applied is not None:
-                    true.add_(part[1], alpha=-coefficient)  # the corrections added to .grad: linear in the applied difference
-                products.append(true.dot(raw))
-                squares.append(raw.dot(raw))
-                self.gradient_sketch.add(predicted_sketch, index, raw, scale=coefficient)
-            true_squares.append(true.dot(true))
-            if not torch.isfinite(true_squares[-1]):
-                return  # an fp16 overflow: the scaler skips this step, and the predictor learns nothing from it
-            self.gradient_sketch.add(true_sketch, index, true)
-            if sums["fit"] is None:
-                encoded.append(self.predictor.encode(index, true.view(param.shape)))
-        true_squares = torch.stack(true_squares)
-        # what the predictor will learn from: this batch's pair, or its chunk contrasts (`chunks`)
-        fit = [(control, encoded)] if sums["fit"] is None else self._all_ranks_pairs(sums["fit"])
-        observation = {"sketch": true_sketch, "step": self.state.global_step, "fit": fit}
-        if parts is None:
-            self.monitor.record_alignment(true_squares, None, None)
-        else:
-            products, squares = torch.stack(products), torch.stack(squares)
-            coefficients = torch.tensor(beta, device=products.device)
-            self.monitor.record_alignment(true_squares, coefficients.dot(products), coefficients.pow(2).dot(squares))
-            observation.update(predicted_sketch=predicted_sketch, products=products, squares=squares)
-        pending = self.monitor.take_pending()
-        if pending is not None and pending["step"] != self.state.global_step - 1:
-            pending = None  # not the step before: the mean gradient may have moved too far for a pair
-        if pending is None:
-            self.monitor.keep_pending(observation)
-            return
-        self.monitor.score_pair(pending, observation)
-        for kept in (pending, observation):  # beta, then the predictor, learn from both
-            if "products" in kept:
-                self.coefficients.update(kept["products"], kept["squares"])
-            for signal, parts in kept["fit"]:
-                self.predictor.record(signal, parts)
-
-    def _update_control_fraction(self) -> None:
-        """`control_fraction="auto"`: the f minimising estimator variance per second (theory.optimal_control_fraction)
-        for the variance explained measured since the last decision, the measured cost ratio and the predictor's
-        overhead; 1 (plain backprop) unless the predictor pays. Changed only here, between optimizer steps, so each
-        step's estimator is unbiased."""
-        if self.cost_meter.cost_ratio is None:
-            return
-        explained = self.monitor.take_recent_variance_explained()
-        if explained is None:
-            return
-        # Timings differ between ranks; their mean gives every rank the same f.
-        costs = torch.tensor([self.cost_meter.cost_ratio, self.cost_meter.overhead_ratio or 0.0], dtype=torch.float64, device=self.args.device)
-        cost_ratio, overhead = self._all_ranks_mean(costs).tolist()
-        self._control_fraction = theory.optimal_control_fraction(
-            math.sqrt(min(max(explained, 0.0), 1.0)), min(cost_ratio, 1.0), min_fraction=self.lgp_settings.auto_min_control_fraction,
-            overhead=overhead,
-        )
-
-    def _head_gradients(self, loss: torch.Tensor, capture, weight: float, retain_graph: bool, loss_scale: float = 1.0):
-        """Exact head gradients of `loss` (of each parameter's head use, through its aliases) and the predictor's
-        signal, by a backward through the head alone (`torch.autograd.grad`), before the control backward.
-
-        Under fp16 the backward runs on the loss times the GradScaler's scale, as the control backward does (an
-        unscaled fp16 backward would flush small logit errors to zero), and the result is divided by it in float32;
-        an overflow gives non-finite values, which reach `.grad` through the corrections and make the scaler skip.
-        A part with weight 0 (no item: its loss is 0 / 0) contributes exact zeros.
-        """
-        if weight == 0:
-            return self._head_and_signal([None] * len(self.partition.head_params), None, capture.logits)
-        aliases = [alias for uses in capture.aliases for alias in uses]
-        grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1 else loss, [*aliases, capture.logits], retain_graph=retain_graph, allow_unused=True)
-        grads = [None if g is None else g.float() / loss_scale for g in grads]
-        per_param = []
-        for uses in capture.aliases:
-            taken = [g for g in grads[: len(uses)] if g is not None]
-            del grads[: len(uses)]
-            per_param.append(sum(taken[1:], taken[0]) if taken else None)
-        return self._head_and_signal(per_param, grads[-1], capture.logits)
-
-    def _head_and_signal(self, head: list, logit_gradient: torch.Tensor | None, logits: torch.Tensor):
-        """Head gradients (zeros where a parameter's head use got none) and the predictor's signal (`_signal`)."""
-        head = [torch.zeros_like(p, dtype=torch.float32) if g is None else g for p, g in zip(self.partition.head_params, head)]
-        return head, self._signal(head, logit_gradient, logits.shape[-1])
-
-    def _signal(self, head: list, logit_gradient: torch.Tensor | None, logit_width: int) -> torch.Tensor:
-        """The predictor's signal, in float32 (also under bf16) and count-sketched when wide: the logit errors summed
-        over every position (`logit_gradient` of any leading shape; None: no error) or the flat head gradient (a
-        None entry: that parameter's head use got no gradient)."""
-        if self.predictor.signal == "logit_error":
-            signal = (
-                torch.zeros(logit_width, device=self.args.device) if logit_gradient is None
-                else logit_gradient.float().reshape(-1, logit_width).sum(0)
+    def _sampled_step(self, model, inputs, num_items_in_batch, fraction: float, observe: bool, stopwatch: Stopwatch, measure: bool):
+        """Forward, draw (in the backward, at the boundary), backward (replayed blocks), observe."""
+        generator = draw_generator(self.args.seed, self.state.global_step, self._micro_step, self.args.process_index)
+        rows = lambda: self.sampler.draws[-1].drawn.numel() if self.sampler.draws else None  # noqa: E731
+        recording = self.row_norms.recording(rows, self.replay.row_index) if observe else contextlib.nullcontext()
+        with self.sampled_backward(fraction, generator) as placed, recording:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        seconds = stopwatch.lap()
+        if not placed[0]:
+            self._disable(
+                f"the head modules {self.head_module_names} did not run as modules on an input that requires a gradient (a fused "
+                "head, a loss computed from the weights directly, or a frozen trunk): there is no boundary to sample at "
+                "(this step's gradient was exact); name the model's final layers with head_modules=[...]"
             )
-        else:
-            signal = torch.cat([
-                torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1).float() for p, g in zip(self.partition.head_params, head)
-            ])
-        return self.predictor.sketch(signal)
+        computed, total = self.replay.take_counts()
+        self.monitor.record(self.sampler.draws, fraction, self.row_norms.squared_norms if observe else None, (computed, total))
+        if measure and fraction < 1 and not observe:
+            self.cost_model.observe_sampled(computed / total if total else 1.0, seconds)
+            if self.cost_model.last_cost is not None:
+                self.monitor.record_cost(self.cost_model.last_cost)
+        if measure and fraction == 1 and self.cost_model.reference_seconds:
+            self._observation_overhead = max(0.0, seconds / self.cost_model.reference_seconds - 1)
+        return loss
 
-    def _add_control_sums(self, sums: dict, control_signal: torch.Tensor, head_batch: list, accumulation: int) -> None:
-        """What `_observe` needs of a micro-batch: the scaled control signal and, for parameters shared by head and
-        trunk, the exact head part of the batch's gradient."""
-        sums["control"] = running_sum(sums["control"], control_signal)
-        for trunk_index, head_index in self._shared_heads.items():
-            part = head_batch[head_index]
-            if part is not None:
-                part = part.float() / accumulation if accumulation != 1 else part.float()
-                sums["shared_head"][trunk_index] = running_sum(sums["shared_head"].get(trunk_index), part)
+    @contextlib.contextmanager
+    def sampled_backward(self, fraction: float, generator: torch.Generator):
+        """While inside, forwards put the boundary at the head's input, whose backward draws rows at `fraction` with
+        `generator`, and (f < 1) the trunk's blocks replay their backward on the drawn rows. Yields a list holding
+        True once a forward has placed the boundary."""
+        self.sampler.fraction, self.sampler.generator, self.sampler.draws = fraction, generator, []
+        with sampled_boundary(self.head_modules, self.sampler) as placed, self.replay.active() if fraction < 1 else contextlib.nullcontext():
+            yield placed
 
-    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
-        """The base class's rule for whether the loss is already scaled for gradient accumulation (followed as is,
-        so that f < 1 estimates the very gradient that f = 1, the base class's step, computes)."""
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+    def sampling_fraction(self) -> float:
+        """The fraction `verify_unbiased` checks by default: the current one, or 0.5 at f = 1."""
+        return self._control_fraction if self._control_fraction < 1 else 0.5
+
+    def _measure_period(self) -> int:
+        return max(1, min(int(self.args.logging_steps), self.lgp_settings.auto_decision_steps))
+
+    def _plan_step(self, model, inputs, num_items_in_batch) -> tuple[float | None, bool]:
+        """(fraction, observed) of the optimizer step that starts: fraction None is the base class's own step. Runs
+        the unbiasedness check when sampling is about to start."""
+        if self.disabled_reason is not None:
+            return None, False
+        settings = self.lgp_settings
+        explicit = not self._auto and self._control_fraction < 1
+        if self._pending_fraction is not None or (explicit and self.unbiasedness["status"] == "not run" and settings.unbiasedness_check):
+            self._check_unbiasedness(model, inputs, num_items_in_batch)
+        observe = self.state.global_step >= self._next_observation
+        if self._control_fraction < 1:
+            return self._control_fraction, observe
+        return (1.0, True) if self._auto and observe else (None, False)
+
+    def _finish_optimizer_step(self, observed: bool) -> None:
+        """After the last micro-batch: schedule the next observation; at a decision point, let "auto" decide."""
+        settings = self.lgp_settings
+        if observed:
+            spacing = settings.auto_observation_period
+            if self._observation_overhead is not None:
+                overhead = float(self._all_ranks_mean(torch.tensor([self._observation_overhead], dtype=torch.float64, device=self.args.device)))
+                spacing = max(spacing, math.ceil(overhead / settings.auto_observation_budget))
+            self._next_observation = self.state.global_step + spacing
+        if self._auto and self.disabled_reason is None and (self.state.global_step + 1) % settings.auto_decision_steps == 0:
+            self._decide_control_fraction()
+
+    def _decide_control_fraction(self) -> None:
+        """`control_fraction="auto"`: the candidate f with the smallest F(f) cost(f), from the rows observed since the
+        last decision (`monitor`) and the measured step cost (`costs`), averaged over ranks; 1 unless that product
+        is below 1 - AUTO_MARGIN. Changed only between optimizer steps. Lowering f from 1 waits for the check."""
+        factors = self.monitor.take_decision_factors()
+        if factors is None:
+            return
+        fractions = [f for f in CANDIDATE_FRACTIONS if f >= self.lgp_settings.auto_min_control_fraction]
+        factors = factors[len(CANDIDATE_FRACTIONS) - len(fractions) :]
+        costs = [self.cost_model.cost(f) for f in fractions]
+        values = self._all_ranks_mean(torch.tensor(factors + costs, dtype=torch.float64, device=self.args.device)).tolist()
+        factors, costs = values[: len(fractions)], values[len(fractions) :]
+        fraction, efficiency = best_control_fraction(fractions, factors, costs, AUTO_MARGIN)
+        best = min(range(len(fractions)), key=lambda i: factors[i] * costs[i])
+        self._last_decision = {"fraction": fraction, "best_fraction": fractions[best], "variance_factor": factors[best],
+                               "step_cost": costs[best], "efficiency": factors[best] * costs[best]}
+        if fraction < 1 and self._control_fraction == 1 and self.unbiasedness["status"] != "passed":
+            if self.unbiasedness["status"] == "not run" and self.lgp_settings.unbiasedness_check:
+                self._pending_fraction = fraction
+                return
+            if self.unbiasedness["status"] in ("failed", "skipped"):
+                return
+        self._control_fraction = fraction
+
+    def _check_unbiasedness(self, model, inputs, num_items_in_batch) -> None:
+        """`verification` on this micro-batch, before sampling starts. An explicit f < 1 raises on failure; "auto"
+        keeps f = 1 for the rest of the run on failure, or when the check does not fit its budget."""
+        settings = self.lgp_settings
+        fraction = self._pending_fraction if self._auto else self._control_fraction
+        self._pending_fraction = None
+        draws = settings.unbiasedness_check_draws
+        if self._auto:
+            budget = settings.unbiasedness_check_budget * max(self.state.max_steps, 1) * self.args.gradient_accumulation_steps
+            affordable = int((budget - 2) / self.cost_model.cost(fraction))
+            if affordable < MIN_CHECK_DRAWS:
+                self.unbiasedness = {"status": "skipped", "reason": (
+                    f"the run ({self.state.max_steps} steps) is too short for the unbiasedness check ({MIN_CHECK_DRAWS} sampled "
+                    f"backwards and two full steps) to fit in unbiasedness_check_budget={settings.unbiasedness_check_budget}")}
+                logger.warning(f"control_fraction='auto' stays at 1: {self.unbiasedness['reason']}.")
+                return
+            draws = min(draws, affordable)
+        module = _without_ddp(model)
+        generator_seed = self.args.seed + 1 + self.args.process_index
+        directions, sums, squares, names = gradient_error_statistics(
+            self, module, self._prepare_inputs(inputs), num_items_in_batch, fraction, draws, seed=generator_seed
+        )
+        report = report_from_statistics(directions, sums, squares, draws, names, fraction, 1e-3, self.args, 0.0)
+        passed = float(self._all_ranks_mean(torch.tensor([float(report.passed)], device=self.args.device))) == 1.0
+        self.unbiasedness = {"status": "passed" if passed else "failed", "worst_z": report.worst_z, "threshold": report.threshold,
+                             "draws": draws, "fraction": fraction, "worst_tensors": report.worst_tensors()}
+        if passed:
+            logger.info(str(report))
+            if self._auto:
+                self._control_fraction = fraction
+            return
+        if not self._auto:
+            raise ValueError(
+                f"control_fraction={fraction}: {report}. The sampled update is not an unbiased estimate of this model's "
+                "gradient here; train with control_fraction=1 or 'auto', and please report this model and loss."
+            )
+        logger.warning(f"control_fraction='auto' stays at 1 for this run: {report}.")
 
     def _all_ranks_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
             return tensor
         return self.accelerator.reduce(tensor.contiguous(), reduction="mean")
 
-    def _record_fallback(self, reason: str) -> None:
-        """Counts the optimizer step (once, however many predictions failed in it) and says why."""
-        if not self._step_fell_back:
-            self._step_fell_back = True
-            self.monitor.count_fallback_step()
-        logger.warning(f"{reason}; the control-only trunk gradient is used instead (still unbiased).")
-
     # ------------------------------------------------------------------ reporting
 
-    def break_even_alignment(self) -> float | None:
-        """The per-example correlation above which the current control fraction beats plain backprop (at f = 1:
-        above which lowering f pays), the square root of `break_even_variance_explained`. None before costs are
-        measured."""
-        explained = self.break_even_variance_explained()
-        return None if explained is None else math.sqrt(explained)
-
-    def break_even_variance_explained(self) -> float | None:
-        """The per-example variance explained (`lgp/variance_explained`) above which the current control fraction
-        beats plain backprop at equal compute (`theory.break_even_rho2`, the predictor's overhead included); at f = 1
-        the level above which lowering f pays (what `control_fraction="auto"` waits for). None before costs are
-        measured."""
-        if self.cost_meter.cost_ratio is None:
-            return None
-        return theory.break_even_rho2(self._control_fraction, min(self.cost_meter.cost_ratio, 1.0), self.cost_meter.overhead_ratio or 0.0)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the `lgp/*` statistics (means since the last log) to training logs."""
+        """Adds the `lgp/*` statistics (since the last log) to training logs."""
         if "loss" in logs and self.disabled_reason is None:
-            logs.update(self.monitor.take_log_values())
-            logs["lgp/control_fraction"] = self._control_fraction
-            for key, value in (
-                ("lgp/backward_forward_ratio", self.cost_meter.backward_forward_ratio),
-                ("lgp/cost_ratio", self.cost_meter.cost_ratio),
-                ("lgp/overhead_ratio", self.cost_meter.overhead_ratio),
-                ("lgp/overhead_seconds", self.cost_meter.overhead_seconds),
-                ("lgp/break_even_variance_explained", self.break_even_variance_explained()),
-                ("lgp/break_even_alignment", self.break_even_alignment()),
-            ):
-                if value is not None:
-                    logs[key] = value
+            values = self.monitor.take_log_values()
+            values["lgp/control_fraction"] = self._control_fraction
+            if "lgp/variance_factor" in values and "lgp/step_cost" in values:
+                values["lgp/efficiency"] = values["lgp/variance_factor"] * values["lgp/step_cost"]
+            if self._last_decision is not None:
+                values["lgp/predicted_efficiency"] = self._last_decision["efficiency"]
+            logs.update(values)
         super().log(logs, start_time)
 
-    def lgp_summary(self) -> dict[str, float | None]:
-        """Statistics of the run so far: alignment, per-example variance explained, break-even, measured costs,
-        backward work skipped, predictor memory."""
+    def lgp_summary(self) -> dict[str, float | str | None]:
+        """Statistics of the run so far: control fraction, rows drawn and computed, the variance factor F, the step
+        cost, the last decision of "auto" and the unbiasedness check."""
+        decision = self._last_decision or {}
         return {
-            "lgp_predictor": self.lgp_settings.predictor,
             "lgp_control_fraction": self._control_fraction,
             "lgp_disabled_reason": self.disabled_reason,
             **self.monitor.summary(),
-            "lgp_break_even_alignment": self.break_even_alignment(),
-            "lgp_break_even_variance_explained": self.break_even_variance_explained(),
-            "lgp_backward_forward_ratio": self.cost_meter.backward_forward_ratio,
-            "lgp_cost_ratio": self.cost_meter.cost_ratio,
-            "lgp_overhead_ratio": self.cost_meter.overhead_ratio,
-            "lgp_predictor_state_numel": self.predictor.state_numel() if self.predictor is not None else 0,
+            "lgp_step_cost": self.cost_model.last_cost,
+            "lgp_predicted_efficiency": decision.get("efficiency"),
+            "lgp_best_fraction": decision.get("best_fraction"),
+            "lgp_unbiasedness_check": self.unbiasedness["status"],
+            "lgp_blocks": len(self.replay.blocks),
+            "lgp_dense_blocks": len(self.replay.dense),
         }
 
     # ------------------------------------------------------------------ model card
@@ -661,7 +351,7 @@ class PredictedGradientMixin:
         reproduce_command: str | None = None,
     ) -> None:
         """Writes `args.output_dir`/README.md: the base class's card (same arguments, same defaults) in lgp_hf's
-        template (`lgp_hf/templates/model_card.md`), with the estimator's settings, the statistics measured so far
+        template (`lgp_hf/templates/model_card.md`), with the sampling settings, the statistics measured so far
         (`lgp_summary()`, the log history), evaluation results and `reproduce_command` (default: the running
         command). Main process only. The arguments given are remembered for the cards that later saves write
         (`save_model`, checkpoints, `push_to_hub`, which calls this method)."""
@@ -703,14 +393,15 @@ class PredictedGradientMixin:
 
     def _lgp_state(self) -> dict:
         return {
-            "predictor": self.lgp_settings.predictor,
-            "predictor_state": self.predictor.state_dict(),
-            "coefficients": self.coefficients.state_dict(),
-            "costs": self.cost_meter.state_dict(),
             "control_fraction": self._control_fraction,
+            "pending_fraction": self._pending_fraction,
             "next_observation": self._next_observation,
-            "loss_decomposition": self.loss_decomposition.state_dict(),
-            **self.monitor.state_dict(),
+            "observation_overhead": self._observation_overhead,
+            "last_decision": self._last_decision,
+            "unbiasedness": dict(self.unbiasedness),
+            "costs": self.cost_model.state_dict(),
+            "monitor": self.monitor.state_dict(),
+            "dense_blocks": dict(self.replay.dense_reasons),
         }
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -726,62 +417,31 @@ class PredictedGradientMixin:
         if self.disabled_reason is not None:
             return
         if not os.path.isfile(path):
-            logger.warning(f"{resume_from_checkpoint} holds no {LGP_STATE_NAME} (not an lgp_hf checkpoint): the predictor starts fresh.")
+            logger.warning(f"{resume_from_checkpoint} holds no {LGP_STATE_NAME} (not an lgp_hf checkpoint): the sampling statistics start fresh.")
             return
-        state = torch.load(path, map_location=self.args.device, weights_only=False)
-        if state["predictor"] != self.lgp_settings.predictor:
-            raise ValueError(
-                f"predictor: the checkpoint was trained with predictor={state['predictor']!r}, not {self.lgp_settings.predictor!r}; "
-                "resume with the same predictor."
-            )
-        self.predictor.load_state_dict(state["predictor_state"])
-        self.coefficients.load_state_dict(state["coefficients"])
-        self.cost_meter.load_state_dict(state["costs"])
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if "monitor" not in state:
+            logger.warning(f"{path} was written by an lgp_hf before the sampled backward (0.1): the sampling statistics start fresh.")
+            return
         self._control_fraction = state["control_fraction"]
-        self._next_observation = state.get("next_observation", 0)
-        if "loss_decomposition" in state:
-            self.loss_decomposition.load_state_dict(state["loss_decomposition"])
-        self.monitor.load_state_dict(state)
-
-
-def _batch_size(inputs: dict) -> int:
-    labels = inputs.get("labels")
-    if isinstance(labels, torch.Tensor) and labels.dim() > 0:
-        return labels.shape[0]
-    for value in inputs.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    raise ValueError("The batch holds no tensor with a batch dimension.")
+        self._pending_fraction = state["pending_fraction"]
+        self._next_observation = state["next_observation"]
+        self._observation_overhead = state["observation_overhead"]
+        self._last_decision = state["last_decision"]
+        self.unbiasedness = state["unbiasedness"]
+        self.cost_model.load_state_dict(state["costs"])
+        self.monitor.load_state_dict(state["monitor"])
+        for index, reason in state["dense_blocks"].items():
+            self.replay.mark_dense(index, reason)
 
 
 def _without_ddp(model):
-    """The module inside a DDP wrapper (accelerate's autocast, applied to it before wrapping, stays), for the
-    prediction forward. Nothing of that forward reaches DDP's backward (its head gradients are taken with
-    `torch.autograd.grad`), and through the wrapper it would look like a training forward (the head hooks turn
-    autograd on inside it): DDP would wait for a backward that never comes, and fail at the next forward with
-    `find_unused_parameters=False` ("initialize_buckets must NOT be called during autograd execution")."""
+    """The module inside a DDP wrapper (accelerate's autocast, applied to it before wrapping, stays): the
+    unbiasedness check differentiates it with `torch.autograd.grad`, which DDP must not see as a training step."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def _select_examples(inputs: dict, index: torch.Tensor, batch_size: int) -> dict:
-    """The examples at `index` of every per-example tensor (first dimension = batch size); others as they are."""
-    return {
-        key: value[index.to(value.device)] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size else value
-        for key, value in inputs.items()
-    }
-
-
-def _add_to_grads(params, values, scale: float) -> None:
-    """p.grad += scale * value, creating the gradient where there is none yet."""
-    for param, value in zip(params, values):
-        value = value.reshape(param.shape).to(param.dtype) * scale
-        if param.grad is None:
-            param.grad = value.contiguous()
-        else:
-            param.grad.add_(value)
-
-
 class PredictedGradientTrainer(PredictedGradientMixin, Trainer):
-    """`transformers.Trainer` with the control-variate estimator (`PredictedGradientMixin`): change the class name,
-    keep everything else. Arguments: `PredictedGradientArguments` (or plain `TrainingArguments`, for the estimator's
+    """`transformers.Trainer` with the importance-sampled backward (`PredictedGradientMixin`): change the class
+    name, keep everything else. Arguments: `PredictedGradientArguments` (or plain `TrainingArguments`, for the
     defaults)."""

@@ -6,11 +6,10 @@
 What makes the two comparable. With a sequential sampler, accelerate gives rank r the per-device batches
 r, r + R, r + 2R, ... of the data set, so optimizer step t of R ranks with G accumulation micro-batches covers
 the same global batch as one process with G R micro-batches of the same size, micro-batch m of the one process
-being micro-batch m // R of rank m % R. The split of a micro-batch is drawn from `split_generator(seed, step,
-micro_step)`, the same on every rank; the one process draws micro-batch m's split with micro_step = m // R (the
-only thing changed for the emulation), so every example is control or prediction in both runs alike. Both then
-see the same global batch, the same split and, if the trainer is right, the same predictor inputs, hence the same
-predictor state and the same update, up to float summation order.
+being micro-batch m // R of rank m % R. The rows of a micro-batch are drawn with `draw_generator(seed, step,
+micro_step, rank)`; the one process draws micro-batch m's rows as rank m % R at micro_step m // R (the only thing
+changed for the emulation), so every row is drawn with the same probability and the same random number in both runs.
+Both then take the same update, up to float summation order.
 """
 
 from __future__ import annotations
@@ -32,23 +31,20 @@ from transformers import TrainerCallback  # noqa: E402
 import lgp_hf.trainer  # noqa: E402
 from conftest import image_dataset, tiny_vit  # noqa: E402
 from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer  # noqa: E402
-from lgp_hf.predictors import compressed_numel  # noqa: E402
 
 PER_DEVICE_BATCH = 8
 STEPS = 5
-#: name -> (control_fraction, predictor, gradient accumulation steps per rank[, other arguments])
+#: name -> (control_fraction, gradient accumulation steps per rank[, other arguments])
 CONFIGS = {
-    "ntk_f0.25_ga1": (0.25, "ntk", 1),
-    "ntk_f0.5_ga2": (0.5, "ntk", 2),
-    "window_f0.25_ga2": (0.25, "window", 2),
+    # with the unbiasedness check at the start (each rank checks its own batch; the verdict is all-reduced)
+    "f0.5_ga1": (0.5, 1, {"unbiasedness_check": True}),
+    "f0.25_ga2": (0.25, 2),
     # DDP rebuilds its buckets after the first step only without find_unused_parameters (Trainer's choice under
-    # activation checkpointing): a forward that DDP mistook for a training forward fails there
-    "ntk_f0.25_ga2_no_unused": (0.25, "ntk", 2, {"ddp_find_unused_parameters": False}),
-    # chunk contrasts (3 chunks of the 4 control examples: 2 pairs per micro-batch), gathered from every rank
-    "window_chunks_f0.5_ga2": (0.5, "window", 2, {"predictor_fit_chunks": 3}),
-    "full_f1_ga2": (1.0, "ntk", 2),
+    # activation checkpointing): every parameter must get a gradient, zero where no row was drawn
+    "f0.25_ga2_no_unused": (0.25, 2, {"ddp_find_unused_parameters": False}),
+    "full_f1_ga2": (1.0, 2),
     # f chosen from measured timings: not comparable with one process, but every rank must choose the same f
-    "auto_ga1": ("auto", "ntk", 1, {"auto_initial_control_fraction": 0.5, "auto_observation_period": 1}),
+    "auto_ga2": ("auto", 2, {"auto_observation_period": 1, "auto_decision_steps": 4, "unbiasedness_check": False}),
 }
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "all_to_all_single")
 
@@ -125,53 +121,42 @@ class CommunicationLog(TrainerCallback):
 
 
 @contextmanager
-def emulated_split(ranks: int):
-    """One process standing in for `ranks` ranks: micro-batch m uses the split of rank m % R's micro-step m // R."""
-    original = lgp_hf.trainer.split_generator
-    lgp_hf.trainer.split_generator = lambda seed, step, micro_step: original(seed, step, micro_step // ranks)
+def emulated_draws(ranks: int):
+    """One process standing in for `ranks` ranks: micro-batch m draws as rank m % R at micro-step m // R."""
+    original = lgp_hf.trainer.draw_generator
+    if ranks > 1:
+        lgp_hf.trainer.draw_generator = lambda seed, step, micro_step, rank: original(seed, step, micro_step // ranks, micro_step % ranks)
     try:
         yield
     finally:
-        lgp_hf.trainer.split_generator = original
+        lgp_hf.trainer.draw_generator = original
 
 
 def run_config(name: str, output_dir: str, emulate_ranks: int = 1) -> dict:
     """Train one configuration; returns what the comparison needs (on this rank)."""
-    control_fraction, predictor, accumulation, *extra = CONFIGS[name]
+    control_fraction, accumulation, *extra = CONFIGS[name]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ranks = world * emulate_ranks
+    settings = {"unbiasedness_check": False, **(extra[0] if extra else {})}
     args = PredictedGradientArguments(
         output_dir=output_dir, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=7,
         per_device_train_batch_size=PER_DEVICE_BATCH, gradient_accumulation_steps=accumulation * emulate_ranks,
         max_steps=STEPS, learning_rate=0.05, optim="sgd", max_grad_norm=1.0, logging_steps=1,
-        train_sampling_strategy="sequential", control_fraction=control_fraction, predictor=predictor,
-        predictor_window_size=8, predictor_refit_steps=2, control_variate_coefficient="fitted", ddp_backend="gloo" if world > 1 else None,
-        **(extra[0] if extra else {}),
+        train_sampling_strategy="sequential", control_fraction=control_fraction, ddp_backend="gloo" if world > 1 else None,
+        **settings,
     )
     dataset = image_dataset(PER_DEVICE_BATCH * accumulation * ranks * STEPS, num_labels=3, seed=1)
     trainer = PredictedGradientTrainer(model=tiny_vit(num_labels=3, seed=2), args=args, train_dataset=dataset)
     log = CommunicationLog(trainer)
     trainer.add_callback(log)
-    with emulated_split(emulate_ranks):
+    with emulated_draws(emulate_ranks):
         trainer.train()
-    predictor_state = {"predictor": trainer.predictor.state_dict(), "coefficients": trainer.coefficients.state_dict()}
-    head_numel = sum(p.numel() for p in trainer.partition.head_params)
-    signal_numel = head_numel if trainer.predictor.signal == "head_gradient" else trainer.model.config.num_labels
-    # what a rank sends of its chunk pairs per optimizer step: rows of (sketched signal, compressed trunk gradient)
-    fit_numel = 0
-    if args.predictor_fit_chunks > 1:
-        rows = accumulation * (min(args.predictor_fit_chunks, round(control_fraction * PER_DEVICE_BATCH)) - 1)
-        fit_numel = rows * (trainer.predictor.signal_width + compressed_numel(trainer.predictor.shapes, trainer.predictor.rank))
     return {
         "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-        "predictor_state": predictor_state,
-        "predictor_hash": state_hash(predictor_state),
-        "alignment": [log_["lgp/alignment"] for log_ in trainer.state.log_history if "lgp/alignment" in log_],
+        "summary": trainer.lgp_summary(),
+        "state_hash": state_hash(trainer._lgp_state()["monitor"]),
         "collectives": log.collectives,
         "buckets": log.buckets,
-        "signal_numel": signal_numel,
-        "fit_numel": fit_numel,
-        "trunk_numel": trainer.partition.num_trunk_parameters,
         "global_step": trainer.state.global_step,
         "control_fraction": trainer._control_fraction,
     }

@@ -1,12 +1,10 @@
 """PredictedGradientTrainer against transformers.Trainer: where it must equal it, where it must learn, and its errors."""
 
-import logging
 
 import numpy as np
 import pytest
 import torch
 from datasets import load_dataset
-from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
@@ -42,56 +40,6 @@ def test_two_accumulation_steps_equal_one_double_batch(quiet_args):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-class LinearTrunkRegressor(nn.Module):
-    """logits = w^T (W x): the trunk gradient e w x^T is exactly linear in the head gradient e W x when W is
-    invertible, and, for a shared input x, exactly J^T e with one Jacobian J for every example."""
-
-    def __init__(self, dim=4):
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Linear(dim, dim, bias=False)
-        self.head = nn.Linear(dim, 1, bias=False)
-
-    def forward(self, features, labels=None):
-        logits = self.head(self.trunk(features))
-        loss = nn.functional.mse_loss(logits.squeeze(-1), labels) if labels is not None else None
-        return {"loss": loss, "logits": logits}
-
-
-def linear_dataset(shared_input: bool, size=64):
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(1 if shared_input else size, 4, generator=generator).expand(size, 4)
-    from datasets import Dataset
-
-    return Dataset.from_dict({"features": features.numpy(), "labels": torch.randn(size, generator=generator).numpy()}).with_format("torch")
-
-
-@pytest.mark.parametrize("predictor,shared_input", [("window", False), ("ntk", True)])
-def test_predictor_is_exact_when_trunk_gradients_are_linear(predictor, shared_input, quiet_args):
-    args = PredictedGradientArguments(
-        **quiet_args, per_device_train_batch_size=16, max_steps=60, learning_rate=0.0, logging_steps=10,
-        predictor=predictor, predictor_ridge=1e-6, predictor_window_size=16, control_fraction=0.25,
-        predictor_memory_fraction=64.0,  # a 4 x 4 trunk: keep 16 dense pairs (the default budget keeps one)
-    )
-    trainer = PredictedGradientTrainer(model=LinearTrunkRegressor(), args=args, train_dataset=linear_dataset(shared_input))
-    trainer.train()
-    late_alignment = [log["lgp/alignment"] for log in trainer.state.log_history if "lgp/alignment" in log][-3:]
-    assert min(late_alignment) > 0.99, late_alignment
-    late_explained = [log["lgp/variance_explained"] for log in trainer.state.log_history if "lgp/variance_explained" in log][-3:]
-    assert min(late_explained) > 0.99, late_explained
-
-
-def test_zero_predictor_explains_no_variance(quiet_args):
-    args = PredictedGradientArguments(
-        **quiet_args, per_device_train_batch_size=16, max_steps=8, learning_rate=0.0, logging_steps=2,
-        predictor="zero", control_fraction=0.25,
-    )
-    trainer = PredictedGradientTrainer(model=LinearTrunkRegressor(), args=args, train_dataset=linear_dataset(False))
-    trainer.train()
-    explained = [log["lgp/variance_explained"] for log in trainer.state.log_history if "lgp/variance_explained" in log]
-    assert explained == [0.0] * 4 and trainer.lgp_summary()["lgp_variance_explained"] == 0.0
-
-
 def test_loss_falls_on_real_cifar10(quiet_args):
     data = load_dataset("parquet", data_files={"train": str(CIFAR10_SUBSET / "train.parquet")})["train"].select(range(512))
     mean, std = torch.tensor([0.49, 0.48, 0.45]).view(3, 1, 1), torch.tensor([0.25, 0.24, 0.26]).view(3, 1, 1)
@@ -103,12 +51,17 @@ def test_loss_falls_on_real_cifar10(quiet_args):
     data.set_transform(to_tensors)
     args = PredictedGradientArguments(
         **quiet_args, per_device_train_batch_size=32, num_train_epochs=4, learning_rate=2e-3, logging_steps=4,
-        remove_unused_columns=False, control_fraction=0.25, predictor="ntk", predictor_refit_steps=8,
+        remove_unused_columns=False, control_fraction=0.25,
     )
     trainer = PredictedGradientTrainer(model=tiny_vit(num_labels=10, image_size=32), args=args, train_dataset=data)
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
+    summary = trainer.lgp_summary()
+    assert summary["lgp_unbiasedness_check"] == "passed" and summary["lgp_dense_blocks"] == 0
+    assert 0.1 < summary["lgp_trunk_rows_computed"] < 0.4  # the trunk's backward ran on about a quarter of the rows
+    logged = [log for log in trainer.state.log_history if "lgp/drawn_fraction" in log]
+    assert logged and all(log["lgp/control_fraction"] == 0.25 for log in logged)
 
 
 @pytest.mark.parametrize(
@@ -117,11 +70,14 @@ def test_loss_falls_on_real_cifar10(quiet_args):
         ({"control_fraction": 0.0}, "control_fraction"),
         ({"control_fraction": 1.5}, "control_fraction"),
         ({"control_fraction": "most"}, "control_fraction"),
-        ({"predictor_window_size": 0}, "predictor_window_size"),
-        ({"predictor_ridge": -1.0}, "predictor_ridge"),
-        ({"predictor": "oracle"}, "predictor"),
-        ({"predictor_refit_steps": 0}, "predictor_refit_steps"),
-        ({"control_variate_coefficient": "guess"}, "control_variate_coefficient"),
+        ({"sampling_uniform_mix": 1.5}, "sampling_uniform_mix"),
+        ({"sampling_uniform_mix": -0.1}, "sampling_uniform_mix"),
+        ({"auto_min_control_fraction": 0.0}, "auto_min_control_fraction"),
+        ({"auto_decision_steps": 0}, "auto_decision_steps"),
+        ({"auto_observation_budget": 0}, "auto_observation_budget"),
+        ({"unbiasedness_check_draws": 4}, "unbiasedness_check_draws"),
+        ({"unbiasedness_check_budget": 2.0}, "unbiasedness_check_budget"),
+        ({"unbiasedness_check": "yes"}, "unbiasedness_check"),
     ],
 )
 def test_bad_arguments_name_the_argument(overrides, message, quiet_args):
@@ -141,7 +97,7 @@ def test_one_head_module_may_be_given_as_a_string(quiet_args):
     args = PredictedGradientArguments(**quiet_args, head_modules="classifier")
     assert args.head_modules == ["classifier"]
     trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8))
-    assert trainer.partition.head_module_names == ["classifier"]
+    assert trainer.head_module_names == ["classifier"]
 
 
 @pytest.mark.parametrize("value", [True, False])
@@ -160,21 +116,22 @@ def test_plain_training_arguments_train_with_the_estimators_defaults(quiet_args)
         assert torch.equal(a, b), name
 
 
-def test_batch_of_one_runs_a_full_backward_with_one_warning(quiet_args, caplog):
-    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=1, max_steps=3, control_fraction="0.5")
-    trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8))
-    with caplog.at_level(logging.WARNING, logger="lgp_hf.trainer"):
-        trainer.train()
-    warnings = [r for r in caplog.records if "cannot be split" in r.getMessage()]
-    assert len(warnings) == 1
-    assert trainer.lgp_summary()["lgp_backward_work_skipped"] == 0.0
+def test_batch_of_one_samples_its_one_row(quiet_args):
+    """One example per batch: drawn with probability f (weight 1 / f) or not at all, still unbiased and training."""
+    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=1, max_steps=12, control_fraction="0.5", unbiasedness_check=False)
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(16))
+    trainer.train()
+    summary = trainer.lgp_summary()
+    assert 0 < summary["lgp_drawn_fraction"] < 1 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 def test_arguments_parse_from_the_command_line():
     parser = HfArgumentParser(PredictedGradientArguments)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", "x", "--control_fraction", "auto", "--predictor", "window", "--head_modules", "vit.layernorm", "classifier"]
+        ["--output_dir", "x", "--control_fraction", "auto", "--sampling_uniform_mix", "0.3", "--head_modules", "vit.layernorm", "classifier",
+         "--unbiasedness_check", "false"]
     )
-    assert args.control_fraction == "auto" and args.predictor == "window" and args.head_modules == ["vit.layernorm", "classifier"]
+    assert args.control_fraction == "auto" and args.sampling_uniform_mix == 0.3 and args.head_modules == ["vit.layernorm", "classifier"]
+    assert args.unbiasedness_check is False
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--control_fraction", "0.5"])
     assert args.control_fraction == 0.5

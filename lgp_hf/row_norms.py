@@ -1,0 +1,82 @@
+"""Per-row squared norms of the trunk's linear-layer gradients, read in the backward: what F is estimated from.
+
+"auto" needs ||g_i||^2, the squared norm of row i's trunk gradient, to estimate the variance factor F of candidate
+control fractions (`sampling.variance_factor_sums`). For a linear layer y = x W^T + b the gradient of row i is
+sum_t delta_it x_it^T (and sum_t delta_it for the bias), t over the row's positions, so its norm needs only the
+layer's input x (kept by a forward hook: autograd keeps it anyway) and output error delta (a tensor hook), read
+during the backward the step runs anyway (`linear_row_squared_norms`). Covered: `nn.Linear` (LoRA's adapters too)
+and transformers' `Conv1D` inside the trunk's blocks, which hold most of a transformer's parameters and of its
+gradient; the F estimated from them stands for the whole trunk's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def linear_row_squared_norms(inputs: torch.Tensor, errors: torch.Tensor, bias: bool) -> torch.Tensor:
+    """||sum_t delta_t x_t^T||_F^2 (+ ||sum_t delta_t||^2 with a bias) per row (dim 0), in float32.
+
+    `inputs` (r x ... x a) and `errors` (r x ... x b): the positions of a row are all dims but the first and last.
+    With T positions, the product is formed directly (r a b values, T a b multiply-adds per row) or, when cheaper,
+    from the positions' Gram matrices: sum_{t,t'} (x_t . x_t')(delta_t . delta_t') (T^2 (a + b) per row).
+    """
+    rows = inputs.shape[0]
+    x = inputs.detach().reshape(rows, -1, inputs.shape[-1]).float()
+    delta = errors.detach().reshape(rows, -1, errors.shape[-1]).float()
+    positions, a, b = x.shape[1], x.shape[2], delta.shape[2]
+    if positions * (a + b) < a * b:
+        norms = ((x @ x.mT) * (delta @ delta.mT)).sum(dim=(1, 2))
+    else:
+        norms = (delta.mT @ x).pow(2).sum(dim=(1, 2))
+    if bias:
+        norms = norms + delta.sum(dim=1).pow(2).sum(dim=1)
+    return norms
+
+
+class RowGradientNorms:
+    """Hooks on the linear layers of `modules` that add each row's squared gradient norm into `squared_norms`.
+
+    Active only inside `recording(row_count, row_index)`. `row_count()` is the number of rows at the boundary (known
+    once its backward has drawn, before any trunk backward: None when it drew nothing); `row_index()` returns, when a
+    layer runs on a subset of the rows (a block's replay, `replay`), the indices of that subset (None: all rows). A
+    layer call whose input does not have that many rows is skipped (its rows are not the batch's).
+    """
+
+    def __init__(self, modules: list[nn.Module]):
+        self.layers = [m for module in modules for m in module.modules() if isinstance(m, (nn.Linear, Conv1D)) and m.weight.requires_grad]
+        self.squared_norms: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def recording(self, row_count, row_index):
+        self.squared_norms = None
+
+        def watch(module, args, output):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad and args):
+                return
+            inputs, index = args[0], row_index()
+
+            def read(errors):
+                rows = row_count()
+                if rows is None or inputs.dim() < 2 or inputs.shape[0] != (rows if index is None else index.numel()):
+                    return
+                if self.squared_norms is None:
+                    self.squared_norms = torch.zeros(rows, dtype=torch.float64)
+                squares = linear_row_squared_norms(inputs, errors, module.bias is not None and module.bias.requires_grad).double().cpu()
+                if index is None:
+                    self.squared_norms.add_(squares)
+                else:
+                    self.squared_norms.index_add_(0, index.cpu(), squares)
+
+            output.register_hook(read)
+
+        handles = [layer.register_forward_hook(watch) for layer in self.layers]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,0 +1,135 @@
+"""The trunk's replayed backward is the exact backward: for fixed row weights at the boundary (some 0), every
+parameter's gradient equals plain autograd's, on every family; blocks that cannot be replayed on a subset of rows
+(dropout, BatchNorm) are found, replayed exactly on all rows, and then left to plain autograd."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from lgp_hf.boundary import BoundarySampler, find_head_module_names, sampled_boundary
+from lgp_hf.replay import BlockReplay, find_blocks
+from conftest import image_dataset, tiny_vit
+from test_model_families import FAMILIES, lora, gpt2
+
+KEEP = [1, 4, 6]
+
+
+class FixedRows(BoundarySampler):
+    """Weights 1.7 on the rows KEEP, 0 elsewhere: a draw fixed in advance."""
+
+    def reweight(self, gradient):
+        weights = torch.zeros(gradient.shape[0], dtype=gradient.dtype, device=gradient.device)
+        weights[KEEP] = 1.7
+        return gradient * weights.view(-1, *([1] * (gradient.dim() - 1)))
+
+
+def gradients(model, batch, replayed: bool, autocast: bool = False):
+    """Every parameter's gradient after a backward through the fixed draw, with or without the blocks' replay."""
+    model.zero_grad(set_to_none=True)
+    modules = dict(model.named_modules())
+    heads = [modules[name] for name in find_head_module_names(model)]
+    replay = BlockReplay(find_blocks(model, heads))
+    torch.manual_seed(123)  # the same dropout masks in both forwards
+    with sampled_boundary(heads, FixedRows()), replay.active() if replayed else torch.enable_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        loss = model(**batch).loss
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, replay
+
+
+def assert_same_gradients(plain, replayed, tolerance):
+    assert plain.keys() == replayed.keys()
+    largest = max(float(g.abs().max()) for g in plain.values())
+    for name, value in plain.items():
+        # relative to the largest gradient: tensors whose exact gradient cancels to 0 (attention key biases) are rounding
+        torch.testing.assert_close(replayed[name], value, rtol=tolerance, atol=tolerance * largest, msg=name)
+
+
+CASES = {"vit": (tiny_vit, lambda: image_dataset(8)[:8]), **{name: (m, lambda d=d: d()[:8]) for name, (m, d) in FAMILIES.items()},
+         "lora-gpt2": (lora(gpt2, target_modules=["c_attn"], fan_in_fan_out=True), lambda: FAMILIES["gpt2-lm-tied"][1]()[:8])}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_replayed_backward_equals_autograd_and_computes_only_the_drawn_rows(case):
+    model_factory, batch_factory = CASES[case]
+    model, batch = model_factory(), batch_factory()
+    model.train()
+    plain, _ = gradients(model, batch, replayed=False)
+    replayed, replay = gradients(model, batch, replayed=True)
+    assert_same_gradients(plain, replayed, 1e-5)
+    if replay.blocks:  # (ResNet has no transformers layer to replay)
+        assert not replay.dense
+        assert replay.computed_rows <= len(KEEP) * len(replay.blocks) < replay.total_rows
+
+
+def test_replay_under_bf16_autocast_matches_autograd_to_bf16_rounding():
+    model, batch = tiny_vit(), image_dataset(8)[:8]
+    plain, _ = gradients(model, batch, replayed=False, autocast=True)
+    replayed, replay = gradients(model, batch, replayed=True, autocast=True)
+    assert not replay.dense
+    assert_same_gradients(plain, replayed, 2e-2)
+
+
+def test_dropout_blocks_are_found_replayed_exactly_and_left_dense():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=32, num_labels=3, hidden_dropout_prob=0.2))
+    model.train()
+    batch = {"input_ids": torch.randint(1, 50, (8, 6), generator=torch.Generator().manual_seed(1)), "labels": torch.arange(8) % 3}
+    plain, _ = gradients(model, batch, replayed=False)
+    replayed, replay = gradients(model, batch, replayed=True)
+    assert_same_gradients(plain, replayed, 1e-5)
+    assert replay.dense == {0, 1} and "differs" in replay.dense_reasons[0]
+    with replay.active():  # dense blocks run with plain autograd from then on
+        assert all("forward" not in vars(block) for block in replay.blocks)
+
+
+class NormalisedLayer(GradientCheckpointingLayer):
+    """A layer whose rows interact: BatchNorm over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+    def forward(self, hidden):
+        return hidden + self.norm(self.linear(hidden))
+
+
+class NormalisedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([NormalisedLayer(), NormalisedLayer()])
+        self.classifier = nn.Linear(6, 3)
+
+    def forward(self, features, labels):
+        for layer in self.layers:
+            features = layer(features)
+        logits = self.classifier(features)
+        return type("Output", (), {"loss": nn.functional.cross_entropy(logits, labels)})
+
+
+def test_blocks_whose_rows_interact_are_replayed_on_all_rows():
+    """BatchNorm: the rows not drawn have a non-zero gradient below the first block, and the replay of the drawn
+    rows alone differs from the forward (other batch statistics): both are found, and the backward stays exact."""
+    model = NormalisedModel()
+    batch = {"features": torch.randn(8, 6, generator=torch.Generator().manual_seed(2)), "labels": torch.arange(8) % 3}
+    plain, _ = gradients(model, batch, replayed=False)
+    replayed, replay = gradients(model, batch, replayed=True)
+    assert_same_gradients(plain, replayed, 1e-5)
+    assert replay.dense == {1}  # the top block failed its check; below it every row carries a gradient
+    assert replay.computed_rows == replay.total_rows
+
+
+def test_no_drawn_row_gives_zero_trunk_gradients():
+    model, batch = tiny_vit(), image_dataset(8)[:8]
+    sampler = BoundarySampler(fraction=0.5)
+    sampler.reweight = lambda gradient: gradient * 0
+    replay = BlockReplay(find_blocks(model, [model.classifier]))
+    with sampled_boundary([model.classifier], sampler), replay.active():
+        model(**batch).loss.backward()
+    assert replay.computed_rows == 0
+    # zeros, not missing gradients: DDP expects every parameter to get one
+    assert all(p.grad is not None and float(p.grad.abs().max()) == 0 for name, p in model.named_parameters() if not name.startswith(("classifier", "vit.layernorm")))
+    assert float(model.classifier.weight.grad.abs().max()) > 0
