@@ -12,14 +12,16 @@ in a few minutes on a laptop CPU:
     accelerate launch examples/run_vit.py --output_dir runs/vit-baseline --trainer baseline
 
 Every `TrainingArguments` / `PredictedGradientArguments` field is an option (`--control_fraction 0.5`,
-`--predictor window`, `--num_train_epochs 10`, ...), and a single `.json` file of options works too. Other data:
+`--sampling_uniform_mix 0.2`, `--num_train_epochs 10`, ...), and a single `.json` file of options works too. Other data:
 `--dataset_name uoft-cs/cifar10` (Hugging Face Hub), or `--train_file/--validation_file` (parquet files or image
 folders). A pretrained model: `--model_name_or_path google/vit-base-patch16-224-in21k`, whose image processor
 sets the input size and normalisation.
 
 Writes to `output_dir`: the model and its image processor, `all_results.json` (train runtime and throughput,
 eval accuracy and, with the lgp trainer, `trainer.lgp_summary()`), `trainer_state.json` (the log history, each
-entry with `wall_time`, seconds since training began) and `training_curves.png`.
+entry with `wall_time`, seconds since training began), `training_curves.png` (loss and accuracy against time; the
+variance factor F of the sampled update and F x step cost, which must be below 1 for sampling to save compute, and
+the control fraction against step) and the model card, README.md.
 """
 
 import json
@@ -298,7 +300,7 @@ def build_model(model_args: ModelArguments, labels: list[str]):
 class WallClockCallback(TrainerCallback):
     """Adds `wall_time`, seconds since training began, to each log entry.
 
-    The point of predicted gradients is cheaper steps, so curves are compared against time rather than steps;
+    The point of the sampled backward is cheaper steps, so curves are compared against time rather than steps;
     storing the time in `state.log_history` keeps it in `trainer_state.json` for later comparisons too.
     """
 
@@ -314,8 +316,9 @@ class WallClockCallback(TrainerCallback):
 
 
 def plot_training_curves(log_history: list[dict], path: str) -> None:
-    """Training loss and eval accuracy against wall-clock seconds; the predictor's per-example variance explained
-    with its break-even, and the control fraction, against step."""
+    """Training loss and eval accuracy against wall-clock seconds; the variance factor F of the sampled update, F x
+    step cost (measured, and as "auto" predicted it for its best fraction) against the break-even 1, and the control
+    fraction, against step."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -327,19 +330,23 @@ def plot_training_curves(log_history: list[dict], path: str) -> None:
     panels = [
         (("loss",), "wall_time", "training loss", "wall-clock seconds"),
         (("eval_accuracy",), "wall_time", "eval accuracy", "wall-clock seconds"),
-        (("lgp/variance_explained", "lgp/break_even_variance_explained"), "step", "lgp/variance_explained and its break-even", "step"),
+        (("lgp/variance_factor",), "step", "lgp/variance_factor (F)", "step"),
+        (("lgp/efficiency", "lgp/predicted_efficiency"), "step", "F x step cost (saves compute below 1)", "step"),
         (("lgp/control_fraction",), "step", "lgp/control_fraction", "step"),
     ]
-    figure = Figure(figsize=(20, 4), layout="tight")
+    figure = Figure(figsize=(25, 4), layout="tight")
     for axes, (keys, x_key, title, x_label) in zip(figure.subplots(1, len(panels)), panels):
         for key, style in zip(keys, ("-", "--")):
             points = [(entry[x_key], entry[key]) for entry in log_history if key in entry and x_key in entry]
             if points:
-                axes.plot(*zip(*points), marker="." if style == "-" else None, ls=style, label=key)
+                axes.plot(*zip(*points), marker=".", ls=style, label=key)
         if not axes.lines:
             axes.text(0.5, 0.5, f"no {' or '.join(keys)} logged", ha="center", va="center", transform=axes.transAxes)
-        elif len(keys) > 1:
-            axes.legend(fontsize=8)
+        else:
+            if keys[0] == "lgp/efficiency":
+                axes.axhline(1.0, color="gray", ls=":", label="break-even (plain backprop)")
+            if len(keys) > 1:
+                axes.legend(fontsize=8)
         axes.set(title=title, xlabel=x_label)
         axes.grid(alpha=0.3)
     figure.savefig(path, dpi=120)

@@ -26,21 +26,24 @@ NOT_MEASURED = "not measured"
 TRAINER_TAG = "generated_from_trainer"
 
 # Statistics rows: (key in `statistics`, label, formatter).
-_PERCENT, _NUMBER, _INTEGER, _DURATION = "percent", "number", "integer", "duration"
+_PERCENT, _NUMBER, _INTEGER, _DURATION, _TEXT = "percent", "number", "integer", "duration", "text"
 STATISTICS_ROWS = (
-    ("lgp_variance_explained", "Per-example variance explained", _NUMBER),
-    ("lgp_break_even_variance_explained", "Break-even variance explained (at the final control fraction and cost ratio)", _NUMBER),
-    ("lgp_mean_alignment", "Mean alignment", _NUMBER),
-    ("lgp_final_alignment", "Final alignment", _NUMBER),
-    ("lgp_break_even_alignment", "Break-even alignment (at the final control fraction and cost ratio)", _NUMBER),
-    ("lgp_backward_work_skipped", "Backward work skipped (examples without a full backward)", _PERCENT),
-    ("lgp_backward_forward_ratio", "Backward/forward time ratio", _NUMBER),
-    ("lgp_cost_ratio", "Cost ratio c (time per predicted example / per control example)", _NUMBER),
     ("lgp_control_fraction", "Control fraction (final)", _NUMBER),
-    ("lgp_fallback_steps", "Steps that fell back to the control-only gradient", _INTEGER),
+    ("lgp_drawn_fraction", "Rows drawn for the trunk's backward", _PERCENT),
+    ("lgp_trunk_rows_computed", "Rows backpropagated through the trunk's blocks", _PERCENT),
+    ("lgp_variance_factor", "Variance factor F of the update (against the full batch's, over the observed steps)", _NUMBER),
+    ("lgp_step_cost", "Step cost (last measured sampled step, against a Trainer step)", _NUMBER),
+    ("lgp_best_fraction", "Control fraction with the lowest predicted F x cost at the last decision of auto", _NUMBER),
+    ("lgp_predicted_efficiency", "Its predicted F x cost", _NUMBER),
+    ("lgp_unbiasedness_check", "Unbiasedness check", _TEXT),
+    ("lgp_blocks", "Trunk blocks (backward replayed on the drawn rows)", _INTEGER),
+    ("lgp_dense_blocks", "Trunk blocks run dense (not replayable on a subset of rows)", _INTEGER),
+    ("lgp_uniform_draws", "Draws made uniform (gradient not finite)", _INTEGER),
     ("global_step", "Optimizer steps", _INTEGER),
     ("train_runtime", "Wall-clock training time", _DURATION),
 )
+#: Statistics that only `control_fraction="auto"` measures (left out of the card of a run at a fixed fraction).
+AUTO_STATISTICS = ("lgp_best_fraction", "lgp_predicted_efficiency")
 # Keys of an evaluation log entry that are not results.
 _EVAL_BOOKKEEPING = {"runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "epoch", "step"}
 # Training log columns: (log key, column title).
@@ -48,10 +51,12 @@ TRAINING_LOG_COLUMNS = (
     ("step", "Step"),
     ("epoch", "Epoch"),
     ("loss", "Training loss"),
-    ("lgp/variance_explained", "Variance explained"),
-    ("lgp/alignment", "Alignment"),
-    ("lgp/predictor_residual", "Predictor residual"),
     ("lgp/control_fraction", "Control fraction"),
+    ("lgp/drawn_fraction", "Rows drawn"),
+    ("lgp/variance_factor", "Variance factor F"),
+    ("lgp/step_cost", "Step cost"),
+    ("lgp/efficiency", "F x cost"),
+    ("lgp/predicted_efficiency", "Predicted F x cost"),
 )
 MAX_TABLE_ROWS = 30
 # Command-line options whose values must not end up in a public card.
@@ -90,6 +95,8 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_statistic(kind: str, value: Any) -> str:
+    if kind == _TEXT:
+        return NOT_MEASURED if value is None else str(value)
     if kind == _PERCENT:
         return format_percent(value)
     if kind == _DURATION:
@@ -171,6 +178,42 @@ def _merge_tags(*groups: str | Iterable[str] | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- the card
 
 
+def efficiency_verdict(statistics: Mapping[str, Any]) -> str | None:
+    """What the statistics say about compute (`theory.relative_efficiency`): F x cost against 1 when both were
+    measured; else why there is no such product (sampling turned off, no sampled step, the cost not timed), with
+    the break-even step cost 1 / F where F is known. None when nothing can be said."""
+    factor, cost = statistics.get("lgp_variance_factor"), statistics.get("lgp_step_cost")
+    drawn, reason = statistics.get("lgp_drawn_fraction"), statistics.get("lgp_disabled_reason")
+    sentences = []
+    if reason:
+        sentences.append(f"Sampling was turned off in this run ({reason}); from then on every step was plain backpropagation.")
+    if factor is not None and cost is not None:
+        efficiency = factor * cost
+        effect = "saved compute" if efficiency < 1 else "did not save compute"
+        sentences.append(
+            f"F x cost = {format_number(factor)} x {format_number(cost)} = {format_number(efficiency)}: at equal "
+            f"gradient noise, the sampled backward {effect} compared with plain backpropagation in this run."
+        )
+    elif "lgp_drawn_fraction" in statistics and (drawn is None or drawn >= 1):
+        sentences.append(
+            "No step of this run sampled rows (the control fraction stayed at 1): it trained as plain backpropagation, "
+            "so there is no F x cost to report."
+        )
+        best, predicted = statistics.get("lgp_best_fraction"), statistics.get("lgp_predicted_efficiency")
+        if best is not None and predicted is not None:
+            sentences.append(
+                f"At the last decision of auto the best candidate, control fraction {format_number(best)}, had a "
+                f"predicted F x cost of {format_number(predicted)}."
+            )
+    elif factor is not None and factor > 0:
+        sentences.append(
+            f"The step cost was not measured (it is timed against plain `Trainer` steps of the same run), so F x cost "
+            f"is unknown: with F = {format_number(factor)}, the sampled backward saves compute only where its step "
+            f"costs less than 1 / F = {format_number(1 / factor)} of a `Trainer` step."
+        )
+    return " ".join(sentences) or None
+
+
 def build_model_card(
     *,
     model_name: str,
@@ -196,11 +239,11 @@ def build_model_card(
 
     Args:
         model_name: the card's title and the model-index name.
-        lgp_hyperparameters: the estimator's settings (`control_fraction`, `predictor`, ...), written as given.
+        lgp_hyperparameters: the sampling settings (`control_fraction`, `sampling_uniform_mix`, ...), written as given.
         training_hyperparameters: the usual ones (`learning_rate`, `train_batch_size`, ...), written as given.
         statistics: measured values keyed like `PredictedGradientTrainer.lgp_summary()`, plus `global_step` and
             `train_runtime` (seconds, None while training is in progress); written with `STATISTICS_ROWS`'
-            formats, None as "not measured".
+            formats, None as "not measured". They also give the verdict (`efficiency_verdict`): F x cost against 1.
         eval_results: the final evaluation metrics without the `eval_` prefix (`{"loss": ..., "accuracy": ...}`).
             Every metric but the loss goes to the `metrics` metadata and, with `task`, to the model-index.
         training_log / eval_log: rows of the training-log and evaluation tables (column title -> value).
@@ -248,7 +291,7 @@ def build_model_card(
         summary = "This model was trained from scratch"
     if dataset_names:
         summary += " on " + (f"the {dataset_names[0]} dataset" if len(dataset_names) == 1 else "the " + ", ".join(dataset_names[:-1]) + f" and {dataset_names[-1]} datasets")
-    summary += f", with predicted gradients (lgp_hf, [arXiv 2511.05187]({PAPER_URL}))."
+    summary += f", with an importance-sampled backward (lgp_hf, after [arXiv 2511.05187]({PAPER_URL}))."
 
     statistics_rows = [
         (label, format_statistic(kind, statistics.get(key)))
@@ -259,16 +302,7 @@ def build_model_card(
         statistics_rows = [
             (label, "training in progress" if label == "Wall-clock training time" else value) for label, value in statistics_rows
         ]
-    explained, break_even = statistics.get("lgp_variance_explained"), statistics.get("lgp_break_even_variance_explained")
-    verdict = None
-    if explained is not None and break_even is not None:
-        side = "above" if explained > break_even else "at or below"
-        effect = "saved compute" if explained > break_even else "did not save compute"
-        verdict = (
-            f"The per-example variance explained ({format_number(explained)}) is {side} its break-even value "
-            f"({format_number(break_even)}): at equal variance, predicted gradients {effect} compared with plain "
-            "backpropagation in this run."
-        )
+    verdict = efficiency_verdict(statistics)
 
     card = ModelCard.from_template(
         card_data,
@@ -293,25 +327,45 @@ def build_model_card(
 
 
 def lgp_hyperparameters_from_trainer(trainer) -> dict[str, Any]:
-    """The estimator's settings as `PredictedGradientArguments` field names, head modules and ridge as resolved."""
+    """The sampling settings as `PredictedGradientArguments` field names, head modules as resolved."""
     args = trainer.lgp_settings
+    auto = args.control_fraction == "auto"
     settings: dict[str, Any] = {}
-    if args.control_fraction == "auto":
-        settings["control_fraction"] = (
-            f"auto (initial {args.auto_initial_control_fraction}, minimum {args.auto_min_control_fraction}, "
-            f"final {format_number(trainer.lgp_summary()['lgp_control_fraction'])})"
-        )
+    if auto:
+        settings["control_fraction"] = f"auto (final {format_number(trainer.lgp_summary()['lgp_control_fraction'])})"
+        settings["auto_min_control_fraction"] = args.auto_min_control_fraction
+        settings["auto_decision_steps"] = args.auto_decision_steps
     else:
         settings["control_fraction"] = args.control_fraction
-    settings["predictor"] = args.predictor
-    settings["predictor_refit_steps"] = args.predictor_refit_steps
-    settings["predictor_fit_chunks"] = args.predictor_fit_chunks
-    settings["predictor_window_size"] = args.predictor_window_size
-    settings["predictor_memory_fraction"] = args.predictor_memory_fraction
-    settings["predictor_ridge"] = getattr(trainer.predictor, "ridge", args.predictor_ridge)  # as resolved
-    settings["control_variate_coefficient"] = args.control_variate_coefficient
-    settings["head_modules"] = ", ".join(trainer.partition.head_module_names) if trainer.partition is not None else f"none ({trainer.disabled_reason})"
+    settings["sampling_uniform_mix"] = args.sampling_uniform_mix
+    settings["auto_observation_period"] = args.auto_observation_period  # observed steps (for F) at any fraction
+    settings["auto_observation_budget"] = args.auto_observation_budget
+    settings["unbiasedness_check"] = args.unbiasedness_check
+    if args.unbiasedness_check:
+        settings["unbiasedness_check_draws"] = args.unbiasedness_check_draws
+        if auto:
+            settings["unbiasedness_check_budget"] = args.unbiasedness_check_budget
+    settings["head_modules"] = ", ".join(trainer.head_module_names) if trainer.disabled_reason is None else f"none ({trainer.disabled_reason})"
     return settings
+
+
+def unbiasedness_text(check: Mapping[str, Any]) -> str:
+    """The unbiasedness check's outcome (`PredictedGradientMixin.unbiasedness`) in a line: the status, and the
+    largest |z| against its threshold, or why it was skipped."""
+    status = str(check.get("status", "not run"))
+    if status in ("passed", "failed") and check.get("worst_z") is not None and check.get("threshold") is not None:
+        text = f"{status} (largest |z| {check['worst_z']:.2f} against a threshold of {check['threshold']:.2f}"
+        if check.get("draws") is not None:
+            text += f", {check['draws']} draws"
+        if check.get("fraction") is not None:
+            text += f" at control fraction {check['fraction']:g}"
+        text += ")"
+        if status == "failed" and check.get("worst_tensors"):
+            text += "; largest in " + ", ".join(check["worst_tensors"])
+        return text
+    if status == "skipped" and check.get("reason"):
+        return f"skipped ({check['reason']})"
+    return status
 
 
 def training_hyperparameters_from_trainer(trainer) -> dict[str, Any]:
@@ -431,6 +485,12 @@ def model_card_from_trainer(
 
     log_history = trainer.state.log_history
     statistics = dict(trainer.lgp_summary())
+    if trainer.lgp_settings.control_fraction != "auto":
+        for key in AUTO_STATISTICS:
+            statistics.pop(key, None)
+    check = getattr(trainer, "unbiasedness", None)
+    if isinstance(check, Mapping) and "lgp_unbiasedness_check" in statistics:
+        statistics["lgp_unbiasedness_check"] = unbiasedness_text(check)  # the status with its numbers
     statistics["global_step"] = trainer.state.global_step
     statistics["train_runtime"] = next(
         (entry["train_runtime"] for entry in reversed(log_history) if "train_runtime" in entry), None
