@@ -35,6 +35,9 @@ LGP_STATE_NAME = "lgp_state.pt"
 AUTO_MARGIN = 0.05
 #: Fewest sampled backwards for a meaningful unbiasedness check.
 MIN_CHECK_DRAWS = 16
+#: At f < 1, one optimizer step in this many is the base class's own, timed, so that the step cost is measured
+#: against a current `Trainer` step (at most (1 - cost) / 200 of the compute).
+REFERENCE_PERIOD = 200
 
 
 class PredictedGradientMixin:
@@ -104,6 +107,7 @@ class PredictedGradientMixin:
         self._observation_overhead: float | None = None
         self._micro_step = 0
         self._next_observation = 0  # the optimizer step at which the next observed step is due
+        self._last_reference: int | None = None  # the last optimizer step timed as the base class's own
         self._plan: tuple[float | None, bool] = (None, False)
         self.head_module_names: list[str] = []
         self.head_modules: list[torch.nn.Module] = []
@@ -157,7 +161,8 @@ class PredictedGradientMixin:
         if self._micro_step == 0:
             self._plan = self._plan_step(model, inputs, num_items_in_batch)
         fraction, observe = self._plan
-        measure = self.state.global_step > 0 and self.state.global_step % self._measure_period() == 0
+        step = self.state.global_step
+        measure = step > 0 and (step % self._measure_period() == 0 or step == self._last_reference)
         stopwatch = Stopwatch(self.args.device, synchronize=measure)
         if fraction is None:
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -221,8 +226,12 @@ class PredictedGradientMixin:
         explicit = not self._auto and self._control_fraction < 1
         if self._pending_fraction is not None or (explicit and self.unbiasedness["status"] == "not run" and settings.unbiasedness_check):
             self._check_unbiasedness(model, inputs, num_items_in_batch)
-        observe = self.state.global_step >= self._next_observation
+        step = self.state.global_step
+        observe = step >= self._next_observation
         if self._control_fraction < 1:
+            if step > 0 and (self._last_reference is None or step - self._last_reference >= REFERENCE_PERIOD):
+                self._last_reference = step  # the base class's own step, timed
+                return None, False
             return self._control_fraction, observe
         return (1.0, True) if self._auto and observe else (None, False)
 
@@ -396,6 +405,7 @@ class PredictedGradientMixin:
             "control_fraction": self._control_fraction,
             "pending_fraction": self._pending_fraction,
             "next_observation": self._next_observation,
+            "last_reference": self._last_reference,
             "observation_overhead": self._observation_overhead,
             "last_decision": self._last_decision,
             "unbiasedness": dict(self.unbiasedness),
@@ -426,6 +436,7 @@ class PredictedGradientMixin:
         self._control_fraction = state["control_fraction"]
         self._pending_fraction = state["pending_fraction"]
         self._next_observation = state["next_observation"]
+        self._last_reference = state["last_reference"]
         self._observation_overhead = state["observation_overhead"]
         self._last_decision = state["last_decision"]
         self.unbiasedness = state["unbiasedness"]

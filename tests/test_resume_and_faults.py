@@ -108,8 +108,9 @@ def test_non_finite_scores_draw_uniformly_and_are_counted(quiet_args, monkeypatc
     trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(32))
     trainer.train()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    assert trainer.lgp_summary()["lgp_uniform_draws"] == 3
-    assert [log["lgp/uniform_draws"] for log in trainer.state.log_history if "lgp/uniform_draws" in log] == [1, 2, 3]
+    assert len(calls) >= 6 and trainer.lgp_summary()["lgp_uniform_draws"] == len(calls) // 3
+    logged = [log["lgp/uniform_draws"] for log in trainer.state.log_history if "lgp/uniform_draws" in log]
+    assert logged[-1] == len(calls) // 3 and logged == sorted(logged)
 
 
 def test_auto_lowers_the_fraction_where_sampling_pays_after_its_check(quiet_args, monkeypatch):

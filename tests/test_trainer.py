@@ -60,6 +60,7 @@ def test_loss_falls_on_real_cifar10(quiet_args):
     summary = trainer.lgp_summary()
     assert summary["lgp_unbiasedness_check"] == "passed" and summary["lgp_dense_blocks"] == 0
     assert 0.1 < summary["lgp_trunk_rows_computed"] < 0.4  # the trunk's backward ran on about a quarter of the rows
+    assert summary["lgp_step_cost"] is not None  # timed against a plain step of the same run
     logged = [log for log in trainer.state.log_history if "lgp/drawn_fraction" in log]
     assert logged and all(log["lgp/control_fraction"] == 0.25 for log in logged)
 
