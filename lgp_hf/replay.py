@@ -8,7 +8,8 @@ outputs and RNG state. In the backward the block finds the rows whose output gra
 forward on those rows alone, with autograd, then backpropagates them. The linear layers' products are not computed
 again: their inputs and outputs are recorded in the forward (`_LinearTape`, the tensors autograd would keep anyway)
 and the replay takes the recorded outputs on those rows, differentiating from the recorded inputs; the rest of the
-block (norms, activations, attention) is recomputed on the rows.
+block (norms, activations, attention) is recomputed on the rows. Under the user's gradient checkpointing nothing is
+recorded (the block keeps only its inputs, as checkpointing promises) and the replay recomputes everything.
 
 The backward of every block stays exact, which is what keeps the update unbiased:
 - the rows come from the gradient itself (any entry that is not 0, NaN included), never from the draw;
@@ -177,7 +178,7 @@ class _BlockCall:
     output_spec: object = None
     output_leaves: list = field(default_factory=list)
     output_positions: list[int] = field(default_factory=list)
-    tape: _LinearTape = field(default_factory=_LinearTape)
+    tape: _LinearTape | None = None  # None under the user's gradient checkpointing: memory over compute
 
     def run(self, inputs, take=None):
         """The block's forward on `inputs` (the differentiable leaves) and the other leaves (`take`n, if given)."""
@@ -242,7 +243,7 @@ class _BlockCall:
                 return value.index_select(0, rows.to(value.device))
             return value
 
-        tape = self.tape.replaying(rows, self.rows) if rows is not None else contextlib.nullcontext()
+        tape = self.tape.replaying(rows, self.rows) if rows is not None and self.tape is not None else contextlib.nullcontext()
         with _restored(self.rng_states, self.autocast_states), torch.enable_grad(), self.replay.replaying(rows):
             replayed_inputs = [take(x).detach().requires_grad_(x.requires_grad) for x in inputs]
             try:
@@ -277,7 +278,9 @@ class _ReplayedBlock(torch.autograd.Function):
         ctx.call, ctx.num_params = call, len(params)
         ctx.save_for_backward(*inputs, *params)
         call.record_state(inputs)
-        with torch.no_grad(), call.tape:
+        if not call.replay.blocks[call.index].gradient_checkpointing:
+            call.tape = _LinearTape()
+        with torch.no_grad(), call.tape or contextlib.nullcontext():
             output = call.run(inputs)
         leaves, call.output_spec = tree_flatten(output)
         call.output_positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]

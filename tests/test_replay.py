@@ -46,8 +46,16 @@ def assert_same_gradients(plain, replayed, tolerance):
         torch.testing.assert_close(replayed[name], value, rtol=tolerance, atol=tolerance * largest, msg=name)
 
 
+def checkpointed_gpt2():
+    """Under the user's gradient checkpointing the replay records nothing and recomputes the drawn rows."""
+    model = gpt2()
+    model.gradient_checkpointing_enable()
+    return model
+
+
 CASES = {"vit": (tiny_vit, lambda: image_dataset(8)[:8]), **{name: (m, lambda d=d: d()[:8]) for name, (m, d) in FAMILIES.items()},
-         "lora-gpt2": (lora(gpt2, target_modules=["c_attn"], fan_in_fan_out=True), lambda: FAMILIES["gpt2-lm-tied"][1]()[:8])}
+         "lora-gpt2": (lora(gpt2, target_modules=["c_attn"], fan_in_fan_out=True), lambda: FAMILIES["gpt2-lm-tied"][1]()[:8]),
+         "gpt2-checkpointed": (checkpointed_gpt2, lambda: FAMILIES["gpt2-lm-tied"][1]()[:8])}
 
 
 @pytest.mark.parametrize("case", list(CASES))
