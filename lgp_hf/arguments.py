@@ -46,7 +46,7 @@ class PredictedGradientSettings:
             The fraction of training compute that observing may take: observed steps are spaced further than
             `auto_observation_period` when the measured overhead of one needs it.
         unbiasedness_check (`bool`, defaults to `True`):
-            Run `lgp_hf.verify_unbiased` on the run's own batch before sampling: at the first step for an explicit
+            Run `lgp_hf.verify_unbiased` on the run's own batch (its first 32 rows) before sampling: at the first step for an explicit
             f < 1 (a failure raises an error naming the parameter tensors with the largest bias), and before
             "auto" first lowers f (a failure keeps f = 1 for the rest of the run, and says why). Under "auto" the
             check must fit in `unbiasedness_check_budget` of the run's compute, or f stays 1.

@@ -35,6 +35,9 @@ LGP_STATE_NAME = "lgp_state.pt"
 AUTO_MARGIN = 0.05
 #: Fewest sampled backwards for a meaningful unbiasedness check.
 MIN_CHECK_DRAWS = 16
+#: The check in a run takes the first this many rows of its micro-batch: its draws cost a fraction of a step each,
+#: and the estimator's machinery (boundary, replay, the model's loss) is the same on them.
+CHECK_ROWS = 32
 #: At f < 1, one optimizer step in this many is the base class's own, timed, so that the step cost is measured
 #: against a current `Trainer` step (at most (1 - cost) / 200 of the compute).
 REFERENCE_PERIOD = 200
@@ -108,6 +111,7 @@ class PredictedGradientMixin:
         self._micro_step = 0
         self._next_observation = 0  # the optimizer step at which the next observed step is due
         self._last_reference: int | None = None  # the last optimizer step timed as the base class's own
+        self._cost_due = False  # a step cost is to be measured on the next step that is not observed
         self._plan: tuple[float | None, bool] = (None, False)
         self.head_module_names: list[str] = []
         self.head_modules: list[torch.nn.Module] = []
@@ -161,8 +165,7 @@ class PredictedGradientMixin:
         if self._micro_step == 0:
             self._plan = self._plan_step(model, inputs, num_items_in_batch)
         fraction, observe = self._plan
-        step = self.state.global_step
-        measure = step > 0 and (step % self._measure_period() == 0 or step == self._last_reference)
+        measure = self._measures_step(fraction, observe)
         stopwatch = Stopwatch(self.args.device, synchronize=measure)
         if fraction is None:
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -193,7 +196,7 @@ class PredictedGradientMixin:
             )
         computed, total = self.replay.take_counts()
         self.monitor.record(self.sampler.draws, fraction, self.row_norms.squared_norms if observe else None, (computed, total))
-        if measure and fraction < 1 and not observe:
+        if measure and fraction < 1:
             self.cost_model.observe_sampled(computed / total if total else 1.0, seconds)
             if self.cost_model.last_cost is not None:
                 self.monitor.record_cost(self.cost_model.last_cost)
@@ -214,8 +217,20 @@ class PredictedGradientMixin:
         """The fraction `verify_unbiased` checks by default: the current one, or 0.5 at f = 1."""
         return self._control_fraction if self._control_fraction < 1 else 0.5
 
-    def _measure_period(self) -> int:
-        return max(1, min(int(self.args.logging_steps), self.lgp_settings.auto_decision_steps))
+    def _measures_step(self, fraction: float | None, observe: bool) -> bool:
+        """Whether this micro-batch is timed (on CUDA timing synchronises): every observed step at f = 1 (its overhead
+        paces observation), the reference steps, and, once per logging or decision period, whichever is shorter, the
+        first step that is neither (the step cost). Never the first step, whose passes include one-off work."""
+        step = self.state.global_step
+        if step == 0:
+            return False
+        if step % max(1, min(int(self.args.logging_steps), self.lgp_settings.auto_decision_steps)) == 0:
+            self._cost_due = True
+        if observe:  # an observed sampled step pays for the hooks: its time is not the step cost
+            return fraction == 1
+        measured = self._cost_due or step == self._last_reference
+        self._cost_due = False
+        return measured
 
     def _plan_step(self, model, inputs, num_items_in_batch) -> tuple[float | None, bool]:
         """(fraction, observed) of the optimizer step that starts: fraction None is the base class's own step. Runs
@@ -280,7 +295,8 @@ class PredictedGradientMixin:
         draws = settings.unbiasedness_check_draws
         if self._auto:
             budget = settings.unbiasedness_check_budget * max(self.state.max_steps, 1) * self.args.gradient_accumulation_steps
-            affordable = int((budget - 2) / self.cost_model.cost(fraction))
+            share = min(1.0, CHECK_ROWS / _batch_size(inputs))  # of a micro-batch's compute, per pass of the check
+            affordable = int((budget / share - 2) / self.cost_model.cost(fraction))
             if affordable < MIN_CHECK_DRAWS:
                 self.unbiasedness = {"status": "skipped", "reason": (
                     f"the run ({self.state.max_steps} steps) is too short for the unbiasedness check ({MIN_CHECK_DRAWS} sampled "
@@ -291,7 +307,7 @@ class PredictedGradientMixin:
         module = _without_ddp(model)
         generator_seed = self.args.seed + 1 + self.args.process_index
         directions, sums, squares, names = gradient_error_statistics(
-            self, module, self._prepare_inputs(inputs), num_items_in_batch, fraction, draws, seed=generator_seed
+            self, module, _first_rows(self._prepare_inputs(inputs), CHECK_ROWS), num_items_in_batch, fraction, draws, seed=generator_seed
         )
         report = report_from_statistics(directions, sums, squares, draws, names, fraction, 1e-3, self.args, 0.0)
         passed = float(self._all_ranks_mean(torch.tensor([float(report.passed)], device=self.args.device))) == 1.0
@@ -444,6 +460,19 @@ class PredictedGradientMixin:
         self.monitor.load_state_dict(state["monitor"])
         for index, reason in state["dense_blocks"].items():
             self.replay.mark_dense(index, reason)
+
+
+def _batch_size(inputs: dict) -> int:
+    labels = inputs.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() > 0:
+        return labels.shape[0]
+    return next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 1)
+
+
+def _first_rows(inputs: dict, rows: int) -> dict:
+    """The first `rows` examples of every per-example tensor (first dimension = batch size); others as they are."""
+    size = _batch_size(inputs)
+    return {k: v[:rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v for k, v in inputs.items()}
 
 
 def _without_ddp(model):

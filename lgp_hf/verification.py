@@ -80,8 +80,9 @@ class Directions:
 
     def project(self, gradients: list[torch.Tensor]) -> torch.Tensor:
         """<gradient, u> for every direction u (float64), tensor by tensor."""
-        along_exact = [g.reshape(-1).double().dot(e.reshape(-1).double()) for g, e in zip(gradients, self.exact)]
-        random = [w @ g.reshape(-1).double()[i] for g, (i, w) in zip(gradients, self.samples)]
+        # float32 dot products (no float64 copy of a parameter-sized gradient): their rounding is within the floor
+        along_exact = [g.reshape(-1).float().dot(e.reshape(-1).float()).double() for g, e in zip(gradients, self.exact)]
+        random = [w @ g.reshape(-1)[i].double() for g, (i, w) in zip(gradients, self.samples)]
         return self._in_order(torch.stack(along_exact), torch.stack(random))
 
     def floors(self, relative: float) -> torch.Tensor:
