@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import PrinterCallback, Trainer, TrainerCallback
+from transformers.utils import logging as hf_logging
 
 from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
-from lgp_hf.estimator import control_size
-from lgp_hf.predictors import PREDICTOR_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "examples"))
@@ -56,6 +55,38 @@ def add_data_arguments(parser: argparse.ArgumentParser, subset_default: bool) ->
     group.add_argument("--dataset_name", default=None, help="A Hugging Face Hub data set instead, e.g. uoft-cs/cifar10.")
 
 
+@dataclass(frozen=True)
+class Relabelling:
+    """New classes made of CIFAR-10's: `names[k]` is new label k, `members[k]` the original class names it takes."""
+
+    names: tuple[str, ...]
+    members: tuple[tuple[str, ...], ...]
+
+    def mapping(self, original_names: list[str]) -> dict[int, int]:
+        """original label id -> new label id; every original class must belong to exactly one new class."""
+        new_id = {name: k for k, group in enumerate(self.members) for name in group}
+        if sorted(new_id) != sorted(original_names) or len(new_id) != sum(map(len, self.members)):
+            raise ValueError(f"the relabelling {dict(zip(self.names, self.members))} does not partition the classes {original_names}")
+        return {i: new_id[name] for i, name in enumerate(original_names)}
+
+
+#: The binary fine-tuning task of finetune.py: label 0 animal (bird, cat, deer, dog, frog, horse), 1 vehicle
+#: (airplane 0, automobile 1, ship 8, truck 9 in CIFAR-10's numbering).
+VEHICLES_VS_ANIMALS = Relabelling(
+    names=("animal", "vehicle"),
+    members=(("bird", "cat", "deer", "dog", "frog", "horse"), ("airplane", "automobile", "ship", "truck")),
+)
+
+
+def relabel(dataset: Dataset, mapping: dict[int, int], names: tuple[str, ...]) -> Dataset:
+    """`dataset` with its label column replaced by `mapping` of it, as a ClassLabel of `names`. The new column is
+    added beside the memory-mapped images (no rewrite of the image data, unlike `Dataset.map`)."""
+    labels = [mapping[label] for label in dataset[run_vit.LABEL_COLUMN]]
+    return dataset.remove_columns(run_vit.LABEL_COLUMN).add_column(
+        run_vit.LABEL_COLUMN, labels, feature=ClassLabel(names=list(names))
+    )
+
+
 @dataclass
 class ImageData:
     train: Dataset  # with the example's training transform (random crop, flip)
@@ -64,11 +95,15 @@ class ImageData:
     source: str
 
 
-def load_data(args: argparse.Namespace, eval_samples: int | None = None, classes: list[int] | None = None) -> ImageData:
+def load_data(
+    args: argparse.Namespace, eval_samples: int | None = None, classes: list[int] | None = None,
+    relabelling: Relabelling | None = None,
+) -> ImageData:
     """The train and test splits chosen by `add_data_arguments`, with the example's transforms.
 
     `eval_samples`: a fixed random subset (seed 0, the same for every run) of the test split. `classes`: keep only
-    these label ids, in both splits.
+    these label ids, in both splits. `relabelling`: replace the labels by the new classes' ids in both splits
+    (`labels` are then the new names).
     """
     if args.subset:
         data_args = run_vit.DataTrainingArguments()
@@ -85,6 +120,10 @@ def load_data(args: argparse.Namespace, eval_samples: int | None = None, classes
     if classes is not None:
         keep = set(classes)
         dataset = dataset.filter(lambda label: label in keep, input_columns=run_vit.LABEL_COLUMN)
+    if relabelling is not None:
+        mapping = relabelling.mapping(labels)
+        dataset = DatasetDict({split: relabel(part, mapping, relabelling.names) for split, part in dataset.items()})
+        labels = list(relabelling.names)
     eval_split = dataset["validation"].shuffle(seed=0)
     if eval_samples is not None:
         eval_split = eval_split.select(range(min(eval_samples, len(eval_split))))
@@ -98,8 +137,15 @@ def load_data(args: argparse.Namespace, eval_samples: int | None = None, classes
 
 def build_model(labels: list[str], checkpoint: str | None = None):
     """(model, image processor): a new ViT of the example's default sizes, or the ViT saved at `checkpoint` with a
-    freshly initialised classifier (the fine-tuning regime). Call `transformers.set_seed` first."""
-    model, processor = run_vit.build_model(run_vit.ModelArguments(model_name_or_path=checkpoint), labels)
+    freshly initialised classifier for `labels` (the fine-tuning regime; the config gets num_labels and id2label of
+    `labels`, whatever the checkpoint's). Call `transformers.set_seed` first."""
+    verbosity = hf_logging.get_verbosity()
+    if checkpoint is not None:  # the classifier's size mismatch is intended: not reported on every run
+        hf_logging.set_verbosity_error()
+    try:
+        model, processor = run_vit.build_model(run_vit.ModelArguments(model_name_or_path=checkpoint), labels)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if checkpoint is not None:  # ViT's own initialisation of a linear layer
         torch.nn.init.trunc_normal_(model.classifier.weight, std=model.config.initializer_range)
         torch.nn.init.zeros_(model.classifier.bias)
@@ -116,31 +162,22 @@ def first_batch(dataset: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
 @dataclass(frozen=True)
 class RunSpec:
     """One trainer configuration. Names: `trainer` (transformers.Trainer at the run's batch size), `trainer_b<n>`
-    (transformers.Trainer at batch size n), `lgp_<predictor>_f<fraction>` (PredictedGradientTrainer at a fixed
-    control fraction) and `lgp_<predictor>_fauto` (at `control_fraction="auto"`); an lgp name may end in options
-    (`RUN_OPTIONS`), e.g. `lgp_window_f0.25_k32_m128_mem2`: 32 chunks per control batch, a window of 128 pairs,
-    a predictor state of up to twice the trunk's size."""
+    (transformers.Trainer at batch size n), `lgp_f<fraction>` (PredictedGradientTrainer at a fixed control
+    fraction in (0, 1]) and `lgp_fauto` (at `control_fraction="auto"`, the library's default); an lgp name may end
+    in options (`RUN_OPTIONS`), e.g. `lgp_f0.25_mix0.3`: sampling_uniform_mix 0.3."""
 
     name: str
     batch_size: int
-    predictor: str | None = None
-    control_fraction: float | str | None = None  # a number in (0, 1] or "auto"
+    control_fraction: float | str | None = None  # a number in (0, 1] or "auto"; None: transformers.Trainer
     settings: tuple[tuple[str, int | float], ...] = ()  # (PredictedGradientArguments field, value) from the name's options
 
     @property
     def is_lgp(self) -> bool:
-        return self.predictor is not None
-
-    @property
-    def control_size(self) -> int | None:
-        """Examples per step with a full backward (None for "auto": chosen during training)."""
-        if self.control_fraction == "auto":
-            return None
-        return control_size(self.batch_size, self.control_fraction) if self.is_lgp else self.batch_size
+        return self.control_fraction is not None
 
 
 #: option of an lgp run name -> (the PredictedGradientArguments field it sets, its type)
-RUN_OPTIONS = {"k": ("predictor_fit_chunks", int), "m": ("predictor_window_size", int), "mem": ("predictor_memory_fraction", float)}
+RUN_OPTIONS = {"mix": ("sampling_uniform_mix", float)}
 
 
 def parse_run(name: str, batch_size: int) -> RunSpec:
@@ -149,27 +186,31 @@ def parse_run(name: str, batch_size: int) -> RunSpec:
     if match := re.fullmatch(r"trainer_b(\d+)", name):
         return RunSpec(name, int(match.group(1)))
     option = "_(" + "|".join(RUN_OPTIONS) + r")([0-9.]+)"
-    if (match := re.fullmatch(r"lgp_([a-z]+)_f(auto|[0-9.]+)((?:" + option + ")*)", name)) and match.group(1) in PREDICTOR_NAMES:
-        fraction = match.group(2) if match.group(2) == "auto" else float(match.group(2))
-        settings = tuple(
-            (RUN_OPTIONS[key][0], RUN_OPTIONS[key][1](value)) for key, value in re.findall(option, match.group(3))
-        )
-        if fraction == "auto" or 0 < fraction <= 1:
-            return RunSpec(name, batch_size, match.group(1), fraction, settings)
+    if match := re.fullmatch(r"lgp_f(auto|[0-9.]+)((?:" + option + ")*)", name):
+        try:
+            fraction = match.group(1) if match.group(1) == "auto" else float(match.group(1))
+            settings = tuple(
+                (RUN_OPTIONS[key][0], RUN_OPTIONS[key][1](value)) for key, value in re.findall(option, match.group(2))
+            )
+        except ValueError:  # "0.2.5"
+            fraction = None
+        if fraction == "auto" or (fraction is not None and 0 < fraction <= 1):
+            return RunSpec(name, batch_size, fraction, settings)
     raise ValueError(
-        f"run {name!r}: use 'trainer', 'trainer_b<batch size>', 'lgp_<predictor>_f<fraction in (0, 1]>' or 'lgp_<predictor>_fauto' "
-        f"with a predictor among {list(PREDICTOR_NAMES)}, optionally followed by {', '.join(f'_{k}<{v[0]}>' for k, v in RUN_OPTIONS.items())}, "
-        "e.g. lgp_ntk_f0.25 or lgp_window_fauto_k32_m128_mem2."
+        f"run {name!r}: use 'trainer', 'trainer_b<batch size>', 'lgp_f<fraction in (0, 1]>' or 'lgp_fauto', an lgp name "
+        f"optionally followed by {', '.join(f'_{k}<{v[0]}>' for k, v in RUN_OPTIONS.items())}, e.g. lgp_f0.25 or lgp_fauto_mix0.3."
     )
 
 
-def lgp_run_name(predictor: str, fraction: float | str) -> str:
-    return f"lgp_{predictor}_f{fraction if fraction == 'auto' else format(fraction, 'g')}"
+def lgp_run_name(fraction: float | str) -> str:
+    return f"lgp_f{fraction if fraction == 'auto' else format(fraction, 'g')}"
 
 
 def training_arguments(spec: RunSpec, output_dir: str, seed: int, **overrides) -> PredictedGradientArguments:
     """The example's TrainingArguments defaults (AdamW, lr 1e-3, weight decay 0.05, ...) for `spec`, with no
-    evaluation, saving, progress bar or reporting unless `overrides` say otherwise."""
+    evaluation, saving, progress bar or reporting unless `overrides` say otherwise. Every run gets
+    PredictedGradientArguments (transformers.Trainer ignores its sampling fields); the sampling settings are the
+    library's defaults (unbiasedness check included) unless the run name's options or `overrides` set them."""
     settings = {
         **run_vit.TRAINING_DEFAULTS,
         "do_train": True,
@@ -182,7 +223,7 @@ def training_arguments(spec: RunSpec, output_dir: str, seed: int, **overrides) -
         **overrides,
     }
     if spec.is_lgp:
-        settings.update(predictor=spec.predictor, control_fraction=str(spec.control_fraction), **dict(spec.settings))
+        settings.update(control_fraction=str(spec.control_fraction), **dict(spec.settings))
     return PredictedGradientArguments(**settings)
 
 

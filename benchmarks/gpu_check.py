@@ -1,31 +1,36 @@
 #!/usr/bin/env python
-"""Checks of PredictedGradientTrainer on one CUDA GPU: mixed precision, the fp16 GradScaler, unbiasedness.
+"""Checks of PredictedGradientTrainer on one CUDA GPU, its step cost there, and a short bf16 equal-time race.
 
-The CPU test suite cannot run accelerate's fp16 mode (there is no GradScaler on a CPU) nor CUDA kernels; this
-script runs the same checks on a GPU, in about a minute, and prints the figures:
+The CPU test suite cannot run CUDA kernels (cuBLAS, cuDNN, the fused attention kernels) nor bf16 on GPU matrix
+units; this script runs on them and prints everything, in one process (the step cost in processes of its own).
+Sized for about 6 minutes on an H100 at the defaults (an estimate: not yet timed on one):
 
-  f1_equals_trainer   control_fraction=1 against transformers.Trainer, fp32 (TF32 off): max |weight difference|
-  bf16_trains         bf16 autocast, f=0.25, ntk: loss falls; logits were bf16, the predictor's state float32
-  fp16_trains         accelerate's fp16 (its own GradScaler), f=0.25, ntk: loss falls, few skipped steps
-  fp16_overflow_skip  accelerate's fp16, one batch of infinite pixels: that step (only) is skipped, the weights do
-                      not move, the scale backs off, for PredictedGradientTrainer as for Trainer
-  fp16_scale_exact    fp32 compute with a GradScaler at 2^10 vs none (power-of-two scaling is exact): the weights
-                      must agree, so every part of `.grad` (control, head, predicted) is in the scaler's scale
-  unbiased            learning rate 0, f=0.25, ntk, fp32: the mean update over many random splits against the exact
-                      full-batch gradient, z-scores along random and per-tensor directions (|z| < 4.5)
+  (a) unbiased      `lgp_hf.verify_unbiased` at control_fraction 0.5 (`--draws` 64 sampled backwards against the
+                    exact gradient, z-tests along the exact gradient, random and per-tensor directions) on the
+                    example's ViT (batch `--check_batch` 64 of the shipped CIFAR-10 subset) and on a small GPT-2
+                    (`GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4))`, vocabulary `--gpt2_vocab` 50257,
+                    tied embeddings, dropout 0 so that its blocks are replayed rather than run dense, batch 16 x 128
+                    random tokens), each in fp32 and under bf16 autocast: prints each report and the blocks replayed
+                    and dense. Fails on a report that is not "unbiased".
+  (b) f1_identical  control_fraction=1 against transformers.Trainer: `--identity_steps` 5 steps of the example's
+                    ViT (AdamW, batch 32, the library's defaults, unbiasedness check included), fp32 and bf16; the
+                    weights must be bit-identical (torch.equal) after every step. Trainer is first run twice: if it
+                    does not reproduce itself (non-deterministic kernels), the comparison is undetermined, not failed.
+                    cuDNN runs deterministic algorithms during (b).
+  (c) step cost     `step_cost.py` at batch `--batch_size` 128 under bf16: Trainer, lgp_f0.5 and lgp_f0.25, with
+                    each run's share of trunk rows backpropagated (f_eff, `lgp_trunk_rows_computed`), the floor
+                    f_eff + (1 - f_eff) c and ratio - floor (goal: at most 0.05); `--step_rounds` 6 rounds of 4 steps.
+  (d) race          `time_to_accuracy.py --subset --bf16`, one seed, `--race_seconds` 45 s of training per run:
+                    Trainer at batch 128 and 64, lgp_fauto, lgp_f0.5; its table gives per run steps, seconds per
+                    step, test accuracy, F (`lgp_variance_factor`), the step cost and F x cost.
 
-Then (unless --race_seconds 0) a short equal-time race under bf16 on the example's ViT and the CIFAR-10 subset the
-repository ships (`time_to_accuracy.py --subset --bf16`, one seed, `--race_seconds` of training per run): Trainer
-at batch 128 and 64, the default ("auto"), ntk at f = 0.25 and window at f = 0.25 with per-example chunk contrasts;
-its table gives, per run, steps, seconds per step, test accuracy, the measured variance explained E and its
-break-even (from the measured cost ratio c and overhead), and the control fraction "auto" ended at. About 6
-minutes on a GPU at the default.
+    python benchmarks/gpu_check.py               # on a machine with CUDA; exit status 1 when (a) or (b) fails
+    python benchmarks/gpu_check.py --parts a b   # the checks only
+    python benchmarks/gpu_check.py --allow_cpu --check_batch 8 --draws 16 --gpt2_vocab 1000 --identity_steps 2 \\
+        --batch_size 16 --step_rounds 2 --race_seconds 5 --race_eval_samples 64   # smoke test on the CPU (several minutes)
 
-    python benchmarks/gpu_check.py               # on a machine with CUDA; prints a table, exit status 1 on a failure
-    python benchmarks/gpu_check.py --race_seconds 0                  # the checks only
-    python benchmarks/gpu_check.py --allow_cpu   # the checks that do not need CUDA, on the CPU (slow, for the script)
-
-Without a CUDA device (and without --allow_cpu) it says so and exits 0.
+Without a CUDA device (and without --allow_cpu) it says so and exits 0. On the CPU (--allow_cpu) bf16 autocast is
+the CPU's, and (c) and (d) run in fp32: only to check the script.
 """
 
 from __future__ import annotations
@@ -35,261 +40,205 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer  # noqa: E402
+import common  # noqa: E402  (benchmarks/, next to this script)
+from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer, verify_unbiased  # noqa: E402
 
-Z_LIMIT = 4.5
-
-
-def tiny_vit(seed: int, num_labels: int = 4) -> ViTForImageClassification:
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        num_labels=num_labels,
-    )
-    return ViTForImageClassification(config)
+FRACTION = 0.5
+GPT2_SHAPE = {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 128}
+GPT2_BATCH = (16, 128)  # sequences x tokens
 
 
-def image_dataset(size: int, seed: int = 0, num_labels: int = 4, poisoned_batch: int | None = None, batch: int = 16) -> Dataset:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(size, 3, 16, 16, generator=generator)
-    labels = torch.randint(0, num_labels, (size,), generator=generator)
-    if poisoned_batch is not None:
-        pixels[poisoned_batch * batch : (poisoned_batch + 1) * batch, 0, 0, 0] = float("inf")
-    return Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.numpy()}).with_format("torch")
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--allow_cpu", action="store_true", help="Without CUDA, run everything on the CPU (slow, for the script).")
+    parser.add_argument("--parts", nargs="+", choices=list("abcd"), default=list("abcd"), help="Which parts to run (default: all).")
+    parser.add_argument("--draws", type=int, default=64, help="(a) sampled backwards per unbiasedness check.")
+    parser.add_argument("--check_batch", type=int, default=64, help="(a) ViT images per unbiasedness check.")
+    parser.add_argument("--gpt2_vocab", type=int, default=50257, help="(a) vocabulary of the small GPT-2.")
+    parser.add_argument("--identity_steps", type=int, default=5, help="(b) optimizer steps compared.")
+    parser.add_argument("--batch_size", type=int, default=128, help="(c), (d) batch size of Trainer and the lgp runs.")
+    parser.add_argument("--step_rounds", type=int, default=6, help="(c) rounds of step_cost.py's rotation (the first discarded).")
+    parser.add_argument("--race_seconds", type=float, default=45.0, help="(d) training seconds per run of the race.")
+    parser.add_argument("--race_eval_samples", type=int, default=1000, help="(d) test images per evaluation (3 per run and a final one).")
+    return parser.parse_args(argv)
 
 
-class Recorder(TrainerCallback):
-    """Per optimizer step: the weights after it, whether it was skipped, and (optionally) the gradient before it."""
+def subset_data() -> common.ImageData:
+    return common.load_data(argparse.Namespace(subset=True, data_dir=None, dataset_name=None))
 
-    def __init__(self, keep_gradients: bool = False):
-        self.trainer = None
-        self.keep_gradients = keep_gradients
-        self.params, self.skipped, self.gradients, self.logit_dtypes = [], [], [], set()
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        model.classifier.register_forward_hook(lambda module, inputs, output: self.logit_dtypes.add(output.dtype))
+def precision_settings(bf16: bool, cuda: bool) -> dict:
+    return {"bf16": bf16, "use_cpu": not cuda}
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.keep_gradients:
-            self.gradients.append(torch.cat([p.grad.reshape(-1).double().cpu() for p in model.parameters() if p.requires_grad]))
+
+# ---------------------------------------------------------------- (a) unbiasedness
+
+
+def small_gpt2(vocab: int) -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **GPT2_SHAPE)
+    return GPT2LMHeadModel(config)
+
+
+def check_unbiased(cli, cuda: bool, data: common.ImageData, tmp: str) -> int:
+    """(a): one verify_unbiased report per model and precision; returns the number of failures."""
+    vit_batch = common.first_batch(data.train, cli.check_batch)
+    tokens = torch.randint(0, cli.gpt2_vocab, GPT2_BATCH, generator=torch.Generator().manual_seed(0))
+    gpt2_batch = {"input_ids": tokens, "labels": tokens}
+    failures = 0
+    for model_name in ("vit", "gpt2"):
+        for bf16 in (False, True):
+            name = f"unbiased_{model_name}_{'bf16' if bf16 else 'fp32'}"
+            set_seed(0)
+            spec = common.parse_run(common.lgp_run_name(FRACTION), cli.check_batch)
+            if model_name == "vit":
+                model, batch = common.build_model(data.labels)[0], vit_batch
+                args = common.training_arguments(spec, f"{tmp}/{name}", 0, **precision_settings(bf16, cuda))
+            else:
+                model, batch = small_gpt2(cli.gpt2_vocab), gpt2_batch
+                args = PredictedGradientArguments(
+                    output_dir=f"{tmp}/{name}", report_to="none", control_fraction=FRACTION, **precision_settings(bf16, cuda)
+                )
+            trainer = PredictedGradientTrainer(model=model, args=args)
+            print(f"{name}: ", end="", flush=True)
+            try:
+                report = verify_unbiased(trainer, batch, draws=cli.draws, control_fraction=FRACTION)
+            except Exception as error:  # noqa: BLE001 - report every check, then fail
+                print(f"FAIL  raised {error!r}", flush=True)
+                failures += 1
+                continue
+            summary = trainer.lgp_summary()
+            print(f"    {'PASS' if report.passed else 'FAIL'}  blocks replayed {summary['lgp_blocks'] - summary['lgp_dense_blocks']}, "
+                  f"dense {summary['lgp_dense_blocks']}; largest |z| per tensor: {', '.join(report.worst_tensors())}", flush=True)
+            failures += not report.passed
+    return failures
+
+
+# ---------------------------------------------------------------- (b) f = 1 is Trainer
+
+
+class WeightRecorder(TrainerCallback):
+    """A CPU copy of all the weights after every optimizer step."""
+
+    def __init__(self):
+        self.weights: list[torch.Tensor] = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.params.append(torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()]))
-        self.skipped.append(bool(self.trainer.accelerator.optimizer_step_was_skipped))
+        self.weights.append(torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()]))
 
 
-def train(kind: str, dataset: Dataset, output_dir: str, model_seed: int = 1, scaler_scale: float | None = None,
-          keep_gradients: bool = False, use_cpu: bool = False, **settings):
-    """Trains `kind` ("lgp" or "trainer"); `scaler_scale` gives it a GradScaler as accelerate's fp16 would (fp32 compute)."""
-    common = dict(
-        output_dir=output_dir, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=use_cpu,
-        train_sampling_strategy="sequential", logging_steps=5, seed=3,
+def weights_after_steps(run: str, cli, cuda: bool, bf16: bool, data: common.ImageData, tmp: str) -> list[torch.Tensor]:
+    spec = common.parse_run(run, 32)
+    set_seed(0)
+    model = common.build_model(data.labels)[0]
+    args = common.training_arguments(
+        spec, f"{tmp}/identity_{run}", 0, max_steps=cli.identity_steps, lr_scheduler_type="constant", logging_steps=1,
+        **precision_settings(bf16, cuda),
     )
-    common.update(settings)
-    if kind == "lgp":
-        trainer_class, args = PredictedGradientTrainer, PredictedGradientArguments(**common)
-    else:
-        common = {k: v for k, v in common.items() if k not in {"control_fraction", "predictor", "predictor_window_size"}}
-        trainer_class, args = Trainer, TrainingArguments(**common)
-    recorder = Recorder(keep_gradients)
-    trainer = trainer_class(model=tiny_vit(model_seed), args=args, train_dataset=dataset, callbacks=[recorder])
-    recorder.trainer = trainer
-    scaler = None
-    if scaler_scale is not None:
-        scaler = torch.amp.GradScaler(trainer.args.device.type, init_scale=scaler_scale, growth_interval=10**6)
-        accelerator = trainer.accelerator
-        accelerator.scaler = scaler
-
-        def unscale_gradients(optimizer=None):
-            for opt in accelerator._optimizers:
-                scaler.unscale_(opt.optimizer)
-
-        accelerator.unscale_gradients = unscale_gradients
-    trainer.train()
-    return trainer, recorder, scaler or trainer.accelerator.scaler
+    recorder = WeightRecorder()
+    common.make_trainer(spec, model, args, data.train, callbacks=[recorder]).train()
+    return recorder.weights
 
 
-def losses(trainer) -> list[float]:
-    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+def first_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[int | None, float]:
+    """(first step whose weights differ, None if none; max |difference| over all steps)."""
+    first = next((i + 1 for i, (x, y) in enumerate(zip(a, b)) if not torch.equal(x, y)), None)
+    return first, max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def falls(values: list[float]) -> bool:
-    return len(values) >= 4 and sum(values[-2:]) / 2 < 0.85 * sum(values[:2]) / 2
-
-
-# ---------------------------------------------------------------- checks: each returns (passed, figures)
-
-
-def check_f1_equals_trainer(tmp, use_cpu):
-    # SGD: Adam would turn the rounding noise of gradients that are zero in exact arithmetic into full-size steps.
-    settings = dict(per_device_train_batch_size=16, max_steps=10, learning_rate=0.05, optim="sgd", use_cpu=use_cpu)
-    dataset = image_dataset(160)
-    reference, reference_steps, _ = train("trainer", dataset, f"{tmp}/f1_ref", **settings)
-    ours, our_steps, _ = train("lgp", dataset, f"{tmp}/f1_lgp", control_fraction=1.0, **settings)
-    difference = (reference_steps.params[-1] - our_steps.params[-1]).abs().max().item()
-    moved = (reference_steps.params[-1] - reference_steps.params[0]).abs().max().item()
-    return difference <= 1e-6 * max(1.0, moved), f"max |dw| {difference:.2e} (weights moved {moved:.2e})"
-
-
-def check_bf16(tmp, use_cpu):
-    trainer, recorder, _ = train(
-        "lgp", image_dataset(64), f"{tmp}/bf16", bf16=True, use_cpu=use_cpu, per_device_train_batch_size=32,
-        max_steps=80, learning_rate=3e-3, control_fraction=0.25, predictor="ntk",
-    )
-    values = losses(trainer)
-    state = trainer.predictor.state_dict()
-    dtypes_ok = torch.bfloat16 in recorder.logit_dtypes and state["cross"].dtype == torch.float32
-    summary = trainer.lgp_summary()
-    ok = falls(values) and dtypes_ok and summary["lgp_fallback_steps"] == 0
-    return ok, (
-        f"loss {values[0]:.3f} -> {values[-1]:.3f}, logits {sorted(str(d) for d in recorder.logit_dtypes)}, "
-        f"predictor {state['cross'].dtype}, alignment {summary['lgp_final_alignment']:.2f}, fallbacks {summary['lgp_fallback_steps']}"
-    )
-
-
-def check_fp16(tmp, use_cpu):
-    trainer, recorder, scaler = train(
-        "lgp", image_dataset(64), f"{tmp}/fp16", fp16=True, per_device_train_batch_size=32, max_steps=80,
-        learning_rate=3e-3, control_fraction=0.25, predictor="ntk",
-    )
-    values = losses(trainer)
-    skipped = sum(recorder.skipped)
-    ok = scaler is not None and falls(values) and skipped <= 5
-    return ok, f"loss {values[0]:.3f} -> {values[-1]:.3f}, skipped steps {skipped}, final scale {scaler.get_scale():.0f}"
-
-
-def check_fp16_overflow(tmp, use_cpu):
-    figures, ok = [], True
-    for kind in ("lgp", "trainer"):
-        extra = dict(control_fraction=0.5, predictor="ntk") if kind == "lgp" else {}
-        trainer, recorder, scaler = train(
-            kind, image_dataset(96, poisoned_batch=2, batch=16), f"{tmp}/overflow_{kind}", fp16=True,
-            per_device_train_batch_size=16, max_steps=5, learning_rate=0.05, max_grad_norm=1.0, **extra,
-            optim="sgd",  # a fused optimizer skips inside its kernel, and accelerate then does not report the skip
-        )
-        # the scale may also back off at a genuine fp16 overflow in step 0 (a fresh scaler starts at 2^16)
-        poisoned_skipped = recorder.skipped[2] and torch.equal(recorder.params[2], recorder.params[1])
-        moved_after = not torch.equal(recorder.params[-1], recorder.params[2])
-        finite = all(torch.isfinite(p).all() for p in trainer.model.parameters())
-        ok &= poisoned_skipped and moved_after and finite and not all(recorder.skipped[3:])
-        figures.append(f"{kind}: skipped {recorder.skipped}, scale {scaler.get_scale():.0f}")
-    return ok, "; ".join(figures)
-
-
-def check_fp16_scale_exact(tmp, use_cpu):
-    settings = dict(
-        use_cpu=use_cpu, per_device_train_batch_size=16, gradient_accumulation_steps=2, max_steps=10,
-        learning_rate=0.05, optim="sgd", max_grad_norm=0.5, control_fraction=0.25, predictor="ntk",
-    )
-    dataset = image_dataset(320)
-    _, plain, _ = train("lgp", dataset, f"{tmp}/scale_plain", **settings)
-    scaled_trainer, scaled, _ = train("lgp", dataset, f"{tmp}/scale_1024", scaler_scale=1024.0, **settings)
-    difference = max((a - b).abs().max().item() for a, b in zip(plain.params, scaled.params))
-    beta = scaled_trainer.coefficients.values.max().item()
-    return difference <= 1e-5 and beta > 0 and not any(scaled.skipped), f"max |dw| {difference:.2e}, max beta {beta:.2f}"
-
-
-def check_unbiased(tmp, use_cpu, steps: int):
-    batch = 16
-    dataset = image_dataset(batch, seed=5)
-    model = tiny_vit(1)
-    device = torch.device("cpu" if use_cpu else "cuda")
-    model.to(device)
-    inputs = {k: dataset[:][k].to(device) for k in dataset.column_names}
-    model.zero_grad()
-    model(**inputs).loss.backward()
-    truth = torch.cat([p.grad.reshape(-1).double().cpu() for p in model.parameters() if p.requires_grad])
-    trainer, recorder, _ = train(
-        "lgp", dataset, f"{tmp}/unbiased", use_cpu=use_cpu, keep_gradients=True, per_device_train_batch_size=batch,
-        max_steps=steps, learning_rate=0.0, max_grad_norm=0.0, control_fraction=0.25, predictor="ntk", logging_steps=50,
-    )
-    generator = torch.Generator().manual_seed(0)
-    directions = [torch.randn(truth.numel(), generator=generator, dtype=torch.float64) for _ in range(12)]
-    offset = 0
-    for param in (p for p in trainer.model.parameters() if p.requires_grad):
-        direction = torch.zeros_like(truth)
-        direction[offset : offset + param.numel()] = truth[offset : offset + param.numel()]
-        if direction.norm() > 1e-6 * truth.norm():
-            directions.append(direction)
-        offset += param.numel()
-    directions = torch.stack(directions)
-    projections = torch.stack(recorder.gradients) @ directions.T
-    expected = directions @ truth
-    standard_error = (projections.var(dim=0) / len(recorder.gradients) + (1e-5 * expected) ** 2).sqrt()
-    z = ((projections.mean(dim=0) - expected) / standard_error).abs().max().item()
-    alignment = trainer.lgp_summary()["lgp_mean_alignment"]
-    return z < Z_LIMIT, f"max |z| {z:.2f} over {len(directions)} directions, {steps} steps, mean alignment {alignment:.2f}"
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--allow_cpu", action="store_true", help="Without CUDA, run the checks that do not need it on the CPU.")
-    parser.add_argument("--unbiased_steps", type=int, default=400, help="Steps of the unbiasedness check (default: %(default)s).")
-    parser.add_argument("--race_seconds", type=float, default=45.0, help="Training seconds per run of the bf16 race (0: no race).")
-    cli = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not cli.allow_cpu:
-        print("gpu_check: no CUDA device here, so nothing was checked (the CPU parts of these checks are in "
-              "tests/test_precision.py and tests/test_distributed.py; --allow_cpu runs this script's CUDA-free checks on the CPU).")
-        return 0
-    use_cpu = not cuda
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    else:
-        print("device: CPU (--allow_cpu): the checks that need CUDA are skipped")
-    hf_logging.set_verbosity_error()
-    checks = [
-        ("f1_equals_trainer", check_f1_equals_trainer, False),
-        ("bf16_trains", check_bf16, False),
-        ("fp16_trains", check_fp16, True),
-        ("fp16_overflow_skip", check_fp16_overflow, True),
-        ("fp16_scale_exact", check_fp16_scale_exact, False),
-        ("unbiased", lambda tmp, cpu: check_unbiased(tmp, cpu, cli.unbiased_steps), False),
-    ]
+def check_f1_identical(cli, cuda: bool, data: common.ImageData, tmp: str) -> int:
+    """(b): returns the number of failures (an undetermined comparison is not one)."""
     failures = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, check, needs_cuda in checks:
-            if needs_cuda and not cuda:
-                print(f"{name:20s} SKIP  needs CUDA (accelerate has no fp16 GradScaler on a CPU)")
-                continue
-            start = time.perf_counter()
-            try:
-                ok, figures = check(tmp, use_cpu)
-            except Exception as error:  # noqa: BLE001 - report every check, then fail
-                ok, figures = False, f"raised {error!r}"
-            failures += not ok
-            print(f"{name:20s} {'PASS' if ok else 'FAIL'}  {figures}  ({time.perf_counter() - start:.1f} s)", flush=True)
-    print("all checks passed" if not failures else f"{failures} check(s) failed")
-    if cli.race_seconds > 0:
-        race(cli.race_seconds, cuda)
-    return 1 if failures else 0
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        for bf16 in (False, True):
+            name = f"f1_identical_{'bf16' if bf16 else 'fp32'}"
+            reference = weights_after_steps("trainer", cli, cuda, bf16, data, tmp)
+            again = weights_after_steps("trainer", cli, cuda, bf16, data, tmp)
+            ours = weights_after_steps("lgp_f1", cli, cuda, bf16, data, tmp)
+            moved = float((reference[-1] - reference[0]).abs().max())
+            self_first, self_max = first_difference(reference, again)
+            first, largest = first_difference(reference, ours)
+            if first is None:
+                verdict = "PASS"
+            elif self_first is not None:
+                verdict = "UNDETERMINED (Trainer does not reproduce itself)"
+            else:
+                verdict, failures = "FAIL", failures + 1
+            print(f"{name}: {verdict}  {len(ours)} steps, lgp_f1 vs Trainer: "
+                  f"{'identical' if first is None else f'first differs at step {first}, max |dw| {largest:.2e}'}; Trainer vs "
+                  f"Trainer: {'identical' if self_first is None else f'max |dw| {self_max:.2e}'} (weights moved {moved:.2e})",
+                  flush=True)
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    return failures
 
 
-RACE_RUNS = ["trainer", "trainer_b64", "lgp_ntk_fauto", "lgp_ntk_f0.25", "lgp_window_f0.25_k32_m128_mem2"]
+# ---------------------------------------------------------------- (c) step cost and (d) race
 
 
-def race(seconds: float, cuda: bool) -> None:
-    """The equal-time race of the module docstring (`time_to_accuracy.py`, in this process); bf16 needs CUDA here:
-    on the CPU (--allow_cpu) it runs in fp32, only to check the script."""
+def step_cost(cli, cuda: bool) -> None:
+    import step_cost as step_cost_script  # benchmarks/, next to this script
+
+    step_cost_script.main([
+        "--batch_size", str(cli.batch_size), "--fractions", "0.5", "0.25", "--rounds", str(cli.step_rounds),
+        "--steps_per_turn", "4", "--output_dir", tempfile.mkdtemp(prefix="gpu_step_cost_"), *(["--bf16"] if cuda else []),
+    ])
+
+
+def race(cli, cuda: bool) -> None:
     import time_to_accuracy  # benchmarks/, next to this script
 
+    seconds = cli.race_seconds
+    runs = ["trainer", f"trainer_b{cli.batch_size // 2}", "lgp_fauto", common.lgp_run_name(FRACTION)]
     print(f"race: {seconds:g} s per run, {'bf16' if cuda else 'fp32 (CPU)'}, CIFAR-10 subset, one seed", flush=True)
     time_to_accuracy.main([
         "--subset", "--seeds", "1", "--budget_seconds", str(seconds), "--eval_every_seconds", str(seconds / 3),
-        "--eval_samples", "1000", "--runs", *RACE_RUNS, "--output_dir", tempfile.mkdtemp(prefix="gpu_race_"),
-        *(["--bf16"] if cuda else []),
+        "--eval_samples", str(cli.race_eval_samples), "--batch_size", str(cli.batch_size), "--runs", *runs,
+        "--output_dir", tempfile.mkdtemp(prefix="gpu_race_"), *(["--bf16"] if cuda else []),
     ])
+
+
+def main(argv=None) -> int:
+    cli = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not cli.allow_cpu:
+        print("gpu_check: no CUDA device here, so nothing was checked (--allow_cpu runs the script on the CPU).")
+        return 0
+    if cuda:
+        print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    else:
+        print(f"device: {common.device_description()} (--allow_cpu): CPU kernels, (c) and (d) in fp32")
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    failures = 0
+    start = time.perf_counter()
+    data = subset_data() if {"a", "b"} & set(cli.parts) else None
+    with tempfile.TemporaryDirectory() as tmp:
+        if "a" in cli.parts:
+            print(f"\n(a) verify_unbiased at control_fraction {FRACTION}, {cli.draws} draws", flush=True)
+            failures += check_unbiased(cli, cuda, data, tmp)
+        if "b" in cli.parts:
+            print(f"\n(b) control_fraction=1 against transformers.Trainer, {cli.identity_steps} steps", flush=True)
+            failures += check_f1_identical(cli, cuda, data, tmp)
+    if "c" in cli.parts:
+        print(f"\n(c) step cost, batch {cli.batch_size}", flush=True)
+        step_cost(cli, cuda)
+    if "d" in cli.parts:
+        print("\n(d) equal-time race", flush=True)
+        race(cli, cuda)
+    checked = "(a) and (b)" if {"a", "b"} <= set(cli.parts) else "the checks run"
+    print(f"\n{f'{failures} check(s) failed' if failures else f'{checked}: no failure'}; {time.perf_counter() - start:.0f} s in all")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

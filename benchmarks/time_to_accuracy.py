@@ -2,35 +2,47 @@
 """Test accuracy against training time: PredictedGradientTrainer and transformers.Trainer at equal wall-clock budgets.
 
 Every run trains the ViT of `examples/run_vit.py` from scratch (from the same initial weights for a given seed)
-on CIFAR-10 for `--budget_seconds` of training time, evaluating on `--eval_samples` test images every
-`--eval_every_seconds` and at the end (`common.TrainingBudget`; evaluation time is not counted in the budget).
-Runs go one after the other in this process, never two at once, seeds in the outer loop.
+on CIFAR-10 (the full 50,000 / 10,000 images by default) for `--budget_seconds` of training time, evaluating on
+`--eval_samples` test images every `--eval_every_seconds` and at the end (`common.TrainingBudget`; evaluation
+time is not counted in the budget). Runs go one after the other in this process, never two at once, seeds in
+the outer loop.
 
-Runs (`--runs`; the default is all of them for `--fractions` and `--predictors`):
-  trainer                 transformers.Trainer at `--batch_size`
-  trainer_b<n>            transformers.Trainer at batch size n; the defaults add n = each control micro-batch size
-                          round(f * batch_size), the fair baseline (the same number of full backward examples per step)
-  lgp_<predictor>_f<f>    PredictedGradientTrainer with that predictor and control fraction
-  lgp_<predictor>_fauto   PredictedGradientTrainer at control_fraction="auto" (the library's default); the
-                          defaults add it for the first of `--predictors`
-  lgp_..._k<K>_m<m>       either lgp name with options: predictor_fit_chunks K, predictor_window_size m
-                          (`common.RUN_OPTIONS`; _mem<f>: predictor_memory_fraction), e.g. lgp_window_fauto_k32_m128_mem2
+Runs (`--runs`; the default is the first four lines, with lgp_f<f> for each of `--fractions`, 0.25 and 0.5):
+  trainer           transformers.Trainer at `--batch_size` (128)
+  trainer_b<n>      transformers.Trainer at batch size n; the default adds the half batch (64): at about half a
+                    step's cost it is the equal-cost smaller-batch baseline (its F x cost is about 1, as for
+                    Trainer at the full batch)
+  lgp_fauto         PredictedGradientTrainer at control_fraction="auto", the library's default: starts at f = 1 and
+                    lowers f where its estimated F x cost is below 0.95
+  lgp_f<f>          PredictedGradientTrainer at a fixed control fraction f in (0, 1]
+  lgp_..._mix<a>    either lgp name with sampling_uniform_mix a (`common.RUN_OPTIONS`), e.g. lgp_f0.25_mix0.3
 
-All runs use the example's optimizer settings (AdamW, weight decay 0.05) at `--learning_rate` for every batch
-size, constant after `--warmup_steps` warm-up steps (a schedule over a fixed number of steps would differ
-between runs that reach different step counts in the same time).
+Every lgp run keeps the library's other defaults, its unbiasedness check included (its time counts in the
+budget, as users pay it). All runs use the example's optimizer settings (AdamW, weight decay 0.05) at
+`--learning_rate` for every batch size, constant after `--warmup_steps` warm-up steps (a schedule over a fixed
+number of steps would differ between runs that reach different step counts in the same time).
 
-Reported per run: time to reach the target accuracy, the best Trainer run's final test accuracy (mean over seeds),
-per seed and as mean when every seed reached it; final accuracy (mean and per seed); steps and seconds per
-step; the measured cost ratio c and predictor overhead o, the per-example variance explained with its break-even, the mean (batch) alignment and the final control
-fraction (`trainer.lgp_summary()`). Plots: test accuracy against training seconds (accuracy_vs_seconds.png) and
-`lgp/variance_explained` with `lgp/break_even_variance_explained` against step (alignment_vs_step.png). results.json holds every evaluation and the lgp log history, and is rewritten after
-each run, so an interrupted suite keeps what it finished.
+Reported per run: steps, seconds per step (training time over steps) and the slowest step's seconds (in lgp runs
+that checked, the step that ran the unbiasedness check: its cost against a step's); final test accuracy (mean
+and per seed); training seconds to reach the target, the best Trainer run's mean final accuracy (first
+evaluation at or above it; per seed, and the mean when every seed reached it); and from `trainer.lgp_summary()`
+(means over seeds): the final control fraction, the share of trunk rows backpropagated, F
+(`lgp_variance_factor`: the update's variance relative to the full batch's, estimated from the observed steps,
+at the f they ran at), the trainer's own measured step cost (`lgp_step_cost`, a sampled step's time over a plain
+Trainer step's, both timed inside the run; "-" where it measured none) and F x cost; the same with the cost
+measured here (seconds per step over the `trainer` run's of the same seed, data loading and the unbiasedness
+check included); the predicted F x cost and best f of "auto"'s last decision; and the unbiasedness check's
+status per seed. The method pays when F x cost < 1.
 
-    python benchmarks/time_to_accuracy.py       # 10 runs x 2 seeds x 90 s: about 42 minutes on 2 CPU cores
-    python benchmarks/time_to_accuracy.py --runs trainer lgp_ntk_f0.25 --budget_seconds 600 --seeds 3
-    python benchmarks/time_to_accuracy.py --subset --seeds 1 --budget_seconds 5 --eval_every_seconds 2 \\
-        --eval_samples 100 --batch_size 16 --runs trainer lgp_ntk_f0.25      # smoke test
+Plots: test accuracy against training seconds (accuracy_vs_seconds.png); for lgp runs, the logged
+`lgp/control_fraction` and `lgp/variance_factor` against step (lgp_vs_step.png). results.json holds every
+evaluation, the lgp summaries and log history, and is rewritten after each run, so an interrupted suite keeps
+what it finished.
+
+    python benchmarks/time_to_accuracy.py       # 5 runs x 2 seeds x 90 s: about 20 minutes on 2 CPU cores
+    python benchmarks/time_to_accuracy.py --runs trainer lgp_fauto lgp_f0.25_mix0.3 --budget_seconds 600 --seeds 3
+    python benchmarks/time_to_accuracy.py --subset --seeds 1 --budget_seconds 5 --eval_every_seconds 3 \\
+        --eval_samples 64 --batch_size 16 --runs trainer lgp_f0.5 lgp_fauto      # smoke test
 """
 
 from __future__ import annotations
@@ -43,7 +55,6 @@ from pathlib import Path
 from transformers import set_seed
 
 import common
-from lgp_hf.estimator import control_size
 
 #: Training stops on the time budget; this only has to be out of reach.
 MAX_STEPS = 10**7
@@ -52,16 +63,14 @@ MAX_STEPS = 10**7
 def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=128, help="Per-device batch size of `trainer` and lgp runs.")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5], help="Control fractions of the default runs.")
-    parser.add_argument("--predictors", nargs="+", default=["ntk", "window", "zero"], help="Predictors of the default runs.")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5], help="Fixed control fractions of the default runs.")
     parser.add_argument(
         "--runs",
         nargs="+",
         default=None,
-        help="Run names: trainer, trainer_b<batch size>, lgp_<predictor>_f<fraction>, lgp_<predictor>_fauto, either lgp name "
-        "followed by options _k<chunks>_m<window>_mem<memory fraction> (e.g. lgp_window_f0.25_k32_m128_mem2). Default: "
-        "trainer, trainer_b<n> for each control micro-batch size n, lgp_<p>_f<f> for every --predictors p and "
-        "--fractions f, and lgp_<first predictor>_fauto.",
+        help="Run names: trainer, trainer_b<batch size>, lgp_fauto, lgp_f<fraction>, an lgp name optionally followed by "
+        "_mix<sampling_uniform_mix> (e.g. lgp_f0.25_mix0.3). Default: trainer, trainer_b<batch_size / 2>, lgp_fauto, and "
+        "lgp_f<f> for every --fractions f.",
     )
     parser.add_argument("--seeds", type=int, default=2, help="Seeds 0 .. seeds-1 per run.")
     parser.add_argument("--budget_seconds", type=float, default=90.0, help="Training seconds per run (evaluation excluded).")
@@ -80,11 +89,9 @@ def run_specs(args) -> list[common.RunSpec]:
     if args.runs is not None:
         names = args.runs
     else:
-        control_sizes = dict.fromkeys(control_size(args.batch_size, f) for f in args.fractions)
-        names = ["trainer", *(f"trainer_b{size}" for size in control_sizes if size != args.batch_size)]
-        names += [common.lgp_run_name(predictor, f) for predictor in args.predictors for f in args.fractions]
-        names.append(common.lgp_run_name(args.predictors[0], "auto"))
-    return [common.parse_run(name, args.batch_size) for name in names]
+        names = ["trainer", f"trainer_b{max(1, args.batch_size // 2)}", common.lgp_run_name("auto")]
+        names += [common.lgp_run_name(f) for f in args.fractions]
+    return [common.parse_run(name, args.batch_size) for name in dict.fromkeys(names)]
 
 
 def run_one(spec: common.RunSpec, seed: int, data: common.ImageData, args, model_init) -> dict:
@@ -103,9 +110,11 @@ def run_one(spec: common.RunSpec, seed: int, data: common.ImageData, args, model
         logging_steps=args.logging_steps,
         bf16=args.bf16,
     )
-    trainer = common.make_trainer(spec, model, training_args, data.train, data.eval, callbacks=[budget])
+    timer = common.StepTimer()
+    trainer = common.make_trainer(spec, model, training_args, data.train, data.eval, callbacks=[budget, timer])
     trainer.train()
     steps = trainer.state.global_step
+    slowest = max(range(len(timer.steps)), key=lambda i: timer.steps[i]["seconds"])
     log = [
         {key: value for key, value in entry.items() if key == "step" or key == "loss" or key.startswith("lgp/")}
         for entry in trainer.state.log_history
@@ -115,10 +124,12 @@ def run_one(spec: common.RunSpec, seed: int, data: common.ImageData, args, model
         "run": spec.name,
         "seed": seed,
         "batch_size": spec.batch_size,
-        "control_size": spec.control_size,
+        "control_fraction": spec.control_fraction,
         "steps": steps,
         "training_seconds": budget.training_seconds,
         "seconds_per_step": budget.training_seconds / steps,
+        "median_step_seconds": statistics.median(step["seconds"] for step in timer.steps),
+        "slowest_step": {"step": slowest + 1, "seconds": timer.steps[slowest]["seconds"]},  # where a check ran
         "evaluations": [{key: entry[key] for key in ("seconds", "step", "accuracy")} for entry in budget.evaluations],
         "final_accuracy": budget.evaluations[-1]["accuracy"],
         "lgp_summary": trainer.lgp_summary() if spec.is_lgp else None,
@@ -150,26 +161,35 @@ def summarize(results: list[dict]) -> tuple[float | None, list[dict]]:
     finals = {name: statistics.fmean(r["final_accuracy"] for r in records) for name, records in by_run.items()}
     baselines = [name for name, records in by_run.items() if records[0]["lgp_summary"] is None]
     target = max((finals[name] for name in baselines), default=None)
+    # the measured cost: seconds per step over the `trainer` run's of the same seed
+    reference = {r["seed"]: r["seconds_per_step"] for r in by_run.get("trainer", [])}
     rows = []
     for name, records in by_run.items():
         reach = [time_to_reach(record, target) for record in records] if target is not None else []
         lgp = [record["lgp_summary"] for record in records if record["lgp_summary"] is not None]
+        measured = [r["seconds_per_step"] / reference[r["seed"]] if r["seed"] in reference else None for r in records]
+        factors = [None if s is None else s["lgp_variance_factor"] for s in (r["lgp_summary"] for r in records)]
         rows.append({
             "run": name,
             "batch": records[0]["batch_size"],
-            "full_bwd_examples": records[0]["control_size"],
             "steps": statistics.fmean(r["steps"] for r in records),
             "s_per_step": statistics.fmean(r["seconds_per_step"] for r in records),
+            "slowest_step_s": statistics.fmean(r["slowest_step"]["seconds"] for r in records),
             "final_acc": finals[name],
             "final_acc_per_seed": " / ".join(f"{r['final_accuracy']:.4f}" for r in records),
             "time_to_target_s": statistics.fmean(reach) if reach and None not in reach else None,
             "time_to_target_per_seed": " / ".join("not reached" if t is None else f"{t:.0f}" for t in reach) or None,
-            "cost_ratio": mean_of(lgp, "lgp_cost_ratio"),
-            "overhead": mean_of(lgp, "lgp_overhead_ratio"),
-            "variance_explained": mean_of(lgp, "lgp_variance_explained"),
-            "break_even_ve": mean_of(lgp, "lgp_break_even_variance_explained"),
-            "mean_alignment": mean_of(lgp, "lgp_mean_alignment"),
             "final_f": mean_of(lgp, "lgp_control_fraction"),
+            "rows_computed": mean_of(lgp, "lgp_trunk_rows_computed"),
+            "F": mean_of(lgp, "lgp_variance_factor"),
+            "step_cost": mean_of(lgp, "lgp_step_cost"),
+            "F_x_cost": mean_or_none([s["lgp_variance_factor"] * s["lgp_step_cost"] for s in lgp
+                                      if s["lgp_variance_factor"] is not None and s["lgp_step_cost"] is not None]),
+            "cost_vs_trainer": mean_or_none([m for m in measured if m is not None]),
+            "F_x_cost_vs_trainer": mean_or_none([f * m for f, m in zip(factors, measured) if f is not None and m is not None]),
+            "auto_predicted_F_x_cost": mean_of(lgp, "lgp_predicted_efficiency"),
+            "auto_best_f": mean_of(lgp, "lgp_best_fraction"),
+            "check": " / ".join(s["lgp_unbiasedness_check"] for s in lgp) or None,
         })
     return target, rows
 
@@ -180,14 +200,17 @@ def time_to_reach(record: dict, target: float) -> float | None:
 
 
 def mean_of(summaries: list[dict], key: str) -> float | None:
-    values = [summary[key] for summary in summaries if summary[key] is not None]
+    return mean_or_none([summary[key] for summary in summaries if summary[key] is not None])
+
+
+def mean_or_none(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
 COLUMNS = [
-    "run", "batch", "full_bwd_examples", "steps", "s_per_step", "final_acc", "final_acc_per_seed",
-    "time_to_target_s", "time_to_target_per_seed", "cost_ratio", "overhead", "variance_explained", "break_even_ve",
-    "mean_alignment", "final_f",
+    "run", "batch", "steps", "s_per_step", "slowest_step_s", "final_acc", "final_acc_per_seed", "time_to_target_s",
+    "time_to_target_per_seed", "final_f", "rows_computed", "F", "step_cost", "F_x_cost", "cost_vs_trainer",
+    "F_x_cost_vs_trainer", "auto_predicted_F_x_cost", "auto_best_f", "check",
 ]
 
 
@@ -202,8 +225,8 @@ def report(results: list[dict], args, results_path: Path, title: str, extra: dic
         {"settings": vars(args), **(extra or {}), "target_accuracy": target, "summary": rows, "results": results},
     )
     plot_accuracy(results, target, results_path.parent / "accuracy_vs_seconds.png", title)
-    plot_alignment(results, results_path.parent / "alignment_vs_step.png", title)
-    print(f"Wrote {results_path}, accuracy_vs_seconds.png and alignment_vs_step.png in {results_path.parent}")
+    plot_lgp_statistics(results, results_path.parent / "lgp_vs_step.png", title)
+    print(f"Wrote {results_path}, accuracy_vs_seconds.png and lgp_vs_step.png in {results_path.parent}")
 
 
 def run_colors(results: list[dict]) -> dict[str, str]:
@@ -231,30 +254,30 @@ def plot_accuracy(results: list[dict], target: float | None, path: Path, title: 
     figure.savefig(path, dpi=120)
 
 
-def plot_alignment(results: list[dict], path: Path, title: str) -> None:
+def plot_lgp_statistics(results: list[dict], path: Path, title: str) -> None:
+    """The logged lgp/control_fraction and lgp/variance_factor of every lgp run against step, one line per seed."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 5), layout="tight")
-    axes = figure.subplots()
-    colors, labelled = run_colors(results), set()
-    for record in results:
-        for key, style, suffix in (("lgp/variance_explained", "-", "variance explained"), ("lgp/break_even_variance_explained", "--", "break-even")):
+    figure = Figure(figsize=(12, 4.5), layout="tight")
+    colors = run_colors(results)
+    panels = (
+        ("lgp/control_fraction", "control fraction f"),
+        ("lgp/variance_factor", "F, variance of the update / full batch's\n(observed steps since the previous log)"),
+    )
+    for axes, (key, ylabel) in zip(figure.subplots(1, 2), panels):
+        labelled = set()
+        for record in results:
             points = [(entry["step"], entry[key]) for entry in record["log"] if key in entry]
             if points:
-                label = f"{record['run']} {suffix}"
-                axes.plot(*zip(*points), ls=style, color=colors[record["run"]], alpha=0.8, label=None if label in labelled else label)
-                labelled.add(label)
-    axes.set(
-        xlabel="optimizer step",
-        ylabel="per-example variance explained",
-        title=f"{title}\nlgp/variance_explained (per example, from pairs of control batches) and its break-even\n"
-        "(at f = 1, under auto: the cost ratio c, above which lowering f pays)",
-    )
-    axes.grid(alpha=0.3)
-    if labelled:
-        axes.legend(fontsize=7)
-    else:
-        axes.text(0.5, 0.5, "no lgp/variance_explained logged", ha="center", va="center", transform=axes.transAxes)
+                label = None if record["run"] in labelled else record["run"]
+                labelled.add(record["run"])
+                axes.plot(*zip(*points), marker=".", ms=3, color=colors[record["run"]], alpha=0.8, label=label)
+        axes.set(xlabel="optimizer step", ylabel=ylabel, title=f"{title}\n{key}")
+        axes.grid(alpha=0.3)
+        if labelled:
+            axes.legend(fontsize=8)
+        else:
+            axes.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=axes.transAxes)
     figure.savefig(path, dpi=120)
 
 
