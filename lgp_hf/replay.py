@@ -6,15 +6,18 @@ on them. While `BlockReplay.active`, each block of the trunk (transformers' `Gra
 transformers itself replays under gradient checkpointing) runs its forward without autograd, keeping its inputs,
 outputs and RNG state. In the backward the block finds the rows whose output gradient is not zero and re-runs its
 forward on those rows alone, with autograd, then backpropagates them. The linear layers' products are not computed
-again: their inputs and outputs are recorded in the forward (`_LinearTape`, the tensors autograd would keep anyway)
-and the replay takes the recorded outputs on those rows, differentiating from the recorded inputs; the rest of the
-block (norms, activations, attention) is recomputed on the rows. Under the user's gradient checkpointing nothing is
-recorded (the block keeps only its inputs, as checkpointing promises) and the replay recomputes everything.
+again: their inputs and outputs are recorded in the forward (`_Tape`, the tensors autograd would keep anyway) and
+the replay takes the recorded outputs on those rows, differentiating from the recorded inputs; the rest of the block
+(norms, activations, attention) is recomputed on the rows. Dropout masks are drawn and recorded in the forward and
+applied again to the same rows (attention dropout then runs as `F.scaled_dot_product_attention`'s math, not its
+fused kernel). Under the user's gradient checkpointing no linear outputs are recorded (the block keeps little more
+than its inputs, as checkpointing promises) and the replay recomputes them.
 
 The backward of every block stays exact, which is what keeps the update unbiased:
 - the rows come from the gradient itself (any entry that is not 0, NaN included), never from the draw;
-- the replay on those rows is checked against the forward's own outputs on them: rows that interact (BatchNorm, a
-  batch-wide router) or random numbers drawn per call (dropout) give other outputs and fail the check;
+- the replay on those rows is checked against the forward's own outputs on them (and every recorded linear layer's
+  input): rows that interact (BatchNorm, a batch-wide router) or random numbers drawn other than through the tape
+  give other outputs and fail the check;
 - a block whose check fails, or whose gradient reaches every row, is replayed on all rows with the forward's RNG and
   autocast state restored (as `torch.utils.checkpoint` does): the exact backward. A block that failed the check runs
   with plain autograd from then on (`BlockReplay.dense`), so it costs what it costs under `Trainer`.
@@ -23,6 +26,7 @@ The backward of every block stays exact, which is what keeps the update unbiased
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -120,14 +124,35 @@ class _TapedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-class _LinearTape(TorchFunctionMode):
-    """Records every `F.linear` call of a block's forward (input and output), then replays them in order on a subset
-    of the rows: a call whose input matches the recorded input's rows (`_close`) gets the recorded output's rows
-    (`_TapedLinear`); any other call raises `_TapeMismatch`."""
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, dropout):
+    """`F.scaled_dot_product_attention` written out (its documented math) with the attention weights' dropout done
+    by `dropout`, so that the mask can be recorded and replayed: the fused kernels draw it inside."""
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if enable_gqa:
+        repeats = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
+    scores = query @ key.transpose(-2, -1) * scale
+    if is_causal:
+        causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return dropout(torch.softmax(scores, dim=-1), dropout_p) @ value
 
-    def __init__(self):
+
+class _Tape(TorchFunctionMode):
+    """What a block's replay on a subset of rows must neither compute again nor draw anew, recorded in its forward
+    without autograd and replayed in order:
+    - each `F.linear` call's input and output (`keep_linear_outputs`): a replayed call whose input matches the
+      recorded input's rows (`_close`) takes the recorded output's rows (`_TapedLinear`);
+    - each dropout's mask (`F.dropout`, and the attention weights' dropout of `F.scaled_dot_product_attention`, then
+      computed by `_attention`), drawn here and applied again to the same rows.
+    Any other sequence of calls in the replay raises `_TapeMismatch`."""
+
+    def __init__(self, keep_linear_outputs: bool = True):
         super().__init__()
-        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.keep_linear_outputs = keep_linear_outputs
+        self.entries: list[tuple[str, tuple]] = []
         self.replay_rows: torch.Tensor | None = None
         self.position = 0
         self.count = 0
@@ -143,23 +168,58 @@ class _LinearTape(TorchFunctionMode):
         finally:
             self.replay_rows = None
 
+    def _next(self, kind: str) -> tuple:
+        if self.position >= len(self.entries) or self.entries[self.position][0] != kind:
+            raise _TapeMismatch
+        self.position += 1
+        return self.entries[self.position - 1][1]
+
+    def _rows(self, recorded: torch.Tensor) -> torch.Tensor:
+        if recorded.dim() == 0 or recorded.shape[0] % self.count:
+            raise _TapeMismatch
+        return _take_rows(recorded, self.replay_rows, self.count)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.linear:
-            return func(*args, **kwargs)
+        if func is F.linear and self.keep_linear_outputs:
+            return self._linear(func, args, kwargs)
+        if func is F.dropout:
+            return self._dropout(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and (args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)):
+            return _attention(*args, **kwargs, dropout=self._dropout)
+        return func(*args, **kwargs)
+
+    def _linear(self, func, args, kwargs):
         if self.replay_rows is None:
             output = func(*args, **kwargs)
-            self.entries.append((args[0], output))
+            self.entries.append(("linear", (args[0], output)))
             return output
         x, weight = args[0], args[1]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        if self.position >= len(self.entries):
-            raise _TapeMismatch
-        recorded_input, recorded_output = self.entries[self.position]
-        self.position += 1
-        if recorded_input.shape[0] % self.count or not _close(x, _take_rows(recorded_input, self.replay_rows, self.count)):
+        recorded_input, recorded_output = self._next("linear")
+        if not _close(x, self._rows(recorded_input)):
             raise _TapeMismatch
         return _TapedLinear.apply(x, weight, bias, recorded_output, self.replay_rows, self.count)
+
+    def _dropout(self, input, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return input
+        if self.replay_rows is None:
+            mask = torch.empty_like(input).bernoulli_(1 - p).bool()
+            self.entries.append(("dropout", (mask,)))
+        else:
+            (mask,) = self._next("dropout")
+            mask = self._rows(mask)
+            if mask.shape != input.shape:
+                raise _TapeMismatch
+        scaled = mask.to(input.dtype) / (1 - p)
+        return input.mul_(scaled) if inplace else input * scaled
+
+
+def recorded_dropout() -> _Tape:
+    """A mode under which every dropout draws its mask as a replayed block's forward does (`_Tape`): two forwards
+    started from the same RNG state then drop the same entries, whether their blocks are replayed or not."""
+    return _Tape(keep_linear_outputs=False)
 
 
 @dataclass
@@ -178,7 +238,7 @@ class _BlockCall:
     output_spec: object = None
     output_leaves: list = field(default_factory=list)
     output_positions: list[int] = field(default_factory=list)
-    tape: _LinearTape | None = None  # None under the user's gradient checkpointing: memory over compute
+    tape: _Tape | None = None
 
     def run(self, inputs, take=None):
         """The block's forward on `inputs` (the differentiable leaves) and the other leaves (`take`n, if given)."""
@@ -243,17 +303,18 @@ class _BlockCall:
                 return value.index_select(0, rows.to(value.device))
             return value
 
-        tape = self.tape.replaying(rows, self.rows) if rows is not None and self.tape is not None else contextlib.nullcontext()
+        # the recorded dropout masks and linear outputs, on all rows too: the forward's masks, not new ones
+        tape_rows = rows if rows is not None else torch.arange(self.rows)
         with _restored(self.rng_states, self.autocast_states), torch.enable_grad(), self.replay.replaying(rows):
             replayed_inputs = [take(x).detach().requires_grad_(x.requires_grad) for x in inputs]
             try:
-                with tape:
+                with self.tape.replaying(tape_rows, self.rows):
                     flat, _ = tree_flatten(self.run(replayed_inputs, take))
             except _TapeMismatch:
-                return None
-        replayed = [flat[i] for i in self.output_positions] if len(flat) == len(self.output_leaves) else None
+                flat = None
+        replayed = [flat[i] for i in self.output_positions] if flat is not None and len(flat) == len(self.output_leaves) else None
         if rows is None and replayed is None:
-            raise RuntimeError(f"{type(self.replay.blocks[self.index]).__name__} returned other outputs when run again.")
+            raise RuntimeError(f"{type(self.replay.blocks[self.index]).__name__} ran other operations when run again on all its rows.")
         if rows is not None and (replayed is None or not all(_close(r, take(o)) for r, o in zip(replayed, self.outputs))):
             return None
         pairs = [(r, take(g)) for r, g in zip(replayed, gradients) if g is not None and r.requires_grad]
@@ -278,9 +339,9 @@ class _ReplayedBlock(torch.autograd.Function):
         ctx.call, ctx.num_params = call, len(params)
         ctx.save_for_backward(*inputs, *params)
         call.record_state(inputs)
-        if not call.replay.blocks[call.index].gradient_checkpointing:
-            call.tape = _LinearTape()
-        with torch.no_grad(), call.tape or contextlib.nullcontext():
+        # under the user's gradient checkpointing, no linear outputs are kept (memory over compute)
+        call.tape = _Tape(keep_linear_outputs=not call.replay.blocks[call.index].gradient_checkpointing)
+        with torch.no_grad(), call.tape:
             output = call.run(inputs)
         leaves, call.output_spec = tree_flatten(output)
         call.output_positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]

@@ -1,8 +1,9 @@
 """`verify_unbiased`: the estimator checked on the user's own model, loss, data and arguments.
 
 On one batch, with the weights fixed (learning rate 0 in effect: nothing is stepped), the exact gradient g is taken
-once and the sampled estimator D times from one forward (each backward draws anew; conditionally on the forward,
-dropout masks included, the estimate must average to that forward's exact gradient). Along each of a set of fixed
+once, by plain autograd, and the sampled estimator D times from one forward started from the same RNG state, with
+the same dropout masks (`replay.recorded_dropout`); each backward draws anew, and conditionally on the forward the
+estimate must average to that forward's exact gradient. Along each of a set of fixed
 directions u the draws' errors y_d = <est_d - g, u> are z-tested for mean 0 (`z_scores`), with a floor on the
 standard error for float rounding. Directions: the exact gradient, a few random sparse directions over all
 parameters, and per parameter tensor its exact gradient and one random sparse direction: `Directions`. The largest
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import torch
+
+from .replay import recorded_dropout
 
 #: Random sparse directions over all parameters, and coordinates each random direction samples per tensor.
 RANDOM_DIRECTIONS = 8
@@ -158,7 +161,8 @@ def gradient_error_statistics(trainer, model, inputs, num_items_in_batch, contro
     generator = torch.Generator().manual_seed(seed)
 
     def loss_of_forward():
-        with trainer.compute_loss_context_manager():
+        # dropout drawn alike in the exact forward and in the sampled one, whose replayed blocks record their masks
+        with trainer.compute_loss_context_manager(), recorded_dropout():
             return trainer.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
 
     def gradient(loss, retain):

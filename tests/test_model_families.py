@@ -391,3 +391,22 @@ def test_sft_fused_lm_head_trains_as_sft_trainer(tmp_path):
     ours.train()
     assert "did not run as modules" in ours.disabled_reason
     assert_same_weights(reference.model, ours.model)
+
+
+@pytest.mark.parametrize("family", ["bert-classification", "gpt2-lm"])
+def test_dropout_is_replayed_and_unbiased(family, tmp_path):
+    """Default dropout (hidden 0.1, attention 0.1 through SDPA): the replayed blocks record their masks, stay replayed
+    (no block turns dense) and the sampled update averages to the exact gradient of the same forward."""
+    torch.manual_seed(0)
+    if family == "bert-classification":
+        model = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                         intermediate_size=32, max_position_embeddings=32, num_labels=3))
+        dataset = as_dataset(input_ids=tokens(0), labels=tokens(6, 4, (BATCH,)) - 1)
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+        dataset = lm_data()
+    args = PredictedGradientArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=BATCH, control_fraction=0.5)
+    trainer = PredictedGradientTrainer(model=model, args=args, train_dataset=dataset)
+    report = verify_unbiased(trainer, draws=48, verbose=False)
+    assert report.passed, report
+    assert trainer.replay.blocks and not trainer.replay.dense

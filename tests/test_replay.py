@@ -79,18 +79,27 @@ def test_replay_under_bf16_autocast_matches_autograd_to_bf16_rounding():
     assert_same_gradients(plain, replayed, 2e-2)
 
 
-def test_dropout_blocks_are_found_replayed_exactly_and_left_dense():
+def test_dropout_masks_are_recorded_and_replayed_on_the_drawn_rows():
+    """Dropout (hidden and attention, through SDPA): the forward draws and records the masks; the replay on the drawn
+    rows applies them again and equals the replay on all rows, the exact gradient of that same forward."""
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                                     intermediate_size=32, num_labels=3, hidden_dropout_prob=0.2))
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        num_labels=3, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    model = BertForSequenceClassification(config)
     model.train()
     batch = {"input_ids": torch.randint(1, 50, (8, 6), generator=torch.Generator().manual_seed(1)), "labels": torch.arange(8) % 3}
-    plain, _ = gradients(model, batch, replayed=False)
-    replayed, replay = gradients(model, batch, replayed=True)
-    assert_same_gradients(plain, replayed, 1e-5)
-    assert replay.dense == {0, 1} and "differs" in replay.dense_reasons[0]
-    with replay.active():  # dense blocks run with plain autograd from then on
-        assert all("forward" not in vars(block) for block in replay.blocks)
+    replay = BlockReplay(find_blocks(model, [model.classifier]))
+    with sampled_boundary([model.classifier], FixedRows()), replay.active():
+        loss = model(**batch).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    drawn_rows = torch.autograd.grad(loss, params, retain_graph=True)
+    assert not replay.dense and replay.computed_rows == len(KEEP) * 2
+    replay.dense.update({0, 1})  # the same forward, backpropagated on all rows
+    all_rows = torch.autograd.grad(loss, params)
+    largest = max(float(g.abs().max()) for g in all_rows)
+    for a, b in zip(drawn_rows, all_rows):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * largest)
+    assert max(float((a - b).abs().max()) for a, b in zip(drawn_rows, all_rows)) < 1e-5 * largest
 
 
 class NormalisedLayer(GradientCheckpointingLayer):
