@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers import TrainerCallback
 
 #: cost(f) = intercept + f before a sampled step has been timed: a forward without autograd is about a third of a
 #: forward and backward, and each drawn row then costs its block's forward and backward again (`replay`).
@@ -57,20 +58,24 @@ class StepCostModel:
             setattr(self, key, value)
 
 
-class Stopwatch:
-    """Wall-clock laps that wait for the accelerator first when `synchronize` is set (CUDA runs asynchronously)."""
+class StepClock(TrainerCallback):
+    """Times whole optimizer steps, `on_step_begin` to `on_step_end` (training steps, clipping, optimizer step,
+    zero_grad: what a user pays per step), for the steps `wanted(step)` selects, waiting for CUDA at both ends of
+    those; at every step's end calls `record(seconds)`, None for a step not timed."""
 
-    def __init__(self, device: torch.device, synchronize: bool):
-        self.synchronize = synchronize and device.type == "cuda"
-        self.device = device
-        self.last = self._now()
+    def __init__(self, device: torch.device, wanted, record):
+        self.device, self.wanted, self.record = device, wanted, record
+        self.start: float | None = None
 
     def _now(self) -> float:
-        if self.synchronize:
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def lap(self) -> float:
-        now = self._now()
-        elapsed, self.last = now - self.last, now
-        return elapsed
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = self._now() if self.wanted(state.global_step) else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        seconds = None if self.start is None else self._now() - self.start
+        self.start = None
+        self.record(seconds)

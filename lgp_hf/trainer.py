@@ -18,7 +18,7 @@ from transformers.utils import logging
 from .arguments import PredictedGradientArguments, PredictedGradientSettings
 from .boundary import HEAD_ATTRIBUTE_NAMES, BoundarySampler, find_head_module_names, sampled_boundary
 from .checkpoints import reload_renamed_weights
-from .costs import StepCostModel, Stopwatch
+from .costs import StepClock, StepCostModel
 from .model_card import write_model_card
 from .monitor import CANDIDATE_FRACTIONS, SamplingMonitor
 from .replay import BlockReplay, find_blocks
@@ -38,9 +38,11 @@ MIN_CHECK_DRAWS = 16
 #: The check in a run takes the first this many rows of its micro-batch: its draws cost a fraction of a step each,
 #: and the estimator's machinery (boundary, replay, the model's loss) is the same on them.
 CHECK_ROWS = 32
-#: At f < 1, one optimizer step in this many is the base class's own, timed, so that the step cost is measured
-#: against a current `Trainer` step (at most (1 - cost) / 200 of the compute).
+#: At f < 1, one optimizer step in this many (the first at step REFERENCE_START, after the first steps' one-off work)
+#: is the base class's own, timed, so that the step cost is measured against a current `Trainer` step (at most
+#: (1 - cost) / 200 of the compute).
 REFERENCE_PERIOD = 200
+REFERENCE_START = 3
 
 
 class PredictedGradientMixin:
@@ -83,6 +85,7 @@ class PredictedGradientMixin:
         if hasattr(self.model, "add_model_tags"):  # transformers' Trainer does not: push_to_hub's card gets them
             self.model.add_model_tags(self._tag_names)
         self._setup_sampling(self.model)
+        self.add_callback(StepClock(self.args.device, self._times_step, self._end_optimizer_step))
 
     @property
     def lgp_settings(self) -> PredictedGradientSettings:
@@ -111,7 +114,8 @@ class PredictedGradientMixin:
         self._micro_step = 0
         self._next_observation = 0  # the optimizer step at which the next observed step is due
         self._last_reference: int | None = None  # the last optimizer step timed as the base class's own
-        self._cost_due = False  # a step cost is to be measured on the next step that is not observed
+        self._step_rows = [0, 0]  # trunk rows backpropagated and present in the replayed blocks, this optimizer step
+        self._checked_in_step = False  # the unbiasedness check ran in this step (its time is not a step's)
         self._plan: tuple[float | None, bool] = (None, False)
         self.head_module_names: list[str] = []
         self.head_modules: list[torch.nn.Module] = []
@@ -163,31 +167,23 @@ class PredictedGradientMixin:
         """One micro-batch: the base class's own step, with the boundary and the trunk's replay in place when this
         optimizer step samples (f < 1) or is observed."""
         if self._micro_step == 0:
+            self._step_rows, self._checked_in_step = [0, 0], False
             self._plan = self._plan_step(model, inputs, num_items_in_batch)
         fraction, observe = self._plan
-        measure = self._measures_step(fraction, observe)
-        stopwatch = Stopwatch(self.args.device, synchronize=measure)
         if fraction is None:
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if measure:
-                self.cost_model.observe_plain(stopwatch.lap())
         else:
-            loss = self._sampled_step(model, inputs, num_items_in_batch, fraction, observe, stopwatch, measure)
-        if self.accelerator.sync_gradients:
-            self._finish_optimizer_step(observe)
-            self._micro_step = 0
-        else:
-            self._micro_step += 1
+            loss = self._sampled_step(model, inputs, num_items_in_batch, fraction, observe)
+        self._micro_step = 0 if self.accelerator.sync_gradients else self._micro_step + 1
         return loss
 
-    def _sampled_step(self, model, inputs, num_items_in_batch, fraction: float, observe: bool, stopwatch: Stopwatch, measure: bool):
+    def _sampled_step(self, model, inputs, num_items_in_batch, fraction: float, observe: bool):
         """Forward, draw (in the backward, at the boundary), backward (replayed blocks), observe."""
         generator = draw_generator(self.args.seed, self.state.global_step, self._micro_step, self.args.process_index)
         rows = lambda: self.sampler.draws[-1].drawn.numel() if self.sampler.draws else None  # noqa: E731
         recording = self.row_norms.recording(rows, self.replay.row_index) if observe else contextlib.nullcontext()
         with self.sampled_backward(fraction, generator) as placed, recording:
             loss = super().training_step(model, inputs, num_items_in_batch)
-        seconds = stopwatch.lap()
         if not placed[0]:
             self._disable(
                 f"the head modules {self.head_module_names} did not run as modules on an input that requires a gradient (a fused "
@@ -195,14 +191,48 @@ class PredictedGradientMixin:
                 "(this step's gradient was exact); name the model's final layers with head_modules=[...]"
             )
         computed, total = self.replay.take_counts()
+        self._step_rows = [self._step_rows[0] + computed, self._step_rows[1] + total]
         self.monitor.record(self.sampler.draws, fraction, self.row_norms.squared_norms if observe else None, (computed, total))
-        if measure and fraction < 1:
+        return loss
+
+    def _times_step(self, step: int) -> bool:
+        """Whether optimizer step `step` is timed (synchronising CUDA): after the first steps' one-off work, every
+        step whose time is wanted, at most one in each logging or decision period, plus observed and reference
+        steps. On a CPU every step after the first is timed (timing costs nothing there)."""
+        if self.disabled_reason is not None or step < REFERENCE_START:
+            return False
+        if self.args.device.type == "cpu":
+            return True
+        period = max(1, min(int(self.args.logging_steps), self.lgp_settings.auto_decision_steps))
+        return step % period == 0 or step >= self._next_observation or self._reference_due(step)
+
+    def _end_optimizer_step(self, seconds: float | None) -> None:
+        """After the optimizer step (`StepClock`): its time, if timed, then the next observation and, at a decision
+        point, the decision of "auto"."""
+        if self.disabled_reason is None:
+            self._record_step_time(seconds)
+            self._schedule(self._plan[1])
+
+    def _record_step_time(self, seconds: float | None) -> None:
+        """A timed optimizer step (its training steps, clipping, optimizer step and zero_grad: what a user pays): the
+        base class's own steps give the reference, sampled ones the step cost at the share of trunk rows they
+        backpropagated, observed steps at f = 1 the overhead of observing."""
+        fraction, observe = self._plan
+        if seconds is None or self._checked_in_step:
+            return
+        if fraction is None:
+            self.cost_model.observe_plain(seconds)
+        elif observe:
+            if fraction == 1 and self.cost_model.reference_seconds:
+                self._observation_overhead = max(0.0, seconds / self.cost_model.reference_seconds - 1)
+        else:
+            computed, total = self._step_rows
             self.cost_model.observe_sampled(computed / total if total else 1.0, seconds)
             if self.cost_model.last_cost is not None:
                 self.monitor.record_cost(self.cost_model.last_cost)
-        if measure and fraction == 1 and self.cost_model.reference_seconds:
-            self._observation_overhead = max(0.0, seconds / self.cost_model.reference_seconds - 1)
-        return loss
+
+    def _reference_due(self, step: int) -> bool:
+        return step >= REFERENCE_START and (self._last_reference is None or step - self._last_reference >= REFERENCE_PERIOD)
 
     @contextlib.contextmanager
     def sampled_backward(self, fraction: float, generator: torch.Generator):
@@ -217,21 +247,6 @@ class PredictedGradientMixin:
         """The fraction `verify_unbiased` checks by default: the current one, or 0.5 at f = 1."""
         return self._control_fraction if self._control_fraction < 1 else 0.5
 
-    def _measures_step(self, fraction: float | None, observe: bool) -> bool:
-        """Whether this micro-batch is timed (on CUDA timing synchronises): every observed step at f = 1 (its overhead
-        paces observation), the reference steps, and, once per logging or decision period, whichever is shorter, the
-        first step that is neither (the step cost). Never the first step, whose passes include one-off work."""
-        step = self.state.global_step
-        if step == 0:
-            return False
-        if step % max(1, min(int(self.args.logging_steps), self.lgp_settings.auto_decision_steps)) == 0:
-            self._cost_due = True
-        if observe:  # an observed sampled step pays for the hooks: its time is not the step cost
-            return fraction == 1
-        measured = self._cost_due or step == self._last_reference
-        self._cost_due = False
-        return measured
-
     def _plan_step(self, model, inputs, num_items_in_batch) -> tuple[float | None, bool]:
         """(fraction, observed) of the optimizer step that starts: fraction None is the base class's own step. Runs
         the unbiasedness check when sampling is about to start."""
@@ -241,25 +256,29 @@ class PredictedGradientMixin:
         explicit = not self._auto and self._control_fraction < 1
         if self._pending_fraction is not None or (explicit and self.unbiasedness["status"] == "not run" and settings.unbiasedness_check):
             self._check_unbiasedness(model, inputs, num_items_in_batch)
+            self._checked_in_step = True
         step = self.state.global_step
         observe = step >= self._next_observation
         if self._control_fraction < 1:
-            if step > 0 and (self._last_reference is None or step - self._last_reference >= REFERENCE_PERIOD):
+            if self._reference_due(step):
                 self._last_reference = step  # the base class's own step, timed
                 return None, False
             return self._control_fraction, observe
         return (1.0, True) if self._auto and observe else (None, False)
 
-    def _finish_optimizer_step(self, observed: bool) -> None:
-        """After the last micro-batch: schedule the next observation; at a decision point, let "auto" decide."""
+    def _schedule(self, observed: bool) -> None:
+        """After an optimizer step (`state.global_step` counts it): after an observed one, the next observation, spaced by
+        the measured overhead (averaged over ranks, so that every rank observes the same steps); at a decision
+        point, the decision of "auto"."""
         settings = self.lgp_settings
+        step = self.state.global_step
         if observed:
             spacing = settings.auto_observation_period
             if self._observation_overhead is not None:
                 overhead = float(self._all_ranks_mean(torch.tensor([self._observation_overhead], dtype=torch.float64, device=self.args.device)))
                 spacing = max(spacing, math.ceil(overhead / settings.auto_observation_budget))
-            self._next_observation = self.state.global_step + spacing
-        if self._auto and self.disabled_reason is None and (self.state.global_step + 1) % settings.auto_decision_steps == 0:
+            self._next_observation = step - 1 + spacing
+        if self._auto and step % settings.auto_decision_steps == 0:
             self._decide_control_fraction()
 
     def _decide_control_fraction(self) -> None:

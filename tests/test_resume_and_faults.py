@@ -178,25 +178,16 @@ def test_explicit_fraction_with_a_failing_check_is_refused_before_any_change(qui
 
 
 def test_observed_steps_are_paced_by_their_measured_overhead(quiet_args, monkeypatch):
-    """An observed step measured 30 % dearer than a plain one, at a 1 % budget: one every 30 steps."""
-    laps = iter([])
-
-    def lap(self):
-        return next(laps, 1.0)
-
-    monkeypatch.setattr(lgp_hf.costs.Stopwatch, "lap", lap)
+    """An observed step timed 30 % dearer than a plain one, at a 1 % budget: one every 30 steps."""
     args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=8, max_steps=70, logging_steps=1, auto_observation_budget=0.01)
     trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8))
-    original = trainer._sampled_step
 
-    def observed_is_dearer(*args, **kwargs):
-        nonlocal laps
-        laps = iter([1.3])
-        return original(*args, **kwargs)
+    def now(self):  # a clock at 0 when a step begins, and 1.3 (observed) or 1.0 seconds later when it ends
+        return 0.0 if self.start is None else (1.3 if trainer._plan[1] else 1.0)
 
-    trainer._sampled_step = observed_is_dearer
+    monkeypatch.setattr(lgp_hf.costs.StepClock, "_now", now)
     trainer.train()
-    # step 0 is observed before any timing (spacing: the period, 10); step 10 measures 0.3 -> 30 steps on
+    # step 0 is observed before any timing (spacing: the period, 10); step 10 is timed at 0.3 over plain steps 3 to 9
     assert trainer.monitor.totals["rows"] == 8 * len([0, 10, 40])
 
 
