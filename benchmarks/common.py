@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import queue
 import re
 import resource
 import sys
@@ -150,6 +152,11 @@ def build_model(labels: list[str], checkpoint: str | None = None):
         torch.nn.init.trunc_normal_(model.classifier.weight, std=model.config.initializer_range)
         torch.nn.init.zeros_(model.classifier.bias)
     return model, processor
+
+
+def new_model(labels: list[str], checkpoint: str | None = None):
+    """`build_model`'s model alone (a picklable model factory with `functools.partial`, for spawned processes)."""
+    return build_model(labels, checkpoint)[0]
 
 
 def first_batch(dataset: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
@@ -301,6 +308,14 @@ class TrainingBudget(TrainerCallback):
     def _elapsed(self, device) -> float:
         return clock(device) - self._start - self._paused
 
+    def elapsed(self, device) -> float:
+        """Training seconds so far (0 before training began)."""
+        return 0.0 if self._start is None else self._elapsed(device)
+
+    def exclude(self, seconds: float) -> None:
+        """Time that was not training (waiting for another process's turn)."""
+        self._paused += seconds
+
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = clock(args.device)
 
@@ -325,6 +340,88 @@ class TrainingBudget(TrainerCallback):
         self._pending = None
         self._paused += time.perf_counter() - self._paused_since
         control.should_evaluate = False  # the epoch-end hook would otherwise evaluate the final model twice
+
+
+# ---------------------------------------------------------------- interleaved processes
+
+
+class Rotation:
+    """Turn-taking between processes: participant i computes only between `wait(i)` and `pass_turn(i)`, and the
+    turn goes round in index order, skipping finished participants. Made before the processes start, which
+    inherit its semaphores; `messages` carries their ready signals, results and errors to the parent."""
+
+    def __init__(self, context, size: int):
+        self._turns = [context.Semaphore(0) for _ in range(size)]
+        self._finished = context.Array("b", size)
+        self._aborted = context.Value("b", 0)
+        self.messages = context.Queue()
+
+    def arrive(self, index: int) -> None:
+        self.messages.put(("ready", index, None))
+
+    def start(self) -> None:
+        self._turns[0].release()
+
+    def wait(self, index: int) -> None:
+        self._turns[index].acquire()
+        if self._aborted.value:
+            raise RuntimeError("another process of the rotation failed")
+
+    def pass_turn(self, index: int, finished: bool = False) -> None:
+        if finished:
+            self._finished[index] = 1
+        size = len(self._turns)
+        for offset in range(1, size + 1):
+            following = (index + offset) % size
+            if not self._finished[following]:
+                self._turns[following].release()
+                return
+
+    def abort(self) -> None:
+        self._aborted.value = 1
+        for turn in self._turns:
+            turn.release()
+
+
+def run_interleaved(target, jobs: list[tuple], names: list[str], label: str) -> dict[str, object]:
+    """Runs `target(index, *job, rotation)` in one spawned process per job, the processes taking turns through a
+    `Rotation` (started once every one has arrived), so that one computes at a time and slow phases of the machine
+    hit all of them; returns {name: the result each put on `rotation.messages`}."""
+    context = multiprocessing.get_context("spawn")
+    rotation = Rotation(context, len(jobs))
+    processes = [
+        context.Process(target=target, args=(index, *job, rotation), name=name) for index, (job, name) in enumerate(zip(jobs, names))
+    ]
+    for process in processes:
+        process.start()
+    ready, results = set(), {}
+    try:
+        while len(results) < len(processes):
+            try:
+                kind, index, payload = rotation.messages.get(timeout=10)
+            except queue.Empty:
+                dead = [p.name for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"{label}: the processes of {dead} died without a report") from None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"{label}: {names[index]} failed:\n{payload}")
+            if kind == "ready":
+                ready.add(index)
+                if len(ready) == len(processes):
+                    rotation.start()
+            else:
+                results[names[index]] = payload
+    except BaseException:
+        rotation.abort()
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+        raise
+    for process in processes:
+        process.join()
+    return results
 
 
 def peak_rss_mib() -> float:

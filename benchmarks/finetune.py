@@ -27,6 +27,7 @@ accuracy_vs_seconds.png and lgp_vs_step.png.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -107,9 +108,8 @@ def main(argv=None) -> None:
     print(f"Fine-tuning on {data.source}, vehicles against animals: {len(data.train)} training images, "
           f"{len(data.eval)} test images; {common.device_description()}", flush=True)
     results_path = args.output_dir / "results.json"
-    results = time_to_accuracy.run_suite(
-        args, data, lambda: common.build_model(data.labels, str(checkpoint))[0], results_path, extra
-    )
+    loader = functools.partial(common.load_data, args, eval_samples=args.eval_samples, relabelling=common.VEHICLES_VS_ANIMALS)
+    results = time_to_accuracy.run_suite(args, loader, functools.partial(common.new_model, data.labels, str(checkpoint)), results_path, extra)
     title = f"CIFAR-10 vehicles vs animals, fine-tuned from {args.pretrain_seconds:g} s of 10-class pre-training, {args.budget_seconds:g} s per run"
     time_to_accuracy.report(results, args, results_path, title, extra)
 

@@ -67,9 +67,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import multiprocessing
 import pstats
-import queue
 import statistics
 import traceback
 from pathlib import Path
@@ -132,49 +130,11 @@ def trainer_arguments(spec: common.RunSpec, args, max_steps: int):
 # ---------------------------------------------------------------- the rotation
 
 
-class Rotation:
-    """Turn-taking between processes: participant i computes only between `wait(i)` and `pass_turn(i)`, and the
-    turn goes round in index order, skipping finished participants. Made before the processes start, which
-    inherit its semaphores; `messages` carries their ready signals, results and errors to the parent."""
-
-    def __init__(self, context, size: int):
-        self._turns = [context.Semaphore(0) for _ in range(size)]
-        self._finished = context.Array("b", size)
-        self._aborted = context.Value("b", 0)
-        self.messages = context.Queue()
-
-    def arrive(self, index: int) -> None:
-        self.messages.put(("ready", index, None))
-
-    def start(self) -> None:
-        self._turns[0].release()
-
-    def wait(self, index: int) -> None:
-        self._turns[index].acquire()
-        if self._aborted.value:
-            raise RuntimeError("another process of the rotation failed")
-
-    def pass_turn(self, index: int, finished: bool = False) -> None:
-        if finished:
-            self._finished[index] = 1
-        size = len(self._turns)
-        for offset in range(1, size + 1):
-            following = (index + offset) % size
-            if not self._finished[following]:
-                self._turns[following].release()
-                return
-
-    def abort(self) -> None:
-        self._aborted.value = 1
-        for turn in self._turns:
-            turn.release()
-
-
 class TurnTimer(common.StepTimer):
     """StepTimer that takes part in a Rotation: signals that it is ready and waits for its turn before the first
     step, and hands the turn on after every `steps_per_turn` steps (outside the timed interval) and at the end."""
 
-    def __init__(self, index: int, rotation: Rotation, steps_per_turn: int):
+    def __init__(self, index: int, rotation: common.Rotation, steps_per_turn: int):
         super().__init__()
         self.index, self.rotation, self.steps_per_turn = index, rotation, steps_per_turn
 
@@ -212,7 +172,7 @@ def time_passes(model, batch: dict, device: torch.device, bf16: bool) -> dict[st
     return {"forward": forward_end - start, "backward": backward_end - forward_end, "nograd_forward": nograd_end - nograd_start}
 
 
-def measure_passes(model, batch: dict, index: int, rotation: Rotation, args) -> list[dict]:
+def measure_passes(model, batch: dict, index: int, rotation: common.Rotation, args) -> list[dict]:
     """`--steps_per_turn` pass timings per turn, for `--rounds` turns of the rotation."""
     device = PartialState().device
     model.to(device).train()
@@ -231,7 +191,7 @@ def memory_now(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else common.peak_rss_mib()
 
 
-def participant(index: int, spec: common.RunSpec | None, args, rotation: Rotation) -> None:
+def participant(index: int, spec: common.RunSpec | None, args, rotation: common.Rotation) -> None:
     """One process of the rotation: the trainer of `spec`, or the pass measurements when `spec` is None. Every
     process builds the same initial model (same seed)."""
     try:
@@ -265,41 +225,7 @@ def run_rotation(specs: list[common.RunSpec], args) -> tuple[dict[str, dict], li
     configuration: steps, lgp_summary, memory), pass records."""
     participants = [*specs, None]
     names = [spec.name for spec in specs] + [PASSES]
-    context = multiprocessing.get_context("spawn")
-    rotation = Rotation(context, len(participants))
-    processes = [
-        context.Process(target=participant, args=(index, spec, args, rotation), name=name)
-        for index, (spec, name) in enumerate(zip(participants, names))
-    ]
-    for process in processes:
-        process.start()
-    ready, results = set(), {}
-    try:
-        while len(results) < len(processes):
-            try:
-                kind, index, payload = rotation.messages.get(timeout=10)
-            except queue.Empty:
-                dead = [p.name for p in processes if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"step_cost: the processes of {dead} died without a report") from None
-                continue
-            if kind == "error":
-                raise RuntimeError(f"step_cost: {names[index]} failed:\n{payload}")
-            if kind == "ready":
-                ready.add(index)
-                if len(ready) == len(processes):
-                    rotation.start()
-            else:
-                results[names[index]] = payload
-    except BaseException:
-        rotation.abort()
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.terminate()
-        raise
-    for process in processes:
-        process.join()
+    results = common.run_interleaved(participant, [(spec, args) for spec in participants], names, "step_cost")
     return {spec.name: results[spec.name] for spec in specs}, results[PASSES]["passes"]
 
 

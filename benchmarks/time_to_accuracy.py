@@ -4,8 +4,10 @@
 Every run trains the ViT of `examples/run_vit.py` from scratch (from the same initial weights for a given seed)
 on CIFAR-10 (the full 50,000 / 10,000 images by default) for `--budget_seconds` of training time, evaluating on
 `--eval_samples` test images every `--eval_every_seconds` and at the end (`common.TrainingBudget`; evaluation
-time is not counted in the budget). Runs go one after the other in this process, never two at once, seeds in
-the outer loop.
+time is not counted in the budget). Per seed, every run has its own process and they take turns of
+`--seconds_per_turn` training seconds (`common.run_interleaved`): one computes at a time, and the machine's slow
+and fast phases (on this project's machine a configuration's steps were 25 % faster in one run than in the same
+configuration's run a few minutes earlier) hit every run alike, which running them one after the other does not.
 
 Runs (`--runs`; the default is the first four lines, with lgp_f<f> for each of `--fractions`, 0.25 and 0.5):
   trainer           transformers.Trainer at `--batch_size` (128)
@@ -36,7 +38,7 @@ status per seed. The method pays when F x cost < 1.
 
 Plots: test accuracy against training seconds (accuracy_vs_seconds.png); for lgp runs, the logged
 `lgp/control_fraction` and `lgp/variance_factor` against step (lgp_vs_step.png). results.json holds every
-evaluation, the lgp summaries and log history, and is rewritten after each run, so an interrupted suite keeps
+evaluation, the lgp summaries and log history, and is rewritten after each seed, so an interrupted suite keeps
 what it finished.
 
     python benchmarks/time_to_accuracy.py       # 5 runs x 2 seeds x 90 s: about 20 minutes on 2 CPU cores
@@ -48,11 +50,13 @@ what it finished.
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import statistics
+import time
+import traceback
 from pathlib import Path
 
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 import common
 
@@ -75,6 +79,7 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
     parser.add_argument("--seeds", type=int, default=2, help="Seeds 0 .. seeds-1 per run.")
     parser.add_argument("--budget_seconds", type=float, default=90.0, help="Training seconds per run (evaluation excluded).")
     parser.add_argument("--eval_every_seconds", type=float, default=30.0, help="Training seconds between evaluations.")
+    parser.add_argument("--seconds_per_turn", type=float, default=10.0, help="Training seconds of a run per turn of the rotation.")
     parser.add_argument("--eval_samples", type=int, default=2000, help="Test images per evaluation (a fixed random subset).")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--warmup_steps", type=int, default=20, help="Linear warm-up steps, then a constant rate.")
@@ -94,10 +99,37 @@ def run_specs(args) -> list[common.RunSpec]:
     return [common.parse_run(name, args.batch_size) for name in dict.fromkeys(names)]
 
 
-def run_one(spec: common.RunSpec, seed: int, data: common.ImageData, args, model_init) -> dict:
-    """Trains `model_init()` (called after `set_seed(seed)`) with `spec` for the time budget; returns the record."""
+class TurnTaker(TrainerCallback):
+    """Takes part in a `common.Rotation`: waits for its turn before training begins, and at the beginning of a step
+    hands the turn on once it has trained `seconds_per_turn` in this turn (so that an evaluation the previous step
+    asked for runs in this process's turn); time spent waiting is not training time (`TrainingBudget.exclude`)."""
+
+    def __init__(self, index: int, rotation: common.Rotation, seconds_per_turn: float, budget: common.TrainingBudget, timer):
+        self.index, self.rotation, self.seconds_per_turn, self.budget, self.timer = index, rotation, seconds_per_turn, budget, timer
+        self.turn_began = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.rotation.arrive(self.index)
+        self.rotation.wait(self.index)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.budget.elapsed(args.device) - self.turn_began >= self.seconds_per_turn:
+            waiting = time.perf_counter()
+            self.rotation.pass_turn(self.index)
+            self.rotation.wait(self.index)
+            self.budget.exclude(time.perf_counter() - waiting)
+            self.timer.restart_gap()
+            self.turn_began = self.budget.elapsed(args.device)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.rotation.pass_turn(self.index, finished=True)
+
+
+def run_one(spec: common.RunSpec, seed: int, data: common.ImageData, args, model_factory, index=None, rotation=None) -> dict:
+    """Trains `model_factory()` (called after `set_seed(seed)`) with `spec` for the time budget, taking turns in
+    `rotation` when given; returns the record."""
     set_seed(seed)
-    model = model_init()
+    model = model_factory()
     budget = common.TrainingBudget(args.budget_seconds, args.eval_every_seconds)
     training_args = common.training_arguments(
         spec,
@@ -111,7 +143,8 @@ def run_one(spec: common.RunSpec, seed: int, data: common.ImageData, args, model
         bf16=args.bf16,
     )
     timer = common.StepTimer()
-    trainer = common.make_trainer(spec, model, training_args, data.train, data.eval, callbacks=[budget, timer])
+    turns = [] if rotation is None else [TurnTaker(index, rotation, args.seconds_per_turn, budget, timer)]
+    trainer = common.make_trainer(spec, model, training_args, data.train, data.eval, callbacks=[*turns, budget, timer])
     trainer.train()
     steps = trainer.state.global_step
     slowest = max(range(len(timer.steps)), key=lambda i: timer.steps[i]["seconds"])
@@ -137,19 +170,33 @@ def run_one(spec: common.RunSpec, seed: int, data: common.ImageData, args, model
     }
 
 
-def run_suite(args, data: common.ImageData, model_init, results_path: Path, extra: dict | None = None) -> list[dict]:
-    """Every run of `run_specs(args)` for every seed, one at a time; results.json is rewritten after each."""
+def participant(index: int, spec: common.RunSpec, seed: int, args, data_loader, model_factory, rotation: common.Rotation) -> None:
+    """One process of a seed's rotation: loads the data, trains `spec`, reports its record."""
+    try:
+        record = run_one(spec, seed, data_loader(), args, model_factory, index, rotation)
+        rotation.messages.put(("result", index, record))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which stops the rotation
+        rotation.messages.put(("error", index, traceback.format_exc()))
+        rotation.abort()
+
+
+def run_suite(args, data_loader, model_factory, results_path: Path, extra: dict | None = None) -> list[dict]:
+    """Every run of `run_specs(args)` for every seed: per seed, all runs at once in their own processes, taking
+    turns of `--seconds_per_turn` training seconds (`common.run_interleaved`), so that the machine's slow and fast
+    phases (steps 25 % slower or faster from one minute to the next were seen here) hit every run alike; results.json
+    is rewritten after each seed. `data_loader` and `model_factory` are picklable callables (functools.partial)."""
     specs = run_specs(args)
     results = []
     for seed in range(args.seeds):
+        print(f"seed {seed}: {', '.join(spec.name for spec in specs)}, interleaved in turns of {args.seconds_per_turn:g} s", flush=True)
+        jobs = [(spec, seed, args, data_loader, model_factory) for spec in specs]
+        records = common.run_interleaved(participant, jobs, [spec.name for spec in specs], "time_to_accuracy")
         for spec in specs:
-            print(f"[{len(results) + 1}/{len(specs) * args.seeds}] {spec.name}, seed {seed}", flush=True)
-            record = run_one(spec, seed, data, args, model_init)
+            record = records[spec.name]
             results.append(record)
-            print(f"    {record['steps']} steps, {record['seconds_per_step']:.3f} s/step, "
+            print(f"    {spec.name}: {record['steps']} steps, {record['seconds_per_step']:.3f} s/step, "
                   f"test accuracy {record['final_accuracy']:.4f}", flush=True)
-            common.write_json(results_path, {"settings": vars(args), "data": data.source, **(extra or {}), "results": results})
-            gc.collect()
+        common.write_json(results_path, {"settings": vars(args), **(extra or {}), "results": results})
     return results
 
 
@@ -287,7 +334,8 @@ def main(argv=None) -> None:
     print(f"Data: {data.source}, {len(data.train)} training images, {len(data.eval)} test images; "
           f"{common.device_description()}", flush=True)
     results_path = args.output_dir / "results.json"
-    results = run_suite(args, data, lambda: common.build_model(data.labels)[0], results_path)
+    loader = functools.partial(common.load_data, args, eval_samples=args.eval_samples)
+    results = run_suite(args, loader, functools.partial(common.new_model, data.labels), results_path)
     report(results, args, results_path, f"CIFAR-10 from scratch, {args.budget_seconds:g} s per run")
 
 

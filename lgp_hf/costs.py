@@ -58,24 +58,38 @@ class StepCostModel:
             setattr(self, key, value)
 
 
-class StepClock(TrainerCallback):
+class StepClock:
     """Times whole optimizer steps, `on_step_begin` to `on_step_end` (training steps, clipping, optimizer step,
     zero_grad: what a user pays per step), for the steps `wanted(step)` selects, waiting for CUDA at both ends of
-    those; at every step's end calls `record(seconds)`, None for a step not timed."""
+    those; at every step's end calls `record(seconds)`, None for a step not timed. Two callbacks: `start`, to run
+    after the other callbacks' `on_step_begin`, and `stop`, to run before the others' `on_step_end`, so that their
+    work is not counted."""
 
     def __init__(self, device: torch.device, wanted, record):
         self.device, self.wanted, self.record = device, wanted, record
-        self.start: float | None = None
+        self.begun: float | None = None
+        self.start, self.stop = _ClockStart(self), _ClockStop(self)
 
-    def _now(self) -> float:
+    def now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+
+class _ClockStart(TrainerCallback):
+    def __init__(self, clock: StepClock):
+        self.clock = clock
+
     def on_step_begin(self, args, state, control, **kwargs):
-        self.start = self._now() if self.wanted(state.global_step) else None
+        self.clock.begun = self.clock.now() if self.clock.wanted(state.global_step) else None
+
+
+class _ClockStop(TrainerCallback):
+    def __init__(self, clock: StepClock):
+        self.clock = clock
 
     def on_step_end(self, args, state, control, **kwargs):
-        seconds = None if self.start is None else self._now() - self.start
-        self.start = None
-        self.record(seconds)
+        clock = self.clock
+        seconds = None if clock.begun is None else clock.now() - clock.begun
+        clock.begun = None
+        clock.record(seconds)

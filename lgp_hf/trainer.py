@@ -85,7 +85,9 @@ class PredictedGradientMixin:
         if hasattr(self.model, "add_model_tags"):  # transformers' Trainer does not: push_to_hub's card gets them
             self.model.add_model_tags(self._tag_names)
         self._setup_sampling(self.model)
-        self.add_callback(StepClock(self.args.device, self._times_step, self._end_optimizer_step))
+        clock = StepClock(self.args.device, self._times_step, self._end_optimizer_step)
+        self.add_callback(clock.start)  # last to begin a step, first to end it: other callbacks' work is not timed
+        self.callback_handler.callbacks.insert(0, clock.stop)
 
     @property
     def lgp_settings(self) -> PredictedGradientSettings:

@@ -183,9 +183,9 @@ def test_observed_steps_are_paced_by_their_measured_overhead(quiet_args, monkeyp
     trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8))
 
     def now(self):  # a clock at 0 when a step begins, and 1.3 (observed) or 1.0 seconds later when it ends
-        return 0.0 if self.start is None else (1.3 if trainer._plan[1] else 1.0)
+        return 0.0 if self.begun is None else (1.3 if trainer._plan[1] else 1.0)
 
-    monkeypatch.setattr(lgp_hf.costs.StepClock, "_now", now)
+    monkeypatch.setattr(lgp_hf.costs.StepClock, "now", now)
     trainer.train()
     # step 0 is observed before any timing (spacing: the period, 10); step 10 is timed at 0.3 over plain steps 3 to 9
     assert trainer.monitor.totals["rows"] == 8 * len([0, 10, 40])
