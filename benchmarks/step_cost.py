@@ -42,10 +42,10 @@ method. The f of the floor is f_eff, the share of trunk rows the trainer actuall
 (`lgp_trunk_rows_computed` of `trainer.lgp_summary()`: Poisson sampling draws f n rows in expectation, not
 exactly); 1 where nothing was sampled (f = 1, and "auto" while it stays there). The goal: the ratio to Trainer is
 at most the floor + `--goal_margin` (0.05) at every f; the script prints whether it holds per configuration.
-`lgp_step_cost` is the trainer's own measured step cost (a sampled step's `training_step` time over a plain
-Trainer step's, both timed by the trainer itself on the steps it picks; "-" when it measured none in the run).
-At f < 1 the trainer makes a step now and then a plain Trainer step, its cost reference (the first at step 1:
-with the defaults inside the discarded warm-up round); the medians are robust to those.
+`lgp_step_cost` is the trainer's own measured step cost (a sampled optimizer step's time over a plain Trainer
+step's, both timed by the trainer itself on the steps it picks; "-" when it measured none in the run). At f < 1
+the trainer makes two plain Trainer steps every 200, the second timed as its cost reference (the first pair at
+steps 3 and 4: with the defaults inside the discarded warm-up round); the medians are robust to those.
 
 Memory. Each process holds one configuration, so its peaks do not mix with others': peak RSS (VmHWM) on CPU or
 peak CUDA memory allocated on a GPU over the whole run, and the part added by training (peak minus the value

@@ -319,12 +319,13 @@ def plot_lgp_statistics(results: list[dict], path: Path, title: str) -> None:
                 label = None if record["run"] in labelled else record["run"]
                 labelled.add(record["run"])
                 axes.plot(*zip(*points), marker=".", ms=3, color=colors[record["run"]], alpha=0.8, label=label)
-        axes.set(xlabel="optimizer step", ylabel=ylabel, title=f"{title}\n{key}")
+        axes.set(xlabel="optimizer step", ylabel=ylabel, title=key)
         axes.grid(alpha=0.3)
         if labelled:
             axes.legend(fontsize=8)
         else:
             axes.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=axes.transAxes)
+    figure.suptitle(title)
     figure.savefig(path, dpi=120)
 
 

@@ -51,13 +51,14 @@ class _FactorSums:
 class SamplingMonitor:
     def __init__(self, uniform_mix: float):
         self.uniform_mix = uniform_mix
-        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, "computed_rows": 0, "block_rows": 0}
+        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, "computed_rows": 0, "block_rows": 0, "costs": 0, "cost_sum": 0.0}
         self.log = {"rows": 0, "drawn_rows": 0, "computed_rows": 0, "block_rows": 0, "costs": []}
         self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
 
     def record(self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, block_rows: tuple[int, int]) -> None:
-        """One micro-batch: its draws, the fraction they were made at, its rows' squared gradient norms when it was
-        observed (one draw only: rows are attributed to it), and (rows backpropagated, rows) in replayed blocks."""
+        """One micro-batch: its draws, the fraction they were made at, its rows' squared trunk-gradient norms as read
+        below the boundary when it was observed (one draw only: rows are attributed to it), and (rows backpropagated,
+        rows) in replayed blocks."""
         for draw in draws:
             for sums in (self.totals, self.log):
                 sums["rows"] += draw.drawn.numel()
@@ -69,6 +70,9 @@ class SamplingMonitor:
         if squared_norms is None or len(draws) != 1 or draws[0].uniform:
             return
         draw = draws[0]
+        # the hooks read the gradient below the boundary, where a drawn row's was weighted 1 / pi_i: ||g_i||^2 is
+        # pi_i^2 times what they read (at f = 1, pi_i = 1)
+        squared_norms = squared_norms * draw.probabilities.double() ** 2
         candidates = torch.stack([draw.probabilities] + [inclusion_probabilities(draw.scores, f, self.uniform_mix) for f in CANDIDATE_FRACTIONS])
         # the current design's own F: the probabilities it drew with (all 1 at f = 1)
         numerators, denominator = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms)
@@ -77,6 +81,8 @@ class SamplingMonitor:
 
     def record_cost(self, cost: float) -> None:
         self.log["costs"].append(cost)
+        self.totals["costs"] += 1
+        self.totals["cost_sum"] += cost
 
     def take_decision_factors(self) -> list[float] | None:
         """F of each candidate fraction (`CANDIDATE_FRACTIONS` order) from the rows observed since the last call, once
@@ -111,6 +117,7 @@ class SamplingMonitor:
             "lgp_drawn_fraction": totals["drawn_rows"] / totals["rows"] if totals["rows"] else None,
             "lgp_trunk_rows_computed": totals["computed_rows"] / totals["block_rows"] if totals["block_rows"] else None,
             "lgp_variance_factor": None if factors is None else factors[0],
+            "lgp_step_cost": totals["cost_sum"] / totals["costs"] if totals["costs"] else None,
             "lgp_uniform_draws": totals["uniform_draws"],
         }
 

@@ -38,10 +38,12 @@ MIN_CHECK_DRAWS = 16
 #: The check in a run takes the first this many rows of its micro-batch: its draws cost a fraction of a step each,
 #: and the estimator's machinery (boundary, replay, the model's loss) is the same on them.
 CHECK_ROWS = 32
-#: At f < 1, one optimizer step in this many (the first at step REFERENCE_START, after the first steps' one-off work)
-#: is the base class's own, timed, so that the step cost is measured against a current `Trainer` step (at most
-#: (1 - cost) / 200 of the compute).
+#: At f < 1, every REFERENCE_PERIOD optimizer steps (the first at step REFERENCE_START, after the first steps'
+#: one-off work) REFERENCE_STEPS steps are the base class's own, the last one timed, so that the step cost is measured
+#: against a current `Trainer` step (the first, after sampled steps, pays the allocator's and caches' warm-up for
+#: the full backward's buffers): at most 2 (1 - cost) / 200 of the compute.
 REFERENCE_PERIOD = 200
+REFERENCE_STEPS = 2
 REFERENCE_START = 3
 
 
@@ -85,9 +87,6 @@ class PredictedGradientMixin:
         if hasattr(self.model, "add_model_tags"):  # transformers' Trainer does not: push_to_hub's card gets them
             self.model.add_model_tags(self._tag_names)
         self._setup_sampling(self.model)
-        clock = StepClock(self.args.device, self._times_step, self._end_optimizer_step)
-        self.add_callback(clock.start)  # last to begin a step, first to end it: other callbacks' work is not timed
-        self.callback_handler.callbacks.insert(0, clock.stop)
 
     @property
     def lgp_settings(self) -> PredictedGradientSettings:
@@ -143,6 +142,10 @@ class PredictedGradientMixin:
         self.row_norms = RowGradientNorms(self.replay.blocks)
         if self.disabled_reason is not None:
             self._disable(self.disabled_reason)
+        elif (self._auto or self._control_fraction < 1) and not hasattr(self, "_step_clock"):
+            self._step_clock = StepClock(self.args.device, self._times_step, self._end_optimizer_step)
+            self.add_callback(self._step_clock.start)  # last to begin a step, first to end it: others' work is not timed
+            self.callback_handler.callbacks.insert(0, self._step_clock.stop)
 
     def _unsupported_reason(self, model) -> str | None:
         if self.args.torch_compile or hasattr(model, "_orig_mod"):  # `_orig_mod`: a module torch.compile returned
@@ -206,7 +209,7 @@ class PredictedGradientMixin:
         if self.args.device.type == "cpu":
             return True
         period = max(1, min(int(self.args.logging_steps), self.lgp_settings.auto_decision_steps))
-        return step % period == 0 or step >= self._next_observation or self._reference_due(step)
+        return step % period == 0 or step >= self._next_observation or self._reference_step(step)
 
     def _end_optimizer_step(self, seconds: float | None) -> None:
         """After the optimizer step (`StepClock`): its time, if timed, then the next observation and, at a decision
@@ -223,7 +226,9 @@ class PredictedGradientMixin:
         if seconds is None or self._checked_in_step:
             return
         if fraction is None:
-            self.cost_model.observe_plain(seconds)
+            step = self.state.global_step - 1  # the step that ended
+            if self._control_fraction == 1 or step - self._last_reference == REFERENCE_STEPS - 1:  # not a warm-up
+                self.cost_model.observe_plain(seconds)
         elif observe:
             if fraction == 1 and self.cost_model.reference_seconds:
                 self._observation_overhead = max(0.0, seconds / self.cost_model.reference_seconds - 1)
@@ -234,7 +239,12 @@ class PredictedGradientMixin:
                 self.monitor.record_cost(self.cost_model.last_cost)
 
     def _reference_due(self, step: int) -> bool:
+        """Whether optimizer step `step` at f < 1 starts the base class's own steps that time a `Trainer` step."""
         return step >= REFERENCE_START and (self._last_reference is None or step - self._last_reference >= REFERENCE_PERIOD)
+
+    def _reference_step(self, step: int) -> bool:
+        """Whether optimizer step `step` at f < 1 is one of those REFERENCE_STEPS plain steps."""
+        return self._reference_due(step) or (self._last_reference is not None and step - self._last_reference < REFERENCE_STEPS)
 
     @contextlib.contextmanager
     def sampled_backward(self, fraction: float, generator: torch.Generator):
@@ -263,7 +273,8 @@ class PredictedGradientMixin:
         observe = step >= self._next_observation
         if self._control_fraction < 1:
             if self._reference_due(step):
-                self._last_reference = step  # the base class's own step, timed
+                self._last_reference = step  # the first of REFERENCE_STEPS of the base class's own
+            if self._reference_step(step):
                 return None, False
             return self._control_fraction, observe
         return (1.0, True) if self._auto and observe else (None, False)
@@ -373,7 +384,6 @@ class PredictedGradientMixin:
             "lgp_control_fraction": self._control_fraction,
             "lgp_disabled_reason": self.disabled_reason,
             **self.monitor.summary(),
-            "lgp_step_cost": self.cost_model.last_cost,
             "lgp_predicted_efficiency": decision.get("efficiency"),
             "lgp_best_fraction": decision.get("best_fraction"),
             "lgp_unbiasedness_check": self.unbiasedness["status"],

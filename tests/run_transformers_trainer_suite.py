@@ -1,6 +1,6 @@
 """Drop-in check: transformers' own Trainer tests, run with `Trainer` and with `PredictedGradientTrainer` swapped in.
 
-    python tests/run_transformers_trainer_suite.py --junit-dir runs/transformers_suite   # 3 runs, ~9 min on 2 CPUs
+    python tests/run_transformers_trainer_suite.py --junit-dir runs/transformers_suite   # 3 runs, ~4 min on 2 CPUs
     python tests/run_transformers_trainer_suite.py --junit-dir runs/transformers_suite --modes default f1
     python tests/run_transformers_trainer_suite.py -k "Checkpoint or Callback" --modes trainer f1
 

@@ -191,6 +191,29 @@ def test_observed_steps_are_paced_by_their_measured_overhead(quiet_args, monkeyp
     assert trainer.monitor.totals["rows"] == 8 * len([0, 10, 40])
 
 
+def test_step_cost_is_measured_against_a_warmed_up_trainer_step(quiet_args, monkeypatch):
+    """At f < 1, steps 3 and 4 are the base class's own: the first, after sampled steps, is timed slow (warm-up) and
+    left out; the second is the reference that sampled steps' cost is measured against."""
+    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=8, max_steps=8, logging_steps=1, control_fraction=0.5,
+                                      unbiasedness_check=False)
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8))
+    plans = []
+
+    def now(self):  # plain steps take 3 s unless after a plain one (1 s); sampled steps 0.7 s
+        if self.begun is None:
+            return 0.0
+        plans.append(trainer._plan[0])
+        if plans[-1] is not None:
+            return 0.7
+        return 3.0 if len(plans) < 2 or plans[-2] is not None else 1.0
+
+    monkeypatch.setattr(lgp_hf.costs.StepClock, "now", now)
+    trainer.train()
+    assert plans == [None, None, 0.5, 0.5, 0.5]  # steps 3 to 7 timed (not the first steps, with their one-off work)
+    assert trainer.cost_model.reference_seconds == 1.0
+    assert trainer.cost_model.last_cost == pytest.approx(0.7) and trainer.lgp_summary()["lgp_step_cost"] == pytest.approx(0.7)
+
+
 @pytest.mark.parametrize("control_fraction", ["auto", "0.5"])
 def test_batch_without_labels_is_refused_before_any_change(control_fraction, quiet_args):
     """Trainer's own error (the model returns no loss), before any gradient is written, at any fraction."""

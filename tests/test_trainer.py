@@ -8,6 +8,7 @@ from datasets import load_dataset
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
+from lgp_hf.monitor import CANDIDATE_FRACTIONS
 from conftest import CIFAR10_SUBSET, image_dataset, tiny_vit
 
 
@@ -21,10 +22,12 @@ def train(trainer_class, args_class, model, dataset, **kwargs):
 def test_control_fraction_one_is_bit_identical_to_trainer(quiet_args):
     settings = dict(quiet_args, per_device_train_batch_size=8, max_steps=6, learning_rate=1e-2, seed=3)
     dataset = image_dataset(32)
-    reference = train(Trainer, TrainingArguments, tiny_vit(seed=1), dataset, **settings).model
-    ours = train(PredictedGradientTrainer, PredictedGradientArguments, tiny_vit(seed=1), dataset, control_fraction=1.0, **settings).model
-    for (name, a), b in zip(reference.state_dict().items(), ours.state_dict().values()):
+    reference = train(Trainer, TrainingArguments, tiny_vit(seed=1), dataset, **settings)
+    ours = train(PredictedGradientTrainer, PredictedGradientArguments, tiny_vit(seed=1), dataset, control_fraction=1.0, **settings)
+    for (name, a), b in zip(reference.model.state_dict().items(), ours.model.state_dict().values()):
         assert torch.equal(a, b), name
+    callbacks = lambda trainer: [type(c) for c in trainer.callback_handler.callbacks]  # noqa: E731
+    assert callbacks(ours) == callbacks(reference)  # nothing added where nothing is sampled or timed
 
 
 def test_two_accumulation_steps_equal_one_double_batch(quiet_args):
@@ -136,3 +139,25 @@ def test_arguments_parse_from_the_command_line():
     assert args.unbiasedness_check is False
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--control_fraction", "0.5"])
     assert args.control_fraction == 0.5
+
+
+def test_variance_factor_of_sampled_steps_estimates_the_one_from_every_row(quiet_args):
+    """lr 0, one batch: F at f = 0.5 as sampled steps estimate it (drawn rows only, their norms read below the
+    boundary's 1 / pi weights) against F of the same design from every row's exact norm (observed steps at f = 1).
+    A classifier scaled up makes the rows' gradients unequal, so that reading the weighted norms as they are
+    would show (by about +20 %)."""
+    def model():
+        vit = tiny_vit(seed=1)
+        with torch.no_grad():
+            vit.classifier.weight.mul_(30)
+        return vit
+
+    settings = dict(quiet_args, per_device_train_batch_size=16, learning_rate=0.0, sampling_uniform_mix=0.0, auto_observation_period=1,
+                    unbiasedness_check=False)
+    dataset = image_dataset(16)
+    exact = train(PredictedGradientTrainer, PredictedGradientArguments, model(), dataset, **settings, max_steps=3, control_fraction="auto",
+                  auto_decision_steps=1000)
+    expected = exact.monitor.run_factors.factors()[1 + CANDIDATE_FRACTIONS.index(0.5)]
+    sampled = train(PredictedGradientTrainer, PredictedGradientArguments, model(), dataset, **settings, max_steps=100, control_fraction=0.5)
+    assert sampled.monitor.run_factors.rows > 700
+    assert sampled.monitor.run_factors.factors()[0] == pytest.approx(expected, rel=0.06)
