@@ -51,7 +51,7 @@ class _FactorSums:
 class SamplingMonitor:
     def __init__(self, uniform_mix: float):
         self.uniform_mix = uniform_mix
-        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, "computed_rows": 0, "block_rows": 0, "costs": 0, "cost_sum": 0.0}
+        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, "computed_rows": 0, "block_rows": 0, "timed_steps": 0, "cost_sum": 0.0}
         self.log = {"rows": 0, "drawn_rows": 0, "computed_rows": 0, "block_rows": 0, "costs": []}
         self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
 
@@ -81,7 +81,7 @@ class SamplingMonitor:
 
     def record_cost(self, cost: float) -> None:
         self.log["costs"].append(cost)
-        self.totals["costs"] += 1
+        self.totals["timed_steps"] += 1
         self.totals["cost_sum"] += cost
 
     def take_decision_factors(self) -> list[float] | None:
@@ -117,7 +117,7 @@ class SamplingMonitor:
             "lgp_drawn_fraction": totals["drawn_rows"] / totals["rows"] if totals["rows"] else None,
             "lgp_trunk_rows_computed": totals["computed_rows"] / totals["block_rows"] if totals["block_rows"] else None,
             "lgp_variance_factor": None if factors is None else factors[0],
-            "lgp_step_cost": totals["cost_sum"] / totals["costs"] if totals["costs"] else None,
+            "lgp_step_cost": totals["cost_sum"] / totals["timed_steps"] if totals["timed_steps"] else None,
             "lgp_uniform_draws": totals["uniform_draws"],
         }
 
