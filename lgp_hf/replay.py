@@ -4,20 +4,24 @@ Below the boundary, the rows that were not drawn have a zero gradient in every b
 transformer layer: attention and MLP act within an example). An ordinary backward would still spend the full work
 on them. While `BlockReplay.active`, each block of the trunk (transformers' `GradientCheckpointingLayer`s, the units
 transformers itself replays under gradient checkpointing) runs its forward without autograd, keeping its inputs,
-outputs and RNG state. In the backward the block finds the rows whose output gradient is not zero and re-runs its
-forward on those rows alone, with autograd, then backpropagates them. The linear layers' products are not computed
-again: their inputs and outputs are recorded in the forward (`_Tape`, the tensors autograd would keep anyway) and
-the replay takes the recorded outputs on those rows, differentiating from the recorded inputs; the rest of the block
-(norms, activations, attention) is recomputed on the rows. Dropout masks are drawn and recorded in the forward and
+outputs and RNG state. In the backward the block finds the rows whose output gradient is not zero and replays its
+forward on those rows alone, with autograd, then backpropagates them. The replay does not compute the drawn rows'
+forward a second time: the operations that hold most of it (linear layers, activations, CPU flash attention) are
+recorded in the forward with what their backward needs (`_Tape`: the tensors autograd would keep anyway), and the
+replay takes their recorded outputs on those rows and differentiates from them; only norms, residual sums and
+reshapes are computed again. Where few positions of the drawn rows carry a gradient (a classifier reads one token,
+a language model's masked prompt), the taped backwards run on the token rows with a gradient only: the top block of
+a ViT backpropagates its MLP for the CLS token alone. Dropout masks are drawn and recorded in the forward and
 applied again to the same rows (attention dropout then runs as `F.scaled_dot_product_attention`'s math, not its
-fused kernel). Under the user's gradient checkpointing no linear outputs are recorded (the block keeps little more
-than its inputs, as checkpointing promises) and the replay recomputes them.
+fused kernel). Under the user's gradient checkpointing no outputs are recorded (the block keeps little more than
+its inputs, as checkpointing promises) and the replay recomputes them.
 
 The backward of every block stays exact, which is what keeps the update unbiased:
 - the rows come from the gradient itself (any entry that is not 0, NaN included), never from the draw;
-- the replay on those rows is checked against the forward's own outputs on them (and every recorded linear layer's
-  input): rows that interact (BatchNorm, a batch-wide router) or random numbers drawn other than through the tape
-  give other outputs and fail the check;
+- a replay on a subset of rows is checked against the forward's own outputs on them (and every taped operation's
+  input) on the 1st, 2nd, 4th, 8th, ... replay of each block and input signature (`BlockReplay.should_check`):
+  rows that interact (BatchNorm, a batch-wide router) or random numbers drawn other than through the tape give
+  other outputs and fail the first check;
 - a block whose check fails, or whose gradient reaches every row, is replayed on all rows with the forward's RNG and
   autocast state restored (as `torch.utils.checkpoint` does): the exact backward. A block that failed the check runs
   with plain autograd from then on (`BlockReplay.dense`), so it costs what it costs under `Trainer`.
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.cache_utils import Cache
@@ -72,10 +77,11 @@ def _close(replayed: torch.Tensor, original: torch.Tensor) -> bool:
     return torch.allclose(replayed, original, rtol=0.0, atol=tolerance, equal_nan=True)
 
 
-def _nonzero_rows(gradient: torch.Tensor) -> torch.Tensor:
-    """Indices along dim 0 of the rows with an entry that is not 0 (NaN counts as not 0: NaN != 0)."""
-    flat = gradient.detach().reshape(gradient.shape[0], -1)
-    return flat.abs().amax(dim=1).ne(0).nonzero().squeeze(1)
+def _nonzero_tokens(gradient: torch.Tensor) -> torch.Tensor:
+    """rows x positions: whether each position (all dims but the first and last) of each row (dim 0) has an entry
+    that is not 0 (NaN counts as not 0: NaN != 0)."""
+    flat = gradient.detach().reshape(gradient.shape[0], -1, gradient.shape[-1] if gradient.dim() > 1 else 1)
+    return flat.ne(0).any(-1)
 
 
 @contextlib.contextmanager
@@ -92,38 +98,108 @@ def _restored(rng_states, autocast_states):
 
 
 class _TapeMismatch(Exception):
-    """A replayed linear layer was called with inputs other than the recorded ones (on the replayed rows)."""
+    """A replay called other operations than its block's forward recorded, or (checked) with other inputs."""
 
 
-def _take_rows(value: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
-    """The rows `rows` of a tensor whose dim 0 holds `count` rows, or `count` x k rows in row-major blocks of k (a
-    flattened batch x positions, as transformers' `Conv1D` passes to `torch.addmm`)."""
-    if value.shape[0] == count:
-        return value.index_select(0, rows.to(value.device))
-    blocks = value.reshape(count, -1, *value.shape[1:]).index_select(0, rows.to(value.device))
-    return blocks.reshape(-1, *value.shape[1:])
+#: The token-sparse backward is used when at most this share of a gradient's token rows are not zero (gathering them
+#: costs about one pass over the rows; below this share the skipped products pay for it).
+SPARSE_TOKEN_SHARE = 0.5
+
+
+def _take_rows(value: torch.Tensor, rows: torch.Tensor | None, count: int) -> torch.Tensor:
+    """The rows `rows` (all when None) of a tensor whose dim 0 holds `count` rows, or `count` x k rows in row-major
+    blocks of k (a flattened batch x positions, as transformers' `Conv1D` passes to `torch.addmm`). A tensor that is a
+    permutation of a contiguous one with the rows outermost (attention's heads view) keeps its memory layout."""
+    if rows is None:
+        return value.detach()
+    rows = rows.to(value.device)
+    if value.shape[0] != count:
+        blocks = value.reshape(count, -1, *value.shape[1:]).index_select(0, rows)
+        return blocks.reshape(-1, *value.shape[1:])
+    order = sorted(range(value.dim()), key=lambda d: -value.stride(d))
+    if order[0] == 0 and order != sorted(order) and value.permute(order).is_contiguous():
+        return value.permute(order).index_select(0, rows).permute([order.index(d) for d in range(value.dim())])
+    return value.index_select(0, rows)
+
+
+def _nonzero_token_rows(flat: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows of a 2-D gradient (token positions x features) with an entry that is not 0 (NaN counts);
+    None when they are more than `SPARSE_TOKEN_SHARE` of the rows (the dense kernels are then cheaper)."""
+    rows = flat.ne(0).any(1).nonzero().squeeze(1)
+    return None if rows.numel() > SPARSE_TOKEN_SHARE * flat.shape[0] else rows
 
 
 class _TapedLinear(torch.autograd.Function):
-    """y = x W^T + b whose forward takes the recorded output's rows instead of computing it, and whose backward is
-    the layer's (in the dtype the forward computed in, e.g. under autocast)."""
+    """y = x W^T + b (`F.linear`), or y = b + x W (`transposed`: `torch.addmm` as transformers' `Conv1D` calls it),
+    whose forward returns the recorded output's rows instead of computing them, and whose backward is the layer's
+    (in the dtype the forward computed in, e.g. under autocast). With `sparse`, the backward runs on the token rows
+    of dY that are not zero: dX = dY W is 0 on the others and dW = dY^T X gets nothing from them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, recorded, rows, count):
-        output = _take_rows(recorded, rows, count)
+    def forward(ctx, x, weight, bias, output, transposed, sparse):
         ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.dtype = bias is not None, output.dtype
+        ctx.has_bias, ctx.dtype, ctx.transposed, ctx.sparse = bias is not None, output.dtype, transposed, sparse
         return output
 
     @staticmethod
     def backward(ctx, gradient):
         x, weight = ctx.saved_tensors
-        gradient = gradient.to(ctx.dtype)
-        flat = gradient.reshape(-1, gradient.shape[-1])
-        grad_x = (gradient @ weight.to(ctx.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (flat.mT @ x.reshape(-1, x.shape[-1]).to(ctx.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = flat.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        flat = gradient.to(ctx.dtype).reshape(-1, gradient.shape[-1])
+        inputs = x.reshape(-1, x.shape[-1])
+        rows = _nonzero_token_rows(flat) if ctx.sparse else None
+        if rows is not None:
+            flat, inputs = flat.index_select(0, rows), inputs.index_select(0, rows)
+        weight_t = weight.to(ctx.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = flat @ (weight_t.mT if ctx.transposed else weight_t)
+            if rows is not None:
+                grad_x = grad_x.new_zeros(x.numel() // x.shape[-1], x.shape[-1]).index_copy_(0, rows, grad_x)
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            inputs = inputs.to(ctx.dtype)
+            grad_w = (inputs.mT @ flat if ctx.transposed else flat.mT @ inputs).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+class _TapedOp(torch.autograd.Function):
+    """An operation whose forward returns the recorded output's rows instead of computing them and whose backward is
+    `backward(gradient, *inputs)`, from the replay's own inputs (equal to the recorded ones on those rows)."""
+
+    @staticmethod
+    def forward(ctx, backward, output, *inputs):
+        ctx.backward_function = backward
+        ctx.save_for_backward(*inputs)
+        return output
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return (None, None, *ctx.backward_function(gradient, *ctx.saved_tensors))
+
+
+def _elementwise_backward(kernel, sparse: bool):
+    """The backward of an elementwise y = act(x) from its kernel(dY, x); with `sparse`, on the token rows of dY that
+    are not zero only."""
+
+    def backward(gradient, x):
+        if sparse:
+            flat = gradient.reshape(-1, gradient.shape[-1])
+            rows = _nonzero_token_rows(flat)
+            if rows is not None:
+                part = kernel(flat.index_select(0, rows), x.reshape(-1, x.shape[-1]).index_select(0, rows))
+                return (torch.zeros_like(flat).index_copy_(0, rows, part).reshape(gradient.shape),)
+        return (kernel(gradient, x),)
+
+    return backward
+
+
+#: Activations taped in a replay, with the backward kernel autograd itself runs for them (of dY and the input x).
+_ACTIVATION_KERNELS = {
+    F.gelu: lambda approximate: lambda gradient, x: torch.ops.aten.gelu_backward(gradient, x, approximate=approximate),
+    F.silu: lambda approximate: lambda gradient, x: torch.ops.aten.silu_backward(gradient, x),
+}
 
 
 def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, dropout):
@@ -142,33 +218,72 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return dropout(torch.softmax(scores, dim=-1), dropout_p) @ value
 
 
+def _attention_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
+def _cpu_flash_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+    """Whether `F.scaled_dot_product_attention` runs these arguments with the CPU flash kernel (whose output and
+    log-sum-exp the tape keeps, as autograd does): CPU tensors, no dropout, and no mask or a boolean one (a float
+    mask can be a learned bias, T5's, whose gradient the recording forward, without autograd, cannot foresee)."""
+    return (
+        query.device.type == "cpu" and not dropout_p and not enable_gqa
+        and (attn_mask is None or attn_mask.dtype == torch.bool)
+        and torch._fused_sdp_choice(query, key, value, attn_mask, 0.0, is_causal, scale=scale) == int(SDPBackend.FLASH_ATTENTION)
+    )
+
+
 class _Tape(TorchFunctionMode):
     """What a block's replay on a subset of rows must neither compute again nor draw anew, recorded in its forward
     without autograd and replayed in order:
-    - each `F.linear` call's input and output (`keep_linear_outputs`): a replayed call whose input matches the
-      recorded input's rows (`_close`) takes the recorded output's rows (`_TapedLinear`);
+    - the outputs of the operations that hold most of a block's forward (`keep_outputs`), with what their backward
+      needs: `F.linear` and `torch.addmm` (transformers' `Conv1D`) with their inputs (`_TapedLinear`), `F.gelu` and
+      `F.silu` with their inputs, and `F.scaled_dot_product_attention` where it runs the CPU flash kernel, with its
+      log-sum-exp (`_TapedOp`). The replay takes the recorded outputs' rows and backpropagates from them: the drawn
+      rows' forward is not computed twice. The rest (norms, residual sums, reshapes) is computed again on the rows.
     - each dropout's mask (`F.dropout`, and the attention weights' dropout of `F.scaled_dot_product_attention`, then
       computed by `_attention`), drawn here and applied again to the same rows.
-    Any other sequence of calls in the replay raises `_TapeMismatch`."""
+    A replay that calls other operations raises `_TapeMismatch`; a `checking` one also when a taped operation's input
+    differs from the recorded input's rows (`_close`). With `sparse`, taped backwards run on the token rows of their
+    gradient that are not zero.
+    """
 
-    def __init__(self, keep_linear_outputs: bool = True):
+    def __init__(self, keep_outputs: bool = True):
         super().__init__()
-        self.keep_linear_outputs = keep_linear_outputs
+        self.keep_outputs = keep_outputs
         self.entries: list[tuple[str, tuple]] = []
         self.replay_rows: torch.Tensor | None = None
-        self.position = 0
-        self.count = 0
+        self.replaying_now = False
+        self.position = self.count = 0
+        self.checking = self.sparse = False
+        self._layout: list[tuple[str, int]] = []
+        self._gathered: dict[int, torch.Tensor] = {}
+        self._checked_input: tuple[int, int] | None = None
 
     @contextlib.contextmanager
-    def replaying(self, rows: torch.Tensor, count: int):
-        self.replay_rows, self.position, self.count, self._checked_input = rows, 0, count, None
+    def replaying(self, rows: torch.Tensor | None, count: int, checking: bool, sparse: bool):
+        """Replays the recorded calls on `rows` (all rows when None) of `count`."""
+        self.replay_rows, self.count, self.checking, self.sparse = rows, count, checking, sparse
+        self.replaying_now, self.position, self._gathered, self._checked_input = True, 0, {}, None
         try:
             with self:
                 yield
             if self.position != len(self.entries):
                 raise _TapeMismatch
         finally:
-            self.replay_rows = None
+            self.replaying_now, self.replay_rows, self._gathered = False, None, {}
+
+    def take_tensors(self) -> list[torch.Tensor]:
+        """The recorded tensors in order, the tape's own references dropped (its caller saves them for the backward)."""
+        self._layout = [(kind, len(values)) for kind, values in self.entries]
+        tensors = [tensor for _, values in self.entries for tensor in values]
+        self.entries = []
+        return tensors
+
+    def restore_tensors(self, tensors) -> None:
+        """The entries again, from the tensors `take_tensors` returned."""
+        remaining = iter(tensors)
+        self.entries = [(kind, tuple(next(remaining) for _ in range(size))) for kind, size in self._layout]
 
     def _next(self, kind: str) -> tuple:
         if self.position >= len(self.entries) or self.entries[self.position][0] != kind:
@@ -177,38 +292,83 @@ class _Tape(TorchFunctionMode):
         return self.entries[self.position - 1][1]
 
     def _rows(self, recorded: torch.Tensor) -> torch.Tensor:
+        """The replayed rows of a recorded tensor, gathered once per replay."""
         if recorded.dim() == 0 or recorded.shape[0] % self.count:
             raise _TapeMismatch
-        return _take_rows(recorded, self.replay_rows, self.count)
+        gathered = self._gathered.get(id(recorded))
+        if gathered is None:
+            gathered = self._gathered[id(recorded)] = _take_rows(recorded, self.replay_rows, self.count)
+        return gathered
+
+    def _check(self, value: torch.Tensor, recorded: torch.Tensor) -> None:
+        if self.checking and not _close(value, self._rows(recorded)):
+            raise _TapeMismatch
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and self.keep_linear_outputs:
-            return self._linear(func, args, kwargs)
+        if self.keep_outputs:
+            if func is F.linear:
+                x, weight, bias = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+                return self._linear(func, args, kwargs, x, weight, bias, transposed=False)
+            if func is torch.addmm and len(args) == 3 and not kwargs and args[0].dim() == 1 and args[1].dim() == 2:
+                return self._linear(func, args, kwargs, args[1], args[2], args[0], transposed=True)
+            if func in _ACTIVATION_KERNELS and not kwargs.get("inplace", False) and len(args) == 1:
+                return self._activation(func, args[0], kwargs)
+        if func is F.scaled_dot_product_attention:
+            arguments = _attention_arguments(*args, **kwargs)
+            if arguments[4]:
+                return _attention(*args, **kwargs, dropout=self._dropout)
+            if self.keep_outputs and _cpu_flash_attention(*arguments):
+                return self._flash_attention(*arguments)
         if func is F.dropout:
             return self._dropout(*args, **kwargs)
-        if func is F.scaled_dot_product_attention and (args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)):
-            return _attention(*args, **kwargs, dropout=self._dropout)
         return func(*args, **kwargs)
 
-    def _linear(self, func, args, kwargs):
-        if self.replay_rows is None:
+    def _linear(self, func, args, kwargs, x, weight, bias, transposed):
+        if not self.replaying_now:
             output = func(*args, **kwargs)
-            self.entries.append(("linear", (args[0], output)))
+            self.entries.append(("linear", (x, output)))
             return output
-        x, weight = args[0], args[1]
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
         recorded_input, recorded_output = self._next("linear")
         pair = (id(recorded_input), id(x))  # q, k and v read one input: checked once
-        if pair != self._checked_input and not _close(x, self._rows(recorded_input)):
-            raise _TapeMismatch
+        if pair != self._checked_input:
+            self._check(x, recorded_input)
         self._checked_input = pair
-        return _TapedLinear.apply(x, weight, bias, recorded_output, self.replay_rows, self.count)
+        return _TapedLinear.apply(x, weight, bias, self._rows(recorded_output), transposed, self.sparse)
+
+    def _activation(self, func, x, kwargs):
+        if not self.replaying_now:
+            output = func(x, **kwargs)
+            self.entries.append(("activation", (x, output)))
+            return output
+        recorded_input, recorded_output = self._next("activation")
+        self._check(x, recorded_input)
+        kernel = _ACTIVATION_KERNELS[func](kwargs.get("approximate", "none"))
+        return _TapedOp.apply(_elementwise_backward(kernel, self.sparse), self._rows(recorded_output), x)
+
+    def _flash_attention(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        if not self.replaying_now:
+            output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+            )
+            self.entries.append(("attention", (query, key, value, output, logsumexp)))
+            return output
+        *recorded_inputs, recorded_output, recorded_logsumexp = self._next("attention")
+        for replayed, recorded in zip((query, key, value), recorded_inputs):
+            self._check(replayed, recorded)
+        output, logsumexp = self._rows(recorded_output), self._rows(recorded_logsumexp)
+
+        def backward(gradient, q, k, v):
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                gradient, q, k, v, output, logsumexp, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+            )
+
+        return _TapedOp.apply(backward, output, query, key, value)
 
     def _dropout(self, input, p=0.5, training=True, inplace=False):
         if not training or p == 0:
             return input
-        if self.replay_rows is None:
+        if not self.replaying_now:
             mask = torch.empty_like(input).bernoulli_(1 - p).bool()
             self.entries.append(("dropout", (mask,)))
         else:
@@ -223,7 +383,7 @@ class _Tape(TorchFunctionMode):
 def recorded_dropout() -> _Tape:
     """A mode under which every dropout draws its mask as a replayed block's forward does (`_Tape`): two forwards
     started from the same RNG state then drop the same entries, whether their blocks are replayed or not."""
-    return _Tape(keep_linear_outputs=False)
+    return _Tape(keep_outputs=False)
 
 
 @dataclass
@@ -271,55 +431,66 @@ class _BlockCall:
 
     def backward(self, inputs, params, gradients):
         """Gradients of the inputs and parameters: on the rows with a gradient, or on all rows."""
-        rows = self._rows_with_gradient(gradients)
+        rows, sparse = self._rows_with_gradient(gradients)
         if rows is not None and rows.numel() == 0:  # zeros, not None: every parameter below still gets a gradient (DDP)
             self.replay.count(self.index, 0, self.rows)
             return [torch.zeros_like(x) for x in inputs], [torch.zeros_like(p) for p in params]
         if rows is not None and self.index not in self.replay.dense:
-            result = self._differentiate(inputs, params, gradients, rows)
+            result = self._differentiate(inputs, params, gradients, rows, sparse)
             if result is not None:
                 self.replay.count(self.index, rows.numel(), self.rows)
                 return result
             self.replay.mark_dense(self.index, "its forward on a subset of rows differs from the forward on all rows")
         self.replay.count(self.index, self.rows, self.rows)
-        return self._differentiate(inputs, params, gradients, None)
+        return self._differentiate(inputs, params, gradients, None, sparse)
 
-    def _rows_with_gradient(self, gradients):
-        """Rows (a tensor of indices) whose output gradient is not zero; None when it is every row, or when an output
-        without the rows' dimension has a gradient (it depends on all rows)."""
-        found = []
+    def _rows_with_gradient(self, gradients) -> tuple[torch.Tensor | None, bool]:
+        """(rows, sparse): the indices of the rows whose output gradient is not zero (None when it is every row, or
+        when an output without the rows' dimension has a gradient: it depends on all rows), and whether at most
+        `SPARSE_TOKEN_SHARE` of those rows' positions (all dims but the first and last) carry a gradient."""
+        found, positions, nonzero = [], 0, 0
         for output, gradient in zip(self.outputs, gradients):
             if gradient is None:
                 continue
             if output.dim() == 0 or output.shape[0] != self.rows:
                 if bool((gradient != 0).any()):
-                    return None
+                    return None, False
                 continue
-            found.append(_nonzero_rows(gradient))
-        rows = torch.cat(found).unique() if found else torch.zeros(0, dtype=torch.long)
-        return None if rows.numel() == self.rows else rows
+            tokens = _nonzero_tokens(gradient)
+            found.append(tokens.any(1))
+            positions += tokens.shape[1] * int(found[-1].sum())
+            nonzero += int(tokens.sum())
+        sparse = nonzero <= SPARSE_TOKEN_SHARE * positions
+        rows = torch.stack(found).any(0).nonzero().squeeze(1) if found else torch.zeros(0, dtype=torch.long)
+        return (None if rows.numel() == self.rows else rows), sparse
 
-    def _differentiate(self, inputs, params, gradients, rows):
+    def signature(self) -> tuple:
+        """What decides whether a replay can reproduce the forward, the rows aside: the inputs' shapes past the rows,
+        dtypes and devices, the other arguments' types, the training mode (dropout), autocast and checkpointing."""
+        leaves = tuple((tuple(x.shape[1:]), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else type(x).__name__ for x in self.leaves)
+        return leaves, self.replay.blocks[self.index].training, tuple(sorted(self.autocast_states.items())), self.tape.keep_outputs
+
+    def _differentiate(self, inputs, params, gradients, rows, sparse):
         """Replays the block (on `rows`, or on all rows when None) and backpropagates; None when the replay on rows
-        does not reproduce the forward's outputs on them."""
+        was checked (`BlockReplay.should_check`) and does not reproduce the forward's outputs on them."""
         def take(value):
             if rows is not None and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.rows:
                 return value.index_select(0, rows.to(value.device))
             return value
 
-        # the recorded dropout masks and linear outputs, on all rows too: the forward's masks, not new ones
-        tape_rows = rows if rows is not None else torch.arange(self.rows)
+        checking = rows is not None and self.replay.should_check(self.index, self.signature())
         with _restored(self.rng_states, self.autocast_states), torch.enable_grad(), self.replay.replaying(rows):
             replayed_inputs = [take(x).detach().requires_grad_(x.requires_grad) for x in inputs]
             try:
-                with self.tape.replaying(tape_rows, self.rows):
+                # the recorded dropout masks and outputs, on all rows too: the forward's masks, not new ones
+                with self.tape.replaying(rows, self.rows, checking, sparse):
                     flat, _ = tree_flatten(self.run(replayed_inputs, take))
             except _TapeMismatch:
                 flat = None
         replayed = [flat[i] for i in self.output_positions] if flat is not None and len(flat) == len(self.output_leaves) else None
         if rows is None and replayed is None:
             raise RuntimeError(f"{type(self.replay.blocks[self.index]).__name__} ran other operations when run again on all its rows.")
-        if rows is not None and (replayed is None or not all(_close(r, take(o)) for r, o in zip(replayed, self.outputs))):
+        if rows is not None and (replayed is None or (checking and not all(_close(r, take(o)) for r, o in zip(replayed, self.outputs)))):
             return None
         pairs = [(r, take(g)) for r, g in zip(replayed, gradients) if g is not None and r.requires_grad]
         wanted = [x for x in replayed_inputs if x.requires_grad] + list(params)
@@ -340,13 +511,17 @@ class _ReplayedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _BlockCall, num_inputs: int, *tensors):
         inputs, params = tensors[:num_inputs], tensors[num_inputs:]
-        ctx.call, ctx.num_params = call, len(params)
-        ctx.save_for_backward(*inputs, *params)
+        ctx.call = call
         call.record_state(inputs)
-        # under the user's gradient checkpointing, no linear outputs are kept (memory over compute)
-        call.tape = _Tape(keep_linear_outputs=not call.replay.blocks[call.index].gradient_checkpointing)
+        # under the user's gradient checkpointing, no outputs are kept (memory over compute)
+        call.tape = _Tape(keep_outputs=not call.replay.blocks[call.index].gradient_checkpointing)
         with torch.no_grad(), call.tape:
             output = call.run(inputs)
+        # The tape's tensors are saved as autograd saves any node's: freed once the backward has run (kept under
+        # retain_graph), and seen by saved-tensor hooks (`torch.autograd.graph.save_on_cpu`).
+        recorded = call.tape.take_tensors()
+        ctx.sizes = (len(inputs), len(params))
+        ctx.save_for_backward(*inputs, *params, *recorded)
         leaves, call.output_spec = tree_flatten(output)
         call.output_positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         outputs = tuple(leaves[i] for i in call.output_positions)
@@ -360,8 +535,12 @@ class _ReplayedBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *gradients):
         saved = ctx.saved_tensors
-        split = len(saved) - ctx.num_params
-        input_grads, param_grads = ctx.call.backward(saved[:split], saved[split:], gradients)
+        inputs, params = ctx.sizes
+        ctx.call.tape.restore_tensors(saved[inputs + params :])
+        try:
+            input_grads, param_grads = ctx.call.backward(saved[:inputs], saved[inputs : inputs + params], gradients)
+        finally:
+            ctx.call.tape.take_tensors()  # the saved tensors alone hold them again
         return (None, None, *input_grads, *param_grads)
 
 
@@ -369,7 +548,7 @@ class BlockReplay:
     """The trunk's blocks (`find_blocks`) and, while `active`, their forward without autograd and backward by replay.
 
     `dense`: indices of blocks found not to be replayable on a subset of rows, with `dense_reasons`; they run with
-    plain autograd. `computed_rows` / `total_rows`: rows backpropagated and rows present, summed over block calls
+    plain autograd. `should_check`: the schedule of the replays' checks. `computed_rows` / `total_rows`: rows backpropagated and rows present, summed over block calls
     since `take_counts` (the share of the trunk's backward work that was done). `row_index()`: while a block is
     replayed on a subset of its rows, their indices (None otherwise), for hooks that attribute work to rows.
     """
@@ -380,6 +559,17 @@ class BlockReplay:
         self.dense_reasons: dict[int, str] = {}
         self.computed_rows = self.total_rows = 0
         self._rows: torch.Tensor | None = None
+        self._replays: dict[tuple, int] = {}
+
+    def should_check(self, index: int, signature: tuple) -> bool:
+        """Whether this replay of block `index` on a subset of rows checks that it reproduces the forward: the 1st,
+        2nd, 4th, 8th, ... replay with each `_BlockCall.signature`. A block whose rows interact, or that draws random
+        numbers outside the tape, fails its first check; later checks guard against behaviour that changes with the
+        data, at a cost that vanishes over a run (log2 of its steps)."""
+        key = (index, signature)
+        count = self._replays.get(key, 0)
+        self._replays[key] = count + 1
+        return count & (count + 1) == 0
 
     def row_index(self) -> torch.Tensor | None:
         return self._rows
