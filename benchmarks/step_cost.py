@@ -44,8 +44,9 @@ exactly); 1 where nothing was sampled (f = 1, and "auto" while it stays there). 
 at most the floor + `--goal_margin` (0.05) at every f; the script prints whether it holds per configuration.
 `lgp_step_cost` is the trainer's own measured step cost (a sampled optimizer step's time over a plain Trainer
 step's, both timed by the trainer itself on the steps it picks; "-" when it measured none in the run). At f < 1
-the trainer makes two plain Trainer steps every 200, the second timed as its cost reference (the first pair at
-steps 3 and 4: with the defaults inside the discarded warm-up round); the medians are robust to those.
+the trainer makes two plain Trainer steps every 200, the second timed as its cost reference (every 25 until it has
+timed 3: pairs at steps 3 and 4, with the defaults inside the discarded warm-up round, and 28 and 29); the medians
+are robust to those.
 
 Memory. Each process holds one configuration, so its peaks do not mix with others': peak RSS (VmHWM) on CPU or
 peak CUDA memory allocated on a GPU over the whole run, and the part added by training (peak minus the value

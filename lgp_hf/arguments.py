@@ -24,11 +24,13 @@ class PredictedGradientSettings:
     Parameters:
         control_fraction (`float` or `"auto"`, defaults to `"auto"`):
             f, the expected share of each micro-batch's rows whose trunk gradient is computed. Must be in (0, 1]; 1
-            is plain backprop, exactly `transformers.Trainer`'s computation. `"auto"` (the default) starts at 1 and
-            every `auto_decision_steps` steps takes the f that minimises F(f) x cost(f), the variance factor of the
-            update (estimated from the rows' own gradient norms, `lgp/variance_factor`) times the measured step cost
-            (`lgp/step_cost`), when that product is below 0.95; otherwise it trains as `Trainer`. Before it first
-            lowers f it checks unbiasedness on the run (`unbiasedness_check`). On the command line:
+            is plain backprop, exactly `transformers.Trainer`'s computation. `"auto"` (the default) starts at 1,
+            decides first as soon as 64 rows are observed and 3 `Trainer` steps timed (within the first ~10 steps),
+            then every `auto_decision_steps` steps: it takes the f that minimises F(f) x cost(f), the variance factor
+            of the update (estimated from the rows' own gradient norms, `lgp/variance_factor`) times the measured
+            step cost (`lgp/step_cost`, from medians of recent step times), when that product is below 0.95 (once
+            sampling, below 1: estimates near 0.95 do not switch f back and forth); otherwise it trains as
+            `Trainer`. Before it first lowers f it checks unbiasedness on the run (`unbiasedness_check`). On the command line:
             `--control_fraction 0.5`, `--control_fraction auto`.
         sampling_uniform_mix (`float`, defaults to `0.1`):
             a in [0, 1]: inclusion probabilities proportional to (1 - a) s_i / sum s + a / n, s_i the norm of row i's
@@ -37,11 +39,12 @@ class PredictedGradientSettings:
         auto_min_control_fraction (`float`, defaults to `0.1`):
             The smallest f that `control_fraction="auto"` may choose.
         auto_decision_steps (`int`, defaults to `25`):
-            Optimizer steps between the decisions of `control_fraction="auto"` (each needs the gradient norms of at
-            least 64 observed rows since the last).
+            Optimizer steps between the decisions of `control_fraction="auto"` after its first (each needs the
+            gradient norms of at least 64 observed rows since the last).
         auto_observation_period (`int`, defaults to `10`):
-            At most one optimizer step in every this many is observed (the per-row gradient norms of the trunk's
-            linear layers are read in its backward, for F); at f = 1 under "auto" the other steps are `Trainer`'s own.
+            After the first decision of "auto", at most one optimizer step in every this many is observed (the
+            per-row gradient norms of the trunk's linear layers are read in its backward, for F); before it, every
+            step until 64 rows are observed. At f = 1 under "auto" the other steps are `Trainer`'s own.
         auto_observation_budget (`float`, defaults to `0.03`):
             The fraction of training compute that observing may take: observed steps are spaced further than
             `auto_observation_period` when the measured overhead of one needs it.
@@ -54,7 +57,9 @@ class PredictedGradientSettings:
             Sampled backwards of the check (at least 16). Under "auto" fewer when the budget allows only fewer (at
             least 16).
         unbiasedness_check_budget (`float`, defaults to `0.02`):
-            Under "auto", the largest share of the run's compute (its `max_steps`) that the check may take.
+            Under "auto", the largest share of the run's compute (its `max_steps`) that the check may take (a
+            200-step run fits it at batch 64 or more). A run stopped before `max_steps` by a callback (a time
+            budget) is taken at `max_steps`: set `max_steps` near the expected length to bound the check's share.
         head_modules (`list[str]` or `str`, *optional*):
             Names (from `model.named_modules()`) of the modules whose parameters get exact gradients on every row;
             the input of the first of them to run in a forward is where rows are drawn. One name may be given as a

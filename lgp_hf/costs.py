@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 
 import torch
@@ -10,52 +12,91 @@ from transformers import TrainerCallback
 #: cost(f) = intercept + f before a sampled step has been timed: a forward without autograd is about a third of a
 #: forward and backward, and each drawn row then costs its block's forward and backward again (`replay`).
 PRIOR_INTERCEPT = 1 / 3
+#: Timed `Trainer` steps whose median is the reference time: several, so that no single slow or fast step sets it.
+REFERENCE_WINDOW = 5
+#: References timed before the reference is trusted (the first decision of "auto" waits for them).
+MIN_REFERENCES = 3
+#: Timed sampled steps whose median gives the intercept and the step cost: one slow step in many moves neither.
+SAMPLED_WINDOW = 25
 
 
 class StepCostModel:
-    """cost(f) = step time at control fraction f over a `Trainer` step (f = 1), as intercept + f.
+    """cost(f) = step time at control fraction f over a `Trainer` step (f = 1), as intercept + f, from medians.
 
-    Plain steps give the reference time (an exponential moving average per micro-batch). A sampled micro-batch that
-    backpropagated a share q of its trunk rows (`replay`) at cost c = time / reference gives intercept = c - q: the
-    work that does not shrink with f (the forward, the head, the checks). The slope 1 is what a drawn row costs in
+    The reference time is the median of the last REFERENCE_WINDOW timed plain steps. A timed sampled step that
+    backpropagated a share q of its trunk rows (`replay`) in t seconds costs c = t / reference, against the current
+    median reference; the intercept is the median of c - q over the last SAMPLED_WINDOW sampled steps: the work
+    that does not shrink with f (the forward, the head, the checks). The slope 1 is what a drawn row costs in
     replayed blocks (their forward and backward), slightly more than the rest of the step's per-row work, so the
-    model errs towards plain backprop for fractions below the ones measured.
+    model errs towards plain backprop for fractions below the ones measured. Medians, not averages: a step slowed
+    by something else (an evaluation, a checkpoint, a data-loader stall, another process) is an outlier of a
+    window, and must not make sampling look dearer than it is, nor a fast reference make it look cheaper.
     """
 
-    def __init__(self, decay: float = 0.8):
-        self.decay = decay
-        self.reference_seconds: float | None = None
-        self.intercept: float | None = None
-        self.last_cost: float | None = None
+    def __init__(self):
+        self.references: list[float] = []  # seconds of the last timed plain steps
+        self.sampled: list[tuple[float, float]] = []  # (computed share q, seconds) of the last timed sampled steps
 
-    def _average(self, old: float | None, new: float) -> float:
-        return new if old is None else self.decay * old + (1 - self.decay) * new
+    @property
+    def reference_seconds(self) -> float | None:
+        """The median of the recent `Trainer` step times; None before any."""
+        return statistics.median(self.references) if self.references else None
 
     def observe_plain(self, seconds: float) -> None:
-        self.reference_seconds = self._average(self.reference_seconds, seconds)
+        self.references = (self.references + [seconds])[-REFERENCE_WINDOW:]
 
-    def observe_sampled(self, computed_share: float, seconds: float) -> None:
-        if not self.reference_seconds:
-            return
-        self.last_cost = seconds / self.reference_seconds
-        self.intercept = self._average(self.intercept, self.last_cost - computed_share)
+    def observe_sampled(self, computed_share: float, seconds: float) -> float | None:
+        """Records a sampled step; returns its cost against the median reference (None before any reference, and
+        then it is not kept: its cost cannot be told)."""
+        reference = self.reference_seconds
+        if not reference:
+            return None
+        self.sampled = (self.sampled + [(computed_share, seconds)])[-SAMPLED_WINDOW:]
+        return seconds / reference
+
+    @property
+    def intercept(self) -> float | None:
+        """median(t / reference - q) over the recent sampled steps; None before any."""
+        reference = self.reference_seconds
+        if not self.sampled or not reference:
+            return None
+        return statistics.median(seconds / reference - share for share, seconds in self.sampled)
+
+    def step_cost(self) -> float | None:
+        """What a recent sampled step cost, robustly: median(t) / reference over the recent sampled steps (what
+        `lgp_step_cost` reports); None before any."""
+        reference = self.reference_seconds
+        if not self.sampled or not reference:
+            return None
+        return statistics.median(seconds for _, seconds in self.sampled) / reference
 
     def cost(self, fraction: float) -> float:
         """Relative cost of a step at `fraction` (1 at f = 1: `Trainer`'s own step)."""
         if fraction >= 1:
             return 1.0
-        return (PRIOR_INTERCEPT if self.intercept is None else self.intercept) + fraction
+        intercept = self.intercept
+        return (PRIOR_INTERCEPT if intercept is None else intercept) + fraction
 
     @property
     def measured(self) -> bool:
         return self.intercept is not None
 
     def state_dict(self) -> dict:
-        return {"reference_seconds": self.reference_seconds, "intercept": self.intercept, "last_cost": self.last_cost}
+        return {"references": list(self.references), "sampled": [list(entry) for entry in self.sampled]}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        """The windows of a checkpoint (one from before the windows, with averages only, leaves them empty: the
+        cost is measured again)."""
+        self.references = list(state.get("references", []))
+        self.sampled = [tuple(entry) for entry in state.get("sampled", [])]
+
+
+def affordable_check_draws(budget: float, row_share: float, fraction: float, cost: float) -> int:
+    """Sampled backwards of the unbiasedness check that fit in `budget` micro-batches of compute, the check running
+    on `row_share` of a micro-batch's rows: it costs row_share x (1 + cost + draws x fraction) micro-batches, the
+    exact forward and backward (1), the sampled forward (at most a whole sampled step, `cost`), and per draw a
+    backward that replays the drawn rows (`fraction` of a step: the cost model's slope; the draws share the forward)."""
+    return math.floor((budget / row_share - 1 - cost) / fraction)
 
 
 class StepClock:

@@ -9,6 +9,8 @@ squared trunk-gradient norm of each drawn row (`row_norms`). From those, the Hor
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from .boundary import BoundaryDraw
@@ -51,7 +53,7 @@ class _FactorSums:
 class SamplingMonitor:
     def __init__(self, uniform_mix: float):
         self.uniform_mix = uniform_mix
-        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, "computed_rows": 0, "block_rows": 0, "timed_steps": 0, "cost_sum": 0.0}
+        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, "computed_rows": 0, "block_rows": 0}
         self.log = {"rows": 0, "drawn_rows": 0, "computed_rows": 0, "block_rows": 0, "costs": []}
         self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
 
@@ -80,9 +82,8 @@ class SamplingMonitor:
             sums.add(numerators, denominator, int(draw.drawn.sum()))
 
     def record_cost(self, cost: float) -> None:
+        """A timed sampled step's cost against the median `Trainer` step (`costs.StepCostModel`)."""
         self.log["costs"].append(cost)
-        self.totals["timed_steps"] += 1
-        self.totals["cost_sum"] += cost
 
     def take_decision_factors(self) -> list[float] | None:
         """F of each candidate fraction (`CANDIDATE_FRACTIONS` order) from the rows observed since the last call, once
@@ -95,7 +96,8 @@ class SamplingMonitor:
 
     def take_log_values(self) -> dict[str, float]:
         """Since the last log: the share of rows drawn, of trunk block rows backpropagated, F at the current fraction
-        and the mean measured step cost; the run's count of uniform draws."""
+        and the median measured step cost (robust to a step slowed by something else); the run's count of uniform
+        draws."""
         log, logs = self.log, {"lgp/uniform_draws": self.totals["uniform_draws"]}
         if log["rows"]:
             logs["lgp/drawn_fraction"] = log["drawn_rows"] / log["rows"]
@@ -105,7 +107,7 @@ class SamplingMonitor:
         if factors is not None:
             logs["lgp/variance_factor"] = factors[0]
         if log["costs"]:
-            logs["lgp/step_cost"] = sum(log["costs"]) / len(log["costs"])
+            logs["lgp/step_cost"] = statistics.median(log["costs"])
         self.log = {"rows": 0, "drawn_rows": 0, "computed_rows": 0, "block_rows": 0, "costs": []}
         self.log_factors = _FactorSums()
         return logs
@@ -117,7 +119,6 @@ class SamplingMonitor:
             "lgp_drawn_fraction": totals["drawn_rows"] / totals["rows"] if totals["rows"] else None,
             "lgp_trunk_rows_computed": totals["computed_rows"] / totals["block_rows"] if totals["block_rows"] else None,
             "lgp_variance_factor": None if factors is None else factors[0],
-            "lgp_step_cost": totals["cost_sum"] / totals["timed_steps"] if totals["timed_steps"] else None,
             "lgp_uniform_draws": totals["uniform_draws"],
         }
 

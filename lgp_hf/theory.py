@@ -30,3 +30,10 @@ def best_control_fraction(fractions, variance_factors, step_costs, margin: float
         if efficiency < 1 - margin and efficiency < best[1]:
             best = (fraction, efficiency)
     return best
+
+
+def decision_margin(current_fraction: float, margin: float) -> float:
+    """How far below 1 F x cost must be for "auto" to sample: `margin` to start (f = 1 now), 0 to go on (f < 1 now).
+    Hysteresis: with one threshold, estimates that scatter around 1 - margin switch f between 1 and the best
+    fraction from one decision to the next; once sampling, only an estimate that it loses (F x cost >= 1) ends it."""
+    return margin if current_fraction >= 1 else 0.0

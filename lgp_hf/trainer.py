@@ -18,20 +18,21 @@ from transformers.utils import logging
 from .arguments import PredictedGradientArguments, PredictedGradientSettings
 from .boundary import HEAD_ATTRIBUTE_NAMES, BoundarySampler, find_head_module_names, sampled_boundary
 from .checkpoints import reload_renamed_weights
-from .costs import StepClock, StepCostModel
+from .costs import MIN_REFERENCES, StepClock, StepCostModel, affordable_check_draws
 from .model_card import write_model_card
-from .monitor import CANDIDATE_FRACTIONS, SamplingMonitor
+from .monitor import CANDIDATE_FRACTIONS, MIN_OBSERVED_ROWS, SamplingMonitor
 from .replay import BlockReplay, find_blocks
 from .row_norms import RowGradientNorms
 from .sampling import draw_generator
-from .theory import best_control_fraction
+from .theory import best_control_fraction, decision_margin
 from .verification import gradient_error_statistics, report_from_statistics
 
 logger = logging.get_logger(__name__)
 
 LGP_STATE_NAME = "lgp_state.pt"
 #: "auto" lowers f only where the predicted F x cost is below 1 - AUTO_MARGIN: estimates are noisy, and a step
-#: that does not pay must not cost more than a few percent over `Trainer`'s.
+#: that does not pay must not cost more than a few percent over `Trainer`'s (once sampling, it goes back to 1 only
+#: above 1: `theory.decision_margin`).
 AUTO_MARGIN = 0.05
 #: Fewest sampled backwards for a meaningful unbiasedness check.
 MIN_CHECK_DRAWS = 16
@@ -41,7 +42,8 @@ CHECK_ROWS = 32
 #: At f < 1, every REFERENCE_PERIOD optimizer steps (the first at step REFERENCE_START, after the first steps'
 #: one-off work) REFERENCE_STEPS steps are the base class's own, the last one timed, so that the step cost is measured
 #: against a current `Trainer` step (the first, after sampled steps, pays the allocator's and caches' warm-up for
-#: the full backward's buffers): at most 2 (1 - cost) / 200 of the compute.
+#: the full backward's buffers): at most 2 (1 - cost) / 200 of the compute. Every REFERENCE_PERIOD // 8 steps
+#: while fewer than `costs.MIN_REFERENCES` were timed (the plain steps timed at f = 1 before "auto" lowered f count).
 REFERENCE_PERIOD = 200
 REFERENCE_STEPS = 2
 REFERENCE_START = 3
@@ -203,10 +205,11 @@ class PredictedGradientMixin:
     def _times_step(self, step: int) -> bool:
         """Whether optimizer step `step` is timed (synchronising CUDA): after the first steps' one-off work, every
         step whose time is wanted, at most one in each logging or decision period, plus observed and reference
-        steps. On a CPU every step after the first is timed (timing costs nothing there)."""
+        steps, and every step before the first decision of "auto" (its references). On a CPU every step after the
+        first is timed (timing costs nothing there)."""
         if self.disabled_reason is not None or step < REFERENCE_START:
             return False
-        if self.args.device.type == "cpu":
+        if self.args.device.type == "cpu" or self._before_first_decision():
             return True
         period = max(1, min(int(self.args.logging_steps), self.lgp_settings.auto_decision_steps))
         return step % period == 0 or step >= self._next_observation or self._reference_step(step)
@@ -234,13 +237,14 @@ class PredictedGradientMixin:
                 self._observation_overhead = max(0.0, seconds / self.cost_model.reference_seconds - 1)
         else:
             computed, total = self._step_rows
-            self.cost_model.observe_sampled(computed / total if total else 1.0, seconds)
-            if self.cost_model.last_cost is not None:
-                self.monitor.record_cost(self.cost_model.last_cost)
+            cost = self.cost_model.observe_sampled(computed / total if total else 1.0, seconds)
+            if cost is not None:
+                self.monitor.record_cost(cost)
 
     def _reference_due(self, step: int) -> bool:
         """Whether optimizer step `step` at f < 1 starts the base class's own steps that time a `Trainer` step."""
-        return step >= REFERENCE_START and (self._last_reference is None or step - self._last_reference >= REFERENCE_PERIOD)
+        period = REFERENCE_PERIOD if len(self.cost_model.references) >= MIN_REFERENCES else REFERENCE_PERIOD // 8
+        return step >= REFERENCE_START and (self._last_reference is None or step - self._last_reference >= period)
 
     def _reference_step(self, step: int) -> bool:
         """Whether optimizer step `step` at f < 1 is one of those REFERENCE_STEPS plain steps."""
@@ -270,8 +274,10 @@ class PredictedGradientMixin:
             self._check_unbiasedness(model, inputs, num_items_in_batch)
             self._checked_in_step = True
         step = self.state.global_step
-        observe = step >= self._next_observation
+        observe = self._observation_due(step)
         if self._control_fraction < 1:
+            if self._last_reference is None and len(self.cost_model.references) >= MIN_REFERENCES:
+                self._last_reference = step - REFERENCE_STEPS  # f = 1's plain steps were the references: next in a period
             if self._reference_due(step):
                 self._last_reference = step  # the first of REFERENCE_STEPS of the base class's own
             if self._reference_step(step):
@@ -279,10 +285,22 @@ class PredictedGradientMixin:
             return self._control_fraction, observe
         return (1.0, True) if self._auto and observe else (None, False)
 
+    def _before_first_decision(self) -> bool:
+        return self._auto and self._last_decision is None
+
+    def _observation_due(self, step: int) -> bool:
+        """Whether optimizer step `step` is observed: under "auto" before its first decision, every step until
+        MIN_OBSERVED_ROWS rows are observed (the plain steps after them time the reference), so that it decides
+        within the first steps; else from `_next_observation` on."""
+        if self._before_first_decision():
+            return self.monitor.decision_factors.rows < MIN_OBSERVED_ROWS
+        return step >= self._next_observation
+
     def _schedule(self, observed: bool) -> None:
         """After an optimizer step (`state.global_step` counts it): after an observed one, the next observation, spaced by
         the measured overhead (averaged over ranks, so that every rank observes the same steps); at a decision
-        point, the decision of "auto"."""
+        point (every `auto_decision_steps` steps, and the first as soon as MIN_OBSERVED_ROWS rows and MIN_REFERENCES
+        reference step times are in), the decision of "auto"."""
         settings = self.lgp_settings
         step = self.state.global_step
         if observed:
@@ -291,13 +309,19 @@ class PredictedGradientMixin:
                 overhead = float(self._all_ranks_mean(torch.tensor([self._observation_overhead], dtype=torch.float64, device=self.args.device)))
                 spacing = max(spacing, math.ceil(overhead / settings.auto_observation_budget))
             self._next_observation = step - 1 + spacing
-        if self._auto and step % settings.auto_decision_steps == 0:
+        first = (
+            self._before_first_decision()
+            and self.monitor.decision_factors.rows >= MIN_OBSERVED_ROWS
+            and len(self.cost_model.references) >= MIN_REFERENCES
+        )
+        if self._auto and (first or step % settings.auto_decision_steps == 0):
             self._decide_control_fraction()
 
     def _decide_control_fraction(self) -> None:
         """`control_fraction="auto"`: the candidate f with the smallest F(f) cost(f), from the rows observed since the
         last decision (`monitor`) and the measured step cost (`costs`), averaged over ranks; 1 unless that product
-        is below 1 - AUTO_MARGIN. Changed only between optimizer steps. Lowering f from 1 waits for the check."""
+        is below 1 - AUTO_MARGIN (below 1 when f < 1 already: `theory.decision_margin`). Changed only between
+        optimizer steps. Lowering f from 1 waits for the check."""
         factors = self.monitor.take_decision_factors()
         if factors is None:
             return
@@ -306,7 +330,7 @@ class PredictedGradientMixin:
         costs = [self.cost_model.cost(f) for f in fractions]
         values = self._all_ranks_mean(torch.tensor(factors + costs, dtype=torch.float64, device=self.args.device)).tolist()
         factors, costs = values[: len(fractions)], values[len(fractions) :]
-        fraction, efficiency = best_control_fraction(fractions, factors, costs, AUTO_MARGIN)
+        fraction, efficiency = best_control_fraction(fractions, factors, costs, decision_margin(self._control_fraction, AUTO_MARGIN))
         best = min(range(len(fractions)), key=lambda i: factors[i] * costs[i])
         self._last_decision = {"fraction": fraction, "best_fraction": fractions[best], "variance_factor": factors[best],
                                "step_cost": costs[best], "efficiency": factors[best] * costs[best]}
@@ -320,7 +344,11 @@ class PredictedGradientMixin:
 
     def _check_unbiasedness(self, model, inputs, num_items_in_batch) -> None:
         """`verification` on this micro-batch, before sampling starts. An explicit f < 1 raises on failure; "auto"
-        keeps f = 1 for the rest of the run on failure, or when the check does not fit its budget."""
+        keeps f = 1 for the rest of the run on failure, or when the check does not fit its budget: its draws
+        (`costs.affordable_check_draws`) in `unbiasedness_check_budget` of the run's `max_steps` micro-batches. The
+        run is taken to be `max_steps` long (Trainer's, from max_steps or num_train_epochs): one stopped earlier by
+        a callback (a time budget, with max_steps far out of reach, as in the benchmarks) gets the full check,
+        which costs its 32 rows' share of 1 + cost + 32 f micro-batches (about 3.2 steps at batch 128, f = 0.35)."""
         settings = self.lgp_settings
         fraction = self._pending_fraction if self._auto else self._control_fraction
         self._pending_fraction = None
@@ -328,11 +356,11 @@ class PredictedGradientMixin:
         if self._auto:
             budget = settings.unbiasedness_check_budget * max(self.state.max_steps, 1) * self.args.gradient_accumulation_steps
             share = min(1.0, CHECK_ROWS / _batch_size(inputs))  # of a micro-batch's compute, per pass of the check
-            affordable = int((budget / share - 2) / self.cost_model.cost(fraction))
+            affordable = affordable_check_draws(budget, share, fraction, self.cost_model.cost(fraction))
             if affordable < MIN_CHECK_DRAWS:
                 self.unbiasedness = {"status": "skipped", "reason": (
                     f"the run ({self.state.max_steps} steps) is too short for the unbiasedness check ({MIN_CHECK_DRAWS} sampled "
-                    f"backwards and two full steps) to fit in unbiasedness_check_budget={settings.unbiasedness_check_budget}")}
+                    f"backwards, a full step and a sampled forward) to fit in unbiasedness_check_budget={settings.unbiasedness_check_budget}")}
                 logger.warning(f"control_fraction='auto' stays at 1: {self.unbiasedness['reason']}.")
                 return
             draws = min(draws, affordable)
@@ -378,12 +406,14 @@ class PredictedGradientMixin:
 
     def lgp_summary(self) -> dict[str, float | str | None]:
         """Statistics of the run so far: control fraction, rows drawn and computed, the variance factor F, the step
-        cost, the last decision of "auto" and the unbiasedness check."""
+        cost (`costs.StepCostModel.step_cost`: medians of recent timed steps), the last decision of "auto" and the
+        unbiasedness check."""
         decision = self._last_decision or {}
         return {
             "lgp_control_fraction": self._control_fraction,
             "lgp_disabled_reason": self.disabled_reason,
             **self.monitor.summary(),
+            "lgp_step_cost": self.cost_model.step_cost(),
             "lgp_predicted_efficiency": decision.get("efficiency"),
             "lgp_best_fraction": decision.get("best_fraction"),
             "lgp_unbiasedness_check": self.unbiasedness["status"],

@@ -1,6 +1,7 @@
 """Exact resume, faults that never reach the optimizer, the decisions of "auto" and its unbiasedness check."""
 
 import logging
+import statistics
 
 import pytest
 import torch
@@ -79,6 +80,8 @@ def test_resume_is_bit_identical(mode, quiet_args, monkeypatch):
     summary, expected = second.lgp_summary(), straight.lgp_summary()
     for key in ("lgp_control_fraction", "lgp_variance_factor", "lgp_drawn_fraction", "lgp_unbiasedness_check"):
         assert summary[key] == expected[key], key
+    windows = lambda trainer: (len(trainer.cost_model.references), len(trainer.cost_model.sampled))  # noqa: E731 (times differ)
+    assert windows(second) == windows(straight) and windows(straight)[0] >= 1
 
 
 def test_checkpoint_of_plain_trainer_resumes_with_fresh_statistics(quiet_args, caplog):
@@ -123,6 +126,54 @@ def test_auto_lowers_the_fraction_where_sampling_pays_after_its_check(quiet_args
     assert summary["lgp_control_fraction"] <= 0.25 and summary["lgp_predicted_efficiency"] < 0.95
     fractions = [log["lgp/control_fraction"] for log in trainer.state.log_history if "lgp/control_fraction" in log]
     assert fractions[0] == 1.0 and fractions[-1] == summary["lgp_control_fraction"]
+
+
+def test_auto_decides_within_the_first_steps(quiet_args, monkeypatch):
+    """Default auto_decision_steps (25) and observation period (10): steps 0 to 3 observed (64 rows at batch 16),
+    steps 4 to 6 timed as references (a CPU times steps from 3 on), the first decision after step 6."""
+    prior_costs(monkeypatch)
+    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=16, max_steps=12, learning_rate=1e-2, seed=5,
+                                      logging_steps=1, unbiasedness_check_budget=1.0, unbiasedness_check_draws=16)
+    trainer = FewExamplesLossTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(16 * 12))
+    trainer.train()
+    fractions = {log["step"]: log["lgp/control_fraction"] for log in trainer.state.log_history if "lgp/control_fraction" in log}
+    assert trainer.lgp_summary()["lgp_unbiasedness_check"] == "passed"
+    assert fractions[6] == 1.0 and all(fractions[step] < 1 for step in range(8, 13)), fractions  # step n logs after n steps
+
+
+def test_a_slow_step_does_not_send_auto_back_to_one(quiet_args, monkeypatch):
+    """The real cost model on a clock where a plain step takes 1 s and a sampled one 0.3 s + q (q: its share of trunk
+    rows computed), except one sampled step 10x slow (an evaluation, a stall, another process): f stays lowered at
+    every decision after it, and the cost estimate stays the true one."""
+    args = PredictedGradientArguments(**auto_settings(quiet_args, per_device_train_batch_size=64, max_steps=20, auto_decision_steps=6,
+                                                      auto_observation_period=2, auto_min_control_fraction=0.5))
+    trainer = FewExamplesLossTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(64 * 20))
+    slow = []
+
+    def now(self):  # 0 when a step begins; its duration when it ends
+        if self.begun is None:
+            return 0.0
+        fraction, observed = trainer._plan
+        if fraction is None or fraction == 1:
+            return 1.3 if observed else 1.0
+        computed, total = trainer._step_rows
+        seconds = 0.3 + computed / total
+        if not observed and trainer._control_fraction < 1 and not slow:  # the first timed sampled step
+            slow.append(trainer.state.global_step)
+            return 10 * seconds
+        return seconds
+
+    monkeypatch.setattr(lgp_hf.costs.StepClock, "now", now)
+    trainer.train()
+    fractions = {log["step"]: log["lgp/control_fraction"] for log in trainer.state.log_history if "lgp/control_fraction" in log}
+    lowered = min(step for step, fraction in fractions.items() if fraction < 1)
+    assert slow and lowered <= slow[0] < 12  # the slow step came before the decisions at steps 12 and 18
+    assert all(fraction < 1 for step, fraction in fractions.items() if step >= lowered), fractions
+    assert trainer._last_decision["step_cost"] < 1 and trainer._last_decision["efficiency"] < 0.95
+    model = trainer.cost_model
+    assert max(seconds for _, seconds in model.sampled) > 3 and model.intercept == pytest.approx(0.3)
+    assert model.step_cost() == pytest.approx(0.3 + statistics.median(share for share, _ in model.sampled), abs=0.02)
+    assert trainer.lgp_summary()["lgp_step_cost"] == model.step_cost()
 
 
 def test_auto_stays_at_one_where_sampling_does_not_pay(quiet_args, monkeypatch):
@@ -178,7 +229,8 @@ def test_explicit_fraction_with_a_failing_check_is_refused_before_any_change(qui
 
 
 def test_observed_steps_are_paced_by_their_measured_overhead(quiet_args, monkeypatch):
-    """An observed step timed 30 % dearer than a plain one, at a 1 % budget: one every 30 steps."""
+    """An observed step timed 30 % dearer than a plain one, at a 1 % budget: one every 30 steps, once "auto" has
+    observed its first 64 rows (every step until then, to decide early)."""
     args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=8, max_steps=70, logging_steps=1, auto_observation_budget=0.01)
     trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8))
 
@@ -187,8 +239,8 @@ def test_observed_steps_are_paced_by_their_measured_overhead(quiet_args, monkeyp
 
     monkeypatch.setattr(lgp_hf.costs.StepClock, "now", now)
     trainer.train()
-    # step 0 is observed before any timing (spacing: the period, 10); step 10 is timed at 0.3 over plain steps 3 to 9
-    assert trainer.monitor.totals["rows"] == 8 * len([0, 10, 40])
+    # steps 0 to 7 observed before any reference (spacing: the period, 10); step 17 timed at 0.3 over plain steps 8 to 16
+    assert trainer.monitor.totals["rows"] == 8 * len([*range(8), 17, 47])
 
 
 def test_step_cost_is_measured_against_a_warmed_up_trainer_step(quiet_args, monkeypatch):
@@ -211,7 +263,7 @@ def test_step_cost_is_measured_against_a_warmed_up_trainer_step(quiet_args, monk
     trainer.train()
     assert plans == [None, None, 0.5, 0.5, 0.5]  # steps 3 to 7 timed (not the first steps, with their one-off work)
     assert trainer.cost_model.reference_seconds == 1.0
-    assert trainer.cost_model.last_cost == pytest.approx(0.7) and trainer.lgp_summary()["lgp_step_cost"] == pytest.approx(0.7)
+    assert trainer.cost_model.step_cost() == pytest.approx(0.7) and trainer.lgp_summary()["lgp_step_cost"] == pytest.approx(0.7)
 
 
 @pytest.mark.parametrize("control_fraction", ["auto", "0.5"])

@@ -1,11 +1,11 @@
-"""When sampling pays (`theory`) and what a step costs (`costs`): the pure functions "auto" decides with."""
+"""When sampling pays (`theory`): the pure functions "auto" decides with (what a step costs: `test_costs.py`)."""
 
 import math
 
 import pytest
 
-from lgp_hf.costs import PRIOR_INTERCEPT, StepCostModel
-from lgp_hf.theory import best_control_fraction, relative_efficiency
+from lgp_hf.theory import best_control_fraction, decision_margin, relative_efficiency
+from lgp_hf.trainer import AUTO_MARGIN
 
 
 def test_best_fraction_minimises_variance_times_cost_below_the_margin():
@@ -21,14 +21,20 @@ def test_relative_efficiency_of_the_equal_cost_smaller_batch_is_one():
     assert relative_efficiency(1 / 0.5, 0.5) == 1.0
 
 
-def test_cost_model_starts_from_its_prior_and_learns_the_intercept_from_sampled_steps():
-    model = StepCostModel(decay=0.0)
-    assert model.cost(1.0) == 1.0 and model.cost(0.5) == pytest.approx(PRIOR_INTERCEPT + 0.5) and not model.measured
-    model.observe_sampled(0.5, 1.0)  # no reference time yet: nothing learned
-    assert not model.measured
-    model.observe_plain(2.0)
-    model.observe_sampled(0.5, 1.4)  # 0.7 of a plain step at half the rows
-    assert model.measured and model.cost(0.5) == pytest.approx(0.7) and model.cost(0.25) == pytest.approx(0.45)
-    restored = StepCostModel()
-    restored.load_state_dict(model.state_dict())
-    assert restored.cost(0.25) == model.cost(0.25)
+def decisions(efficiencies, margin_of):
+    """The fractions "auto" takes, deciding between f = 1 and 0.35 on a sequence of F x cost estimates at 0.35."""
+    fraction, taken = 1.0, []
+    for efficiency in efficiencies:
+        fraction, _ = best_control_fraction([0.35], [efficiency], [1.0], margin_of(fraction))
+        taken.append(fraction)
+    return taken
+
+
+def test_decisions_around_the_margin_do_not_bounce():
+    """Estimates scattered around 1 - AUTO_MARGIN (0.95): once f is lowered it stays, until F x cost is above 1."""
+    around = [0.94, 0.97, 0.955, 0.99, 0.93, 0.96, 0.98, 0.945, 0.965]
+    hysteresis = lambda fraction: decision_margin(fraction, AUTO_MARGIN)  # noqa: E731
+    assert decisions(around, hysteresis) == [0.35] * len(around)
+    assert len(set(decisions(around, lambda fraction: AUTO_MARGIN))) == 2  # one threshold: it bounces
+    assert decisions([0.96, 0.97, 0.951, 0.99], hysteresis) == [1.0] * 4  # starting needs the margin
+    assert decisions([0.94, 0.99, 1.01, 0.97, 0.94], hysteresis) == [0.35, 0.35, 1.0, 1.0, 0.35]  # a loss ends it

@@ -1,0 +1,50 @@
+"""What a step costs (`costs`): robust estimates from timed steps, and what the unbiasedness check can afford."""
+
+import pytest
+
+from lgp_hf.costs import PRIOR_INTERCEPT, REFERENCE_WINDOW, SAMPLED_WINDOW, StepCostModel, affordable_check_draws
+from lgp_hf.trainer import MIN_CHECK_DRAWS
+
+
+def test_cost_model_starts_from_its_prior_and_learns_the_intercept_from_sampled_steps():
+    model = StepCostModel()
+    assert model.cost(1.0) == 1.0 and model.cost(0.5) == pytest.approx(PRIOR_INTERCEPT + 0.5) and not model.measured
+    assert model.observe_sampled(0.5, 1.0) is None and not model.measured  # no reference time yet: nothing learned
+    model.observe_plain(2.0)
+    assert model.observe_sampled(0.5, 1.4) == pytest.approx(0.7)  # 0.7 of a plain step at half the rows
+    assert model.measured and model.cost(0.5) == pytest.approx(0.7) and model.cost(0.25) == pytest.approx(0.45)
+    assert model.step_cost() == pytest.approx(0.7)
+    restored = StepCostModel()
+    restored.load_state_dict(model.state_dict())
+    assert restored.cost(0.25) == model.cost(0.25) and restored.references == model.references
+
+
+def test_one_slow_step_moves_neither_the_reference_nor_the_cost():
+    """Plain steps 1 s, sampled steps at a third of the rows 0.6 s (intercept 0.267), each set with one step 10x slow
+    (an evaluation, a stall, another process) and, among the references, one 3x fast."""
+    model = StepCostModel()
+    for seconds in [1.0, 1.0, 10.0, 0.3, 1.0, 1.0]:
+        model.observe_plain(seconds)
+    assert model.references == [1.0, 10.0, 0.3, 1.0, 1.0][-REFERENCE_WINDOW:] and model.reference_seconds == 1.0
+    for step in range(SAMPLED_WINDOW):
+        model.observe_sampled(1 / 3, 6.0 if step == SAMPLED_WINDOW // 2 else 0.6)
+    assert model.intercept == pytest.approx(0.6 - 1 / 3) and model.step_cost() == pytest.approx(0.6)
+    assert model.cost(0.35) == pytest.approx(0.6 - 1 / 3 + 0.35)
+    for _ in range(SAMPLED_WINDOW // 2 + 1):  # a slowdown that lasts is measured: most of the window at 1.2 s
+        model.observe_sampled(1 / 3, 1.2)
+    assert model.step_cost() == pytest.approx(1.2) and len(model.sampled) == SAMPLED_WINDOW
+
+
+def test_old_checkpoint_state_leaves_the_windows_empty():
+    model = StepCostModel()
+    model.load_state_dict({"reference_seconds": 1.0, "intercept": 0.2, "last_cost": 0.7})
+    assert model.references == [] and model.sampled == [] and not model.measured
+
+
+@pytest.mark.parametrize("batch,fits", [(128, True), (64, True), (32, False)])
+def test_the_check_fits_a_run_of_200_steps_at_the_default_budget(batch, fits):
+    """2 % of 200 steps is 4 micro-batches; the check's 32 rows at f = 0.35 at the prior's cost."""
+    fraction = 0.35
+    draws = affordable_check_draws(0.02 * 200, min(1.0, 32 / batch), fraction, PRIOR_INTERCEPT + fraction)
+    assert (draws >= MIN_CHECK_DRAWS) == fits
+    assert affordable_check_draws(0.02 * 200, 0.25, 0.1, PRIOR_INTERCEPT + 0.1) > draws  # fewer rows drawn, cheaper draws
