@@ -108,6 +108,7 @@ class PredictedGradientMixin:
         self._auto = settings.control_fraction == "auto"
         self._control_fraction = 1.0 if self._auto else settings.control_fraction
         self._pending_fraction: float | None = None  # chosen by "auto", waiting for the unbiasedness check
+        self._first_rows_observed = False  # every rank observed MIN_OBSERVED_ROWS rows for the first decision
         self._last_decision: dict | None = None
         self.sampler = BoundarySampler(uniform_mix=settings.sampling_uniform_mix)
         self.monitor = SamplingMonitor(settings.sampling_uniform_mix)
@@ -290,10 +291,10 @@ class PredictedGradientMixin:
 
     def _observation_due(self, step: int) -> bool:
         """Whether optimizer step `step` is observed: under "auto" before its first decision, every step until
-        MIN_OBSERVED_ROWS rows are observed (the plain steps after them time the reference), so that it decides
-        within the first steps; else from `_next_observation` on."""
+        MIN_OBSERVED_ROWS rows are observed on every rank (the plain steps after them time the reference), so that
+        it decides within the first steps; else from `_next_observation` on."""
         if self._before_first_decision():
-            return self.monitor.decision_factors.rows < MIN_OBSERVED_ROWS
+            return not self._first_rows_observed
         return step >= self._next_observation
 
     def _schedule(self, observed: bool) -> None:
@@ -309,11 +310,14 @@ class PredictedGradientMixin:
                 overhead = float(self._all_ranks_mean(torch.tensor([self._observation_overhead], dtype=torch.float64, device=self.args.device)))
                 spacing = max(spacing, math.ceil(overhead / settings.auto_observation_budget))
             self._next_observation = step - 1 + spacing
-        first = (
-            self._before_first_decision()
-            and self.monitor.decision_factors.rows >= MIN_OBSERVED_ROWS
-            and len(self.cost_model.references) >= MIN_REFERENCES
-        )
+        first = False
+        if self._before_first_decision():
+            # the same on every rank (a draw made uniform by an overflow observes no rows on its rank): ranks that
+            # decided apart would wait for each other's collectives
+            if not self._first_rows_observed:
+                enough = float(self.monitor.decision_factors.rows >= MIN_OBSERVED_ROWS)
+                self._first_rows_observed = float(self._all_ranks_mean(torch.tensor([enough], device=self.args.device))) == 1.0
+            first = self._first_rows_observed and len(self.cost_model.references) >= MIN_REFERENCES
         if self._auto and (first or step % settings.auto_decision_steps == 0):
             self._decide_control_fraction()
 
@@ -323,13 +327,14 @@ class PredictedGradientMixin:
         is below 1 - AUTO_MARGIN (below 1 when f < 1 already: `theory.decision_margin`). Changed only between
         optimizer steps. Lowering f from 1 waits for the check."""
         factors = self.monitor.take_decision_factors()
-        if factors is None:
-            return
         fractions = [f for f in CANDIDATE_FRACTIONS if f >= self.lgp_settings.auto_min_control_fraction]
-        factors = factors[len(CANDIDATE_FRACTIONS) - len(fractions) :]
+        # every rank joins the average, a rank without enough observed rows with NaN: then no rank decides
+        factors = [math.nan] * len(fractions) if factors is None else factors[len(CANDIDATE_FRACTIONS) - len(fractions) :]
         costs = [self.cost_model.cost(f) for f in fractions]
         values = self._all_ranks_mean(torch.tensor(factors + costs, dtype=torch.float64, device=self.args.device)).tolist()
         factors, costs = values[: len(fractions)], values[len(fractions) :]
+        if not all(map(math.isfinite, factors)):
+            return
         fraction, efficiency = best_control_fraction(fractions, factors, costs, decision_margin(self._control_fraction, AUTO_MARGIN))
         best = min(range(len(fractions)), key=lambda i: factors[i] * costs[i])
         self._last_decision = {"fraction": fraction, "best_fraction": fractions[best], "variance_factor": factors[best],
@@ -481,6 +486,7 @@ class PredictedGradientMixin:
         return {
             "control_fraction": self._control_fraction,
             "pending_fraction": self._pending_fraction,
+            "first_rows_observed": self._first_rows_observed,
             "next_observation": self._next_observation,
             "last_reference": self._last_reference,
             "observation_overhead": self._observation_overhead,
@@ -512,6 +518,7 @@ class PredictedGradientMixin:
             return
         self._control_fraction = state["control_fraction"]
         self._pending_fraction = state["pending_fraction"]
+        self._first_rows_observed = state.get("first_rows_observed", state["last_decision"] is not None)
         self._next_observation = state["next_observation"]
         self._last_reference = state["last_reference"]
         self._observation_overhead = state["observation_overhead"]
