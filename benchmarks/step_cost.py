@@ -40,8 +40,12 @@ of the rows through the trunk is f + (1 - f) c, in units of a Trainer step: the 
 and a full forward and backward on the drawn ones; it ignores the optimizer step and every overhead of the
 method. The f of the floor is f_eff, the share of trunk rows the trainer actually backpropagated
 (`lgp_trunk_rows_computed` of `trainer.lgp_summary()`: Poisson sampling draws f n rows in expectation, not
-exactly); 1 where nothing was sampled (f = 1, and "auto" while it stays there). The goal: the ratio to Trainer is
-at most the floor + `--goal_margin` (0.05) at every f; the script prints whether it holds per configuration.
+exactly); 1 where nothing was sampled (f = 1, and "auto" while it stays there). The token floor f_tok + (1 - f_tok) c
+counts (row, position) pairs instead of rows: f_tok is the share of the replayed blocks' token positions whose
+output gradient is not zero (`lgp_trunk_tokens_computed`; a classifier's top block has one per drawn row), whose
+taped backwards skip the others. The goal: the ratio to Trainer is at most the row floor + `--goal_margin` (0.03)
+at every f, and below it where tokens carry no gradient; the script prints whether it holds per configuration, and
+with `--half_batch` whether the step is cheaper than the equal-cost smaller batch's.
 `lgp_step_cost` is the trainer's own measured step cost (a sampled optimizer step's time over a plain Trainer
 step's, both timed by the trainer itself on the steps it picks; "-" when it measured none in the run). At f < 1
 the trainer makes two plain Trainer steps every 200, the second timed as its cost reference (every 25 until it has
@@ -93,7 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=8, help="Rounds of the rotation (every configuration once per round).")
     parser.add_argument("--steps_per_turn", type=int, default=4, help="Optimizer steps per configuration per round.")
     parser.add_argument("--warmup_rounds", type=int, default=1, help="First rounds left out of the statistics.")
-    parser.add_argument("--goal_margin", type=float, default=0.05, help="Goal: ratio to Trainer at most the floor plus this.")
+    parser.add_argument("--goal_margin", type=float, default=0.03, help="Goal: ratio to Trainer at most the row floor plus this.")
+    parser.add_argument(
+        "--half_batch", action="store_true",
+        help="Also time Trainer at half the batch (trainer_b<n/2>), the equal-cost smaller batch a sampled step competes with.",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every configuration and pass (for a GPU).")
     parser.add_argument("--profile", action="store_true", help="Profile PredictedGradientTrainer.training_step.")
     parser.add_argument("--goal_fraction", type=float, default=0.25, help="Control fraction of the --profile run.")
@@ -117,6 +125,8 @@ def lgp_spec(fraction, args) -> common.RunSpec:
 
 def run_specs(args) -> list[common.RunSpec]:
     names = dict.fromkeys(common.lgp_run_name(fraction) for fraction in args.fractions)  # once each
+    if args.half_batch:
+        names[f"trainer_b{args.batch_size // 2}"] = None
     return [common.parse_run("trainer", args.batch_size), *(common.parse_run(name, args.batch_size) for name in names)]
 
 
@@ -287,6 +297,8 @@ def summarize(specs, runs: dict[str, dict], passes: list[dict], args) -> tuple[l
         fraction = summary.get("lgp_control_fraction", 1.0)
         computed = summary.get("lgp_trunk_rows_computed")
         effective = 1.0 if computed is None else computed
+        tokens = summary.get("lgp_trunk_tokens_computed")
+        effective_tokens = effective if tokens is None else tokens
         rows.append({
             "run": spec.name,
             "f": fraction,
@@ -295,6 +307,8 @@ def summarize(specs, runs: dict[str, dict], passes: list[dict], args) -> tuple[l
             "mean_step_s": statistics.fmean(step["seconds"] for step in steps),
             "median_gap_s": median_of(steps, "gap"),
             "floor": effective + (1 - effective) * cost_ratio,
+            "f_tok": effective_tokens,
+            "token_floor": effective_tokens + (1 - effective_tokens) * cost_ratio,
             "lgp_step_cost": summary.get("lgp_step_cost"),
             "steps_timed": len(steps),
             "peak_mib": run["memory_peak_mib"],
@@ -313,13 +327,20 @@ def summarize(specs, runs: dict[str, dict], passes: list[dict], args) -> tuple[l
 
 
 def goal_lines(specs, rows, args) -> list[str]:
+    """Per lgp configuration: its ratio to Trainer against the row floor (+ `--goal_margin`), the token floor, and
+    the half batch's ratio where it was timed."""
+    half = next((row for spec, row in zip(specs, rows) if not spec.is_lgp and spec.batch_size < args.batch_size), None)
     lines = []
     for spec, row in zip(specs, rows):
         if spec.is_lgp:
+            against_half = "" if half is None else (
+                f"; {'cheaper' if row['ratio'] < half['ratio'] else 'NOT cheaper'} than the half batch ({half['ratio']:.3f})"
+            )
             lines.append(
                 f"goal at f = {row['f']:g} ({spec.name}, f_eff {row['f_eff']:.3f}): ratio to Trainer {row['ratio']:.3f}, "
                 f"floor {row['floor']:.3f}, ratio - floor {row['ratio_minus_floor']:+.3f}: "
-                f"{'HOLDS' if row['goal'] == 'holds' else 'DOES NOT HOLD'} (<= floor + {args.goal_margin:g})"
+                f"{'HOLDS' if row['goal'] == 'holds' else 'DOES NOT HOLD'} (<= floor + {args.goal_margin:g}); "
+                f"token floor {row['token_floor']:.3f} (f_tok {row['f_tok']:.3f}){against_half}"
             )
     return lines
 
@@ -356,8 +377,8 @@ def plot(specs, rows, costs, args, path: Path) -> None:
 
 
 COLUMNS = [
-    "run", "f", "f_eff", "median_step_s", "mean_step_s", "ratio", "ratio_mean", "ratio_with_gap", "floor",
-    "ratio_minus_floor", "goal", "lgp_step_cost", "peak_mib", "train_mib", "peak_vs_trainer_mib",
+    "run", "f", "f_eff", "f_tok", "median_step_s", "mean_step_s", "ratio", "ratio_mean", "ratio_with_gap", "floor",
+    "token_floor", "ratio_minus_floor", "goal", "lgp_step_cost", "peak_mib", "train_mib", "peak_vs_trainer_mib",
 ]
 
 

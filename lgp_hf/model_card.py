@@ -31,6 +31,7 @@ STATISTICS_ROWS = (
     ("lgp_control_fraction", "Control fraction (final)", _NUMBER),
     ("lgp_drawn_fraction", "Rows drawn for the trunk's backward", _PERCENT),
     ("lgp_trunk_rows_computed", "Rows backpropagated through the trunk's blocks", _PERCENT),
+    ("lgp_trunk_tokens_computed", "Token positions with a gradient in the trunk's blocks (their taped backwards skip the others)", _PERCENT),
     ("lgp_variance_factor", "Variance factor F of the update (against the full batch's, over the observed steps)", _NUMBER),
     ("lgp_step_cost", "Step cost (median of the last 25 timed sampled steps, against the median Trainer step)", _NUMBER),
     ("lgp_best_fraction", "Control fraction with the lowest predicted F x cost at the last decision of auto", _NUMBER),

@@ -19,6 +19,10 @@ from .sampling import inclusion_probabilities, variance_factor_sums
 #: Fractions "auto" may choose (those at or above its `auto_min_control_fraction`).
 CANDIDATE_FRACTIONS = (0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
+#: The replayed blocks' work (`replay.BlockReplay.take_counts`): rows backpropagated and present, (row, position)
+#: pairs with a gradient and present.
+BLOCK_WORK = ("computed_rows", "block_rows", "computed_tokens", "block_tokens")
+
 #: Observed rows needed before "auto" trusts an F estimate.
 MIN_OBSERVED_ROWS = 64
 
@@ -53,22 +57,22 @@ class _FactorSums:
 class SamplingMonitor:
     def __init__(self, uniform_mix: float):
         self.uniform_mix = uniform_mix
-        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, "computed_rows": 0, "block_rows": 0}
-        self.log = {"rows": 0, "drawn_rows": 0, "computed_rows": 0, "block_rows": 0, "costs": []}
+        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, **dict.fromkeys(BLOCK_WORK, 0)}
+        self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BLOCK_WORK, 0), "costs": []}
         self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
 
-    def record(self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, block_rows: tuple[int, int]) -> None:
+    def record(self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, block_work: tuple[int, ...]) -> None:
         """One micro-batch: its draws, the fraction they were made at, its rows' squared trunk-gradient norms as read
-        below the boundary when it was observed (one draw only: rows are attributed to it), and (rows backpropagated,
-        rows) in replayed blocks."""
+        below the boundary when it was observed (one draw only: rows are attributed to it), and the replayed blocks'
+        work (`BLOCK_WORK`)."""
         for draw in draws:
             for sums in (self.totals, self.log):
                 sums["rows"] += draw.drawn.numel()
                 sums["drawn_rows"] += int(draw.drawn.sum())
             self.totals["uniform_draws"] += int(draw.uniform)
         for sums in (self.totals, self.log):
-            sums["computed_rows"] += block_rows[0]
-            sums["block_rows"] += block_rows[1]
+            for key, value in zip(BLOCK_WORK, block_work):
+                sums[key] += value
         if squared_norms is None or len(draws) != 1 or draws[0].uniform:
             return
         draw = draws[0]
@@ -103,12 +107,14 @@ class SamplingMonitor:
             logs["lgp/drawn_fraction"] = log["drawn_rows"] / log["rows"]
         if log["block_rows"]:
             logs["lgp/trunk_rows_computed"] = log["computed_rows"] / log["block_rows"]
+        if log["block_tokens"]:
+            logs["lgp/trunk_tokens_computed"] = log["computed_tokens"] / log["block_tokens"]
         factors = self.log_factors.factors()
         if factors is not None:
             logs["lgp/variance_factor"] = factors[0]
         if log["costs"]:
             logs["lgp/step_cost"] = statistics.median(log["costs"])
-        self.log = {"rows": 0, "drawn_rows": 0, "computed_rows": 0, "block_rows": 0, "costs": []}
+        self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BLOCK_WORK, 0), "costs": []}
         self.log_factors = _FactorSums()
         return logs
 
@@ -118,6 +124,7 @@ class SamplingMonitor:
         return {
             "lgp_drawn_fraction": totals["drawn_rows"] / totals["rows"] if totals["rows"] else None,
             "lgp_trunk_rows_computed": totals["computed_rows"] / totals["block_rows"] if totals["block_rows"] else None,
+            "lgp_trunk_tokens_computed": totals["computed_tokens"] / totals["block_tokens"] if totals["block_tokens"] else None,
             "lgp_variance_factor": None if factors is None else factors[0],
             "lgp_uniform_draws": totals["uniform_draws"],
         }
@@ -130,6 +137,6 @@ class SamplingMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         self.totals.update(state["totals"])
-        self.log = {**state["log"], "costs": list(state["log"]["costs"])}
+        self.log = {**dict.fromkeys(BLOCK_WORK, 0), **state["log"], "costs": list(state["log"]["costs"])}
         for name, sums in state["factors"].items():
             getattr(self, name).load_state_dict(sums)

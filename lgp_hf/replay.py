@@ -431,38 +431,39 @@ class _BlockCall:
 
     def backward(self, inputs, params, gradients):
         """Gradients of the inputs and parameters: on the rows with a gradient, or on all rows."""
-        rows, sparse = self._rows_with_gradient(gradients)
-        if rows is not None and rows.numel() == 0:  # zeros, not None: every parameter below still gets a gradient (DDP)
-            self.replay.count(self.index, 0, self.rows)
+        rows, tokens, positions = self._rows_with_gradient(gradients)
+        count = rows.numel() if rows is not None else self.rows
+        sparse = tokens <= SPARSE_TOKEN_SHARE * positions * count
+        if count == 0:  # zeros, not None: every parameter below still gets a gradient (DDP)
+            self.replay.count(0, self.rows, 0, positions * self.rows)
             return [torch.zeros_like(x) for x in inputs], [torch.zeros_like(p) for p in params]
         if rows is not None and self.index not in self.replay.dense:
             result = self._differentiate(inputs, params, gradients, rows, sparse)
             if result is not None:
-                self.replay.count(self.index, rows.numel(), self.rows)
+                self.replay.count(count, self.rows, tokens, positions * self.rows)
                 return result
             self.replay.mark_dense(self.index, "its forward on a subset of rows differs from the forward on all rows")
-        self.replay.count(self.index, self.rows, self.rows)
+        self.replay.count(self.rows, self.rows, tokens, positions * self.rows)
         return self._differentiate(inputs, params, gradients, None, sparse)
 
-    def _rows_with_gradient(self, gradients) -> tuple[torch.Tensor | None, bool]:
-        """(rows, sparse): the indices of the rows whose output gradient is not zero (None when it is every row, or
-        when an output without the rows' dimension has a gradient: it depends on all rows), and whether at most
-        `SPARSE_TOKEN_SHARE` of those rows' positions (all dims but the first and last) carry a gradient."""
-        found, positions, nonzero = [], 0, 0
+    def _rows_with_gradient(self, gradients) -> tuple[torch.Tensor | None, int, int]:
+        """(rows, tokens, positions): the indices of the rows whose output gradient is not zero (None when it is every
+        row, or when an output without the rows' dimension has a gradient: it depends on all rows), the number of
+        (row, position) pairs with a gradient (positions: all dims but the first and last), and the positions of a
+        row (over the outputs with the rows' dimension)."""
+        found, tokens, positions = [], 0, 0
         for output, gradient in zip(self.outputs, gradients):
             if gradient is None:
                 continue
             if output.dim() == 0 or output.shape[0] != self.rows:
                 if bool((gradient != 0).any()):
-                    return None, False
+                    return None, self.rows * max(positions, 1), max(positions, 1)
                 continue
-            tokens = _nonzero_tokens(gradient)
-            found.append(tokens.any(1))
-            positions += tokens.shape[1] * int(found[-1].sum())
-            nonzero += int(tokens.sum())
-        sparse = nonzero <= SPARSE_TOKEN_SHARE * positions
+            nonzero = _nonzero_tokens(gradient)
+            found.append(nonzero.any(1))
+            tokens, positions = tokens + int(nonzero.sum()), positions + nonzero.shape[1]
         rows = torch.stack(found).any(0).nonzero().squeeze(1) if found else torch.zeros(0, dtype=torch.long)
-        return (None if rows.numel() == self.rows else rows), sparse
+        return (None if rows.numel() == self.rows else rows), tokens, positions
 
     def signature(self) -> tuple:
         """What decides whether a replay can reproduce the forward, the rows aside: the inputs' shapes past the rows,
@@ -548,8 +549,10 @@ class BlockReplay:
     """The trunk's blocks (`find_blocks`) and, while `active`, their forward without autograd and backward by replay.
 
     `dense`: indices of blocks found not to be replayable on a subset of rows, with `dense_reasons`; they run with
-    plain autograd. `should_check`: the schedule of the replays' checks. `computed_rows` / `total_rows`: rows backpropagated and rows present, summed over block calls
-    since `take_counts` (the share of the trunk's backward work that was done). `row_index()`: while a block is
+    plain autograd. `should_check`: the schedule of the replays' checks. `computed_rows` / `total_rows`: rows
+    backpropagated and rows present, and `computed_tokens` / `total_tokens`: (row, position) pairs with a gradient
+    and present, summed over block calls since `take_counts` (the share of the trunk's backward work that was done,
+    by rows and by tokens). `row_index()`: while a block is
     replayed on a subset of its rows, their indices (None otherwise), for hooks that attribute work to rows.
     """
 
@@ -557,7 +560,7 @@ class BlockReplay:
         self.blocks = blocks
         self.dense: set[int] = set()
         self.dense_reasons: dict[int, str] = {}
-        self.computed_rows = self.total_rows = 0
+        self.computed_rows = self.total_rows = self.computed_tokens = self.total_tokens = 0
         self._rows: torch.Tensor | None = None
         self._replays: dict[tuple, int] = {}
 
@@ -582,13 +585,17 @@ class BlockReplay:
         finally:
             self._rows = outer
 
-    def count(self, index: int, computed: int, total: int) -> None:
-        self.computed_rows += computed
-        self.total_rows += total
+    def count(self, computed_rows: int, rows: int, computed_tokens: int, tokens: int) -> None:
+        self.computed_rows += computed_rows
+        self.total_rows += rows
+        self.computed_tokens += computed_tokens
+        self.total_tokens += tokens
 
-    def take_counts(self) -> tuple[int, int]:
-        counts = (self.computed_rows, self.total_rows)
-        self.computed_rows = self.total_rows = 0
+    def take_counts(self) -> tuple[int, int, int, int]:
+        """(rows backpropagated, rows present, (row, position) pairs with a gradient, pairs present), summed over the
+        block calls since the last call."""
+        counts = (self.computed_rows, self.total_rows, self.computed_tokens, self.total_tokens)
+        self.computed_rows = self.total_rows = self.computed_tokens = self.total_tokens = 0
         return counts
 
     def mark_dense(self, index: int, reason: str) -> None:

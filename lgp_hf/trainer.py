@@ -198,9 +198,9 @@ class PredictedGradientMixin:
                 "head, a loss computed from the weights directly, or a frozen trunk): there is no boundary to sample at "
                 "(this step's gradient was exact); name the model's final layers with head_modules=[...]"
             )
-        computed, total = self.replay.take_counts()
-        self._step_rows = [self._step_rows[0] + computed, self._step_rows[1] + total]
-        self.monitor.record(self.sampler.draws, fraction, self.row_norms.squared_norms if observe else None, (computed, total))
+        work = self.replay.take_counts()
+        self._step_rows = [self._step_rows[0] + work[0], self._step_rows[1] + work[1]]
+        self.monitor.record(self.sampler.draws, fraction, self.row_norms.squared_norms if observe else None, work)
         return loss
 
     def _times_step(self, step: int) -> bool:
