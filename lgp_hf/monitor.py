@@ -4,7 +4,9 @@ Every sampled or observed micro-batch reports its boundary draw (`boundary.Bound
 squared trunk-gradient norm of each drawn row (`row_norms`). From those, the Horvitz-Thompson sums of
 `sampling.variance_factor_sums` estimate F at the current fraction and at every candidate fraction of "auto"
 (`CANDIDATE_FRACTIONS`), as the scores of the very same rows would have drawn them. Sums are kept since the last log
-(`lgp/*`), since the last decision of "auto" and over the run (`summary`); everything travels in checkpoints.
+(`lgp/*`), since the last decision of "auto" and over the run (`summary`). The rows' squared norms and that of their
+summed gradient also give the gradient noise scale (`noise_scale`), averaged over the run's observed micro-batches;
+everything travels in checkpoints.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .boundary import BoundaryDraw
+from .noise_scale import NoiseScaleAverages, noise_scale_estimates
 from .sampling import inclusion_probabilities, variance_factor_sums
 
 #: Fractions "auto" may choose (those at or above its `auto_min_control_fraction`).
@@ -54,11 +57,15 @@ class SamplingMonitor:
         self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, "computed_rows": 0, "block_rows": 0, "timed_steps": 0, "cost_sum": 0.0}
         self.log = {"rows": 0, "drawn_rows": 0, "computed_rows": 0, "block_rows": 0, "costs": []}
         self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
+        self.noise = NoiseScaleAverages()
 
-    def record(self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, block_rows: tuple[int, int]) -> None:
-        """One micro-batch: its draws, the fraction they were made at, its rows' squared trunk-gradient norms as read
-        below the boundary when it was observed (one draw only: rows are attributed to it), and (rows backpropagated,
-        rows) in replayed blocks."""
+    def record(
+        self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, batch_squared_norm: float | None,
+        block_rows: tuple[int, int],
+    ) -> None:
+        """One micro-batch: its draws, the fraction they were made at, its rows' squared trunk-gradient norms and
+        the squared norm of their summed gradient as read below the boundary when it was observed (one draw only:
+        rows are attributed to it), and (rows backpropagated, rows) in replayed blocks."""
         for draw in draws:
             for sums in (self.totals, self.log):
                 sums["rows"] += draw.drawn.numel()
@@ -78,6 +85,10 @@ class SamplingMonitor:
         numerators, denominator = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms)
         for sums in (self.log_factors, self.decision_factors, self.run_factors):
             sums.add(numerators, denominator, int(draw.drawn.sum()))
+        # S and G2 of the batch, estimated from the drawn rows: the read sum of g_i / pi_i has the sampling
+        # variance (the current design's numerator) on top of G2
+        if draw.drawn.numel() > 1:
+            self.noise.add(*noise_scale_estimates(denominator, batch_squared_norm - float(numerators[0]), draw.drawn.numel()))
 
     def record_cost(self, cost: float) -> None:
         self.log["costs"].append(cost)
@@ -95,7 +106,7 @@ class SamplingMonitor:
 
     def take_log_values(self) -> dict[str, float]:
         """Since the last log: the share of rows drawn, of trunk block rows backpropagated, F at the current fraction
-        and the mean measured step cost; the run's count of uniform draws."""
+        and the mean measured step cost; the run's count of uniform draws and its gradient noise scale."""
         log, logs = self.log, {"lgp/uniform_draws": self.totals["uniform_draws"]}
         if log["rows"]:
             logs["lgp/drawn_fraction"] = log["drawn_rows"] / log["rows"]
@@ -106,6 +117,8 @@ class SamplingMonitor:
             logs["lgp/variance_factor"] = factors[0]
         if log["costs"]:
             logs["lgp/step_cost"] = sum(log["costs"]) / len(log["costs"])
+        if self.noise.value() is not None:
+            logs["lgp/noise_scale"] = self.noise.value()
         self.log = {"rows": 0, "drawn_rows": 0, "computed_rows": 0, "block_rows": 0, "costs": []}
         self.log_factors = _FactorSums()
         return logs
@@ -119,12 +132,14 @@ class SamplingMonitor:
             "lgp_variance_factor": None if factors is None else factors[0],
             "lgp_step_cost": totals["cost_sum"] / totals["timed_steps"] if totals["timed_steps"] else None,
             "lgp_uniform_draws": totals["uniform_draws"],
+            "lgp_noise_scale": self.noise.value(),
         }
 
     def state_dict(self) -> dict:
         return {
             "totals": dict(self.totals), "log": {**self.log, "costs": list(self.log["costs"])},
             "factors": {name: getattr(self, name).state_dict() for name in ("log_factors", "decision_factors", "run_factors")},
+            "noise": self.noise.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -132,3 +147,5 @@ class SamplingMonitor:
         self.log = {**state["log"], "costs": list(state["log"]["costs"])}
         for name, sums in state["factors"].items():
             getattr(self, name).load_state_dict(sums)
+        if "noise" in state:  # written before the noise scale: it starts fresh
+            self.noise.load_state_dict(state["noise"])
