@@ -309,13 +309,10 @@ class PredictedGradientMixin:
         fractions = [f for f in CANDIDATE_FRACTIONS if f >= self.lgp_settings.auto_min_control_fraction]
         factors = factors[len(CANDIDATE_FRACTIONS) - len(fractions) :]
         costs = [self.cost_model.cost(f) for f in fractions]
-        noise = self.monitor.noise
-        noise_values = [noise.trace, noise.squared_mean, float(noise.value() is not None)]
-        values = self._all_ranks_mean(torch.tensor(factors + costs + noise_values, dtype=torch.float64, device=self.args.device)).tolist()
-        factors, costs = values[: len(fractions)], values[len(fractions) : 2 * len(fractions)]
-        trace, squared_mean, known = values[2 * len(fractions) :]
-        ratio = noise_scale(trace, squared_mean) / self._optimizer_batch_size() if known == 1 else None
-        fraction, time = best_control_fraction(fractions, factors, costs, AUTO_MARGIN, ratio)
+        values = self._all_ranks_mean(torch.tensor(factors + costs, dtype=torch.float64, device=self.args.device)).tolist()
+        factors, costs = values[: len(fractions)], values[len(fractions) :]
+        ratio = self._noise_ratio()
+        fraction, efficiency = best_control_fraction(fractions, factors, costs, AUTO_MARGIN, ratio)
         times = [relative_time(factor, cost, ratio) for factor, cost in zip(factors, costs)]
         best = min(range(len(fractions)), key=times.__getitem__)
         self._last_decision = {"fraction": fraction, "best_fraction": fractions[best], "variance_factor": factors[best],
@@ -327,6 +324,14 @@ class PredictedGradientMixin:
             if self.unbiasedness["status"] in ("failed", "skipped"):
                 return
         self._control_fraction = fraction
+
+    def _noise_ratio(self) -> float | None:
+        """B_noise / B (`theory.relative_time`), B the optimizer step's batch, from the run's averages of tr(Sigma) and
+        |G|^2 over ranks; None until every rank has an estimate."""
+        noise = self.monitor.noise
+        values = torch.tensor([noise.trace, noise.squared_mean, float(noise.value() is not None)], dtype=torch.float64, device=self.args.device)
+        trace, squared_mean, known = self._all_ranks_mean(values).tolist()
+        return noise_scale(trace, squared_mean) / self._optimizer_batch_size() if known == 1 else None
 
     def _optimizer_batch_size(self) -> int:
         """B of the noise scale's model: the examples (rows) of an optimizer step, over accumulation and processes."""
