@@ -16,6 +16,7 @@ from lgp_hf.noise_scale import NoiseScaleAverages, noise_scale, noise_scale_esti
 from lgp_hf.replay import find_blocks
 from lgp_hf.row_norms import RowGradientNorms
 from lgp_hf.sampling import inclusion_probabilities
+from test_resume_and_faults import auto_settings, prior_costs
 
 
 def test_b_simple_estimates_are_unbiased_over_every_batch():
@@ -140,3 +141,18 @@ def test_batch_far_above_the_noise_scale_is_reported_once(quiet_args, caplog, tm
     trainer, lines, card = advice_run(quiet_args, image_dataset(64, seed=6), caplog, tmp_path / "random")
     assert trainer.lgp_summary()["lgp_noise_scale"] > 16 / 2
     assert lines == [] and "smaller batch" not in card
+
+
+def test_auto_lowers_f_on_cost_alone_where_the_batch_is_far_above_the_noise_scale(quiet_args, monkeypatch):
+    """Two images of one class repeated: every row scores alike, so F = 1 / f and F x cost > 1 at every f (the old
+    criterion keeps f = 1), but B_noise << B: only the cost counts, and "auto" lowers f."""
+    prior_costs(monkeypatch)
+    two = image_dataset(2, seed=5).with_format(None).map(lambda example: {"labels": 0}).with_format("torch")
+    args = PredictedGradientArguments(**auto_settings(quiet_args, max_steps=12))
+    trainer = PredictedGradientTrainer(model=tiny_vit(seed=1), args=args, train_dataset=two.select([i % 2 for i in range(16 * 12)]))
+    trainer.train()
+    summary = trainer.lgp_summary()
+    assert summary["lgp_noise_scale"] < 1 and summary["lgp_unbiasedness_check"] == "passed"
+    assert summary["lgp_control_fraction"] < 1 and summary["lgp_predicted_efficiency"] < 0.95
+    decision = trainer._last_decision
+    assert decision["variance_factor"] * decision["step_cost"] > 1  # F x cost would not pay
