@@ -64,10 +64,10 @@ def in_run_estimate(model, dataset, label_map, fraction: str, args, offline_args
         start = time.time()
         trainer.train()
     traces, squared_means = zip(*steps)
+    trace, squared_mean = sum(traces) / len(steps), sum(squared_means) / len(steps)
     return {
-        "fraction": fraction, "smoothed": trainer.lgp_summary()["lgp_noise_scale"],
-        "mean_of_steps": noise_scale(sum(traces) / len(steps), sum(squared_means) / len(steps)), "observed": len(steps),
-        "steps": [noise_scale(*step) for step in steps], "seconds": time.time() - start,
+        "fraction": fraction, "smoothed": trainer.lgp_summary()["lgp_noise_scale"], "mean_of_steps": noise_scale(trace, squared_mean),
+        "trace": trace, "squared_mean": squared_mean, "observed": len(steps), "steps": steps, "seconds": time.time() - start,
         "logged": [log["lgp/noise_scale"] for log in trainer.state.log_history if "lgp/noise_scale" in log],
     }
 
@@ -87,13 +87,15 @@ def main(argv=None) -> None:
         results["offline"] = json.loads(offline.read_text())["regimes"].get(args.regime, {}).get("noise_scale")
     print(f"{args.regime}: {source}, batch {offline_args.batch_size}, {args.steps} steps, lr {args.train_learning_rate:g}", flush=True)
     if results.get("offline"):
-        print("offline (sampling_variance.py): " + ", ".join(f"{key} {value['pooled']:.1f} pooled, {value['per_batch']:.1f} per batch" for key, value in results["offline"].items()))
+        print("offline (sampling_variance.py): " + ", ".join(
+            f"{key} {value['pooled']:.1f} pooled (tr(Sigma) {value['pooled_trace']:.4g}, |G|^2 {value['pooled_squared_mean']:.4g}), "
+            f"{value['per_batch']:.1f} per batch" for key, value in results["offline"].items()))
     for fraction in args.fractions:
         run = in_run_estimate(model, dataset, binary_labels if finetune else None, fraction, args, offline_args)
         results["runs"].append(run)
         print(
             f"in run, control_fraction={fraction}: smoothed {run['smoothed']:.1f}, mean of the {run['observed']} observed "
-            f"steps {run['mean_of_steps']:.1f} ({run['seconds']:.0f} s)", flush=True,
+            f"steps {run['mean_of_steps']:.1f} (tr(Sigma) {run['trace']:.4g}, |G|^2 {run['squared_mean']:.4g}; {run['seconds']:.0f} s)", flush=True,
         )
     path = offline_args.output_dir / f"noise_scale_{args.regime}.json"
     path.write_text(json.dumps(results, indent=1))
