@@ -30,6 +30,14 @@ number is averaged over `--batches` batches. F_centred (boundary a, mix 0.1) is 
 everywhere: what F approaches when the batch's mean gradient is taken out (a fixed-size design, or a control
 variate that predicts the mean exactly); F - F_centred is the part of the variance due to the mean.
 
+Gradient noise scale B_noise = tr(Sigma) / |G|^2 (McCandlish et al. 2018; `lgp_hf.noise_scale`), from the same
+exact per-example gradients: over the trunk blocks' linear layers (the parameters whose gradients the trainer reads
+for its in-run estimate, `lgp_hf.row_norms`) and over the whole model (the trunk of boundary a plus the classifier,
+whose per-example gradient is e_i [h_i, 1] / n). `pooled`: the unbiased estimates from all the regime's measured
+batches as one sample of (batches + 1) x batch_size examples; `per_batch`: each batch's estimates (as the trainer
+makes them), averaged over the batches, then divided. `benchmarks/noise_scale.py` runs the trainer on the same
+weights (this script caches them) and data, for its in-run estimate.
+
 Control variate (decides whether the library keeps a predictor on top of importance sampling), boundary (a): a
 ridge regression from a per-example signal to g_i, fitted on the PREVIOUS batch's exact per-example gradients
 (n examples, lambda = the mean diagonal of the signals' Gram matrix, solved in the dual form since g_i has 2.7 M
@@ -51,7 +59,8 @@ Regimes (`--regimes`, default all): `scratch_<k>`, from scratch after k steps (`
 pretrain_steps / 3 and pretrain_steps: 0, 100, 300); `finetune_<k>`: the 10-class model after `--pretrain_steps`
 (300) with a NEW 2-way classifier, fine-tuned on vehicles (labels 0, 1, 8, 9 -> 1) against animals (-> 0) at lr
 3e-4 for k steps (`--finetune_steps`, default 100 300). The from-scratch weights at every measured step (the 10-class
-pretrained state included) are cached in `--output_dir`/cache, so reruns skip the from-scratch training.
+pretrained state included) are cached in `--output_dir`/cache, so reruns skip the from-scratch training; the
+fine-tuned weights at every measured step too (for `noise_scale.py`).
 
     python benchmarks/sampling_variance.py      # full CIFAR-10: 38 minutes on 2 busy CPU cores, 10 GB peak RSS
     python benchmarks/sampling_variance.py --subset --batches 1 --pretrain_steps 5 --finetune_steps 5 10 \\
@@ -93,6 +102,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "examples"))
 import run_vit  # noqa: E402  (examples/ is not a package)
 
+from lgp_hf.noise_scale import noise_scale, noise_scale_estimates  # noqa: E402
+from lgp_hf.replay import find_blocks  # noqa: E402
+from lgp_hf.row_norms import RowGradientNorms  # noqa: E402
 from lgp_hf.sampling import inclusion_probabilities, sampling_variance, variance_factor  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
@@ -152,6 +164,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- data and model
+
+
+def cache_file(args: argparse.Namespace, regime: str) -> Path:
+    """Where the weights measured at `regime` (scratch_<k>, finetune_<k>) are cached, under `--output_dir`/cache."""
+    tag = f"{'subset' if args.subset else 'full'}_seed{args.seed}_b{args.batch_size}_lr{args.learning_rate:g}"
+    kind, step = regime.split("_")
+    if kind == "finetune":
+        tag += f"_pre{args.pretrain_steps}_lr{args.finetune_learning_rate:g}"
+    return args.output_dir / "cache" / f"{kind}_{tag}_step{step}.pt"
 
 
 def load_train_split(args: argparse.Namespace):
@@ -275,6 +296,7 @@ def measure_batch(model, batch: dict, vmap_chunk: int) -> dict:
     sum_check = float((total - batch_grad.double()).norm() / batch_grad.double().norm())
     return {
         "G": gradients,
+        "noise_sums": noise_sums(model, trunk_names, gradients, total, error, captured["a"].detach().double(), n),
         "size_b": size_b,
         "scores": {
             "classifier_input": dh_a.detach().double().norm(dim=-1),
@@ -286,6 +308,46 @@ def measure_batch(model, batch: dict, vmap_chunk: int) -> dict:
         "accuracy": float((logits.argmax(-1) == labels).double().mean()),
         "sum_check": sum_check,
     }
+
+
+def noise_sums(model, trunk_names, gradients, total, error, head_input, n) -> dict:
+    """Per parameter set ("trunk_linear": the trunk blocks' linear layers, "model": everything), S = sum_i ||g_i||^2
+    and the summed gradient sum_i g_i (float64), g_i the exact per-example gradients of loss_i / n. The classifier's
+    are e_i [h_i, 1] / n (e_i = softmax - onehot: the cross-entropy's logit gradient)."""
+    linear = {id(p) for layer in RowGradientNorms(find_blocks(model, [model.classifier])).layers for p in layer.parameters()}
+    named = dict(model.named_parameters())
+    squares, sums, start = 0.0, [], 0
+    for name in trunk_names:
+        end = start + named[name].numel()
+        if id(named[name]) in linear:
+            squares += float(gradients[:, start:end].double().pow(2).sum())
+            sums.append(total[start:end])
+        start = end
+    head_rows = torch.cat([head_input, torch.ones(n, 1, dtype=torch.float64)], 1)
+    head_squares = float((error.pow(2).sum(1) * head_rows.pow(2).sum(1)).sum()) / n**2
+    head_sum = (error.T @ head_rows).reshape(-1) / n
+    return {
+        "trunk_linear": (squares, torch.cat(sums)),
+        "model": (float(gradients.double().pow(2).sum()) + head_squares, torch.cat([total, head_sum])),
+    }
+
+
+def noise_scale_numbers(batches: list[dict], n: int) -> dict:
+    """B_noise per parameter set from `noise_sums` of equally sized batches: pooled (one sample of all the rows:
+    contributions g_i / K over K batches) and per batch (estimates averaged over batches, then divided)."""
+    out = {}
+    for key in batches[0]:
+        k = len(batches)
+        squares = sum(b[key][0] for b in batches) / k**2
+        summed = sum(b[key][1] for b in batches) / k
+        pooled = noise_scale_estimates(squares, float(summed.pow(2).sum()), k * n)
+        each = [noise_scale_estimates(b[key][0], float(b[key][1].pow(2).sum()), n) for b in batches]
+        trace, squared_mean = (sum(e[i] for e in each) / k for i in (0, 1))
+        out[key] = {
+            "pooled": noise_scale(*pooled), "pooled_trace": pooled[0], "pooled_squared_mean": pooled[1],
+            "per_batch": noise_scale(trace, squared_mean), "batches": [noise_scale(*e) for e in each],
+        }
+    return out
 
 
 def gram(left: torch.Tensor, right: torch.Tensor, block: int = 1 << 18) -> torch.Tensor:
@@ -402,7 +464,7 @@ def measure_regime(model, dataset, args, name: str, label_map=None) -> dict:
     torch.manual_seed(regime_seed)  # the training transform's random crops and flips
     generator = torch.Generator().manual_seed(regime_seed)
     order = torch.randperm(len(dataset), generator=generator)
-    previous, records = None, []
+    previous, records, noise = None, [], []
     for b in range(args.batches + 1):
         start = time.time()
         batch = run_vit.collate_fn(
@@ -411,6 +473,7 @@ def measure_regime(model, dataset, args, name: str, label_map=None) -> dict:
         if label_map is not None:
             batch["labels"] = label_map(batch["labels"])
         measured = measure_batch(model, batch, args.vmap_chunk)
+        noise.append(measured.pop("noise_sums"))
         G = measured.pop("G")
         measured["gram"] = gram(G, G)
         squared_a = measured["gram"].diagonal().clone()
@@ -434,7 +497,7 @@ def measure_regime(model, dataset, args, name: str, label_map=None) -> dict:
             f"sum check {measured['sum_check']:.1e}, {time.time() - start:.1f} s",
             flush=True,
         )
-    return {"batches": records, "mean": average(records)}
+    return {"batches": records, "mean": average(records), "noise_scale": noise_scale_numbers(noise, args.batch_size)}
 
 
 def average(records: list[dict]):
@@ -472,6 +535,11 @@ def print_tables(name: str, result: dict, c: float) -> None:
                 + f" | {fmt(row['is_mix0.1'] * (c + f))} | {fmt(row['oracle'] * (c + f))}"
                 + f" | {numbers['corr_score_norm']:.3f} | {numbers['spearman_score_norm']:.3f} | {numbers['rho']:.3f} |"
             )
+    noise = result["noise_scale"]
+    print(
+        f"\nGradient noise scale B_noise (examples; pooled over {len(noise['model']['batches'])} batches, and per batch): "
+        + "; ".join(f"{key} {fmt(v['pooled'])} ({', '.join(fmt(x) for x in v['batches'])})" for key, v in noise.items())
+    )
     centred = mean["centred"]
     key = f"{CENTRED_FRACTION}_mix{CENTRED_MIX}"
     print(
@@ -505,10 +573,9 @@ def main(argv=None) -> None:
     began = time.time()
     dataset, label_names, source = load_train_split(args)
     print(f"Data: {source}, {len(dataset)} training images; regimes {args.selected}", flush=True)
-    tag = f"{'subset' if args.subset else 'full'}_seed{args.seed}_b{args.batch_size}_lr{args.learning_rate:g}"
 
     def cache_path(step: int) -> Path:
-        return cache_dir / f"scratch_{tag}_step{step}.pt"
+        return cache_file(args, f"scratch_{step}")
 
     def build():
         set_seed(args.seed)
@@ -574,6 +641,7 @@ def main(argv=None) -> None:
 
         def at_finetune_step(step: int) -> None:
             if step in finetune:
+                torch.save(model.state_dict(), cache_file(args, f"finetune_{step}"))
                 record(
                     f"finetune_{step}", model,
                     f"pretrained {args.pretrain_steps} steps (10 classes), new 2-way head, fine-tuned {step} steps "

@@ -26,12 +26,14 @@ class PredictedGradientSettings:
             f, the expected share of each micro-batch's rows whose trunk gradient is computed. Must be in (0, 1]; 1
             is plain backprop, exactly `transformers.Trainer`'s computation. `"auto"` (the default) starts at 1,
             decides first as soon as 64 rows are observed and 3 `Trainer` steps timed (within the first ~10 steps),
-            then every `auto_decision_steps` steps: it takes the f that minimises F(f) x cost(f), the variance factor
-            of the update (estimated from the rows' own gradient norms, `lgp/variance_factor`) times the measured
-            step cost (`lgp/step_cost`, from medians of recent step times), when that product is below 0.95 (once
-            sampling, below 1: estimates near 0.95 do not switch f back and forth); otherwise it trains as
-            `Trainer`. Before it first lowers f it checks unbiasedness on the run (`unbiasedness_check`). On the command line:
-            `--control_fraction 0.5`, `--control_fraction auto`.
+            then every `auto_decision_steps` steps: it takes the f that minimises the predicted time to a given loss,
+            cost(f) (1 + F(f) B_noise / B) / (1 + B_noise / B) (`lgp_hf.theory.relative_time`): F is the variance
+            factor of the update (estimated from the rows' own gradient norms, `lgp/variance_factor`), cost the
+            measured step cost (`lgp/step_cost`, from medians of recent step times), B_noise the gradient noise
+            scale (`lgp/noise_scale`; until it is measured, F(f) x cost(f)) and B the optimizer step's batch; when
+            that time is below 0.95 of `Trainer`'s (once sampling, below 1: estimates near 0.95 do not switch f back
+            and forth); otherwise it trains as `Trainer`. Before it first lowers f it checks unbiasedness on the run
+            (`unbiasedness_check`). On the command line: `--control_fraction 0.5`, `--control_fraction auto`.
         sampling_uniform_mix (`float`, defaults to `0.1`):
             a in [0, 1]: inclusion probabilities proportional to (1 - a) s_i / sum s + a / n, s_i the norm of row i's
             gradient at the head's input. 0 is pure importance sampling; 1 is uniform sampling. A mix bounds the

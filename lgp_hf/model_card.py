@@ -19,6 +19,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .theory import batch_size_advice
+
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
 PAPER_URL = "https://arxiv.org/abs/2511.05187"
 LGP_TAGS = ("lgp-hf", "predicted-gradients")
@@ -34,8 +36,10 @@ STATISTICS_ROWS = (
     ("lgp_trunk_tokens_computed", "Token positions with a gradient in the trunk's blocks (their taped backwards skip the others)", _PERCENT),
     ("lgp_variance_factor", "Variance factor F of the update (against the full batch's, over the observed steps)", _NUMBER),
     ("lgp_step_cost", "Step cost (median of the last 25 timed sampled steps, against the median Trainer step)", _NUMBER),
-    ("lgp_best_fraction", "Control fraction with the lowest predicted F x cost at the last decision of auto", _NUMBER),
-    ("lgp_predicted_efficiency", "Its predicted F x cost", _NUMBER),
+    ("lgp_noise_scale", "Gradient noise scale B_noise (examples, over the observed steps)", _NUMBER),
+    ("lgp_batch_size", "Batch of an optimizer step (examples, over accumulation and processes)", _INTEGER),
+    ("lgp_best_fraction", "Control fraction with the lowest predicted time at the last decision of auto", _NUMBER),
+    ("lgp_predicted_efficiency", "Its predicted time to a given loss against Trainer's", _NUMBER),
     ("lgp_unbiasedness_check", "Unbiasedness check", _TEXT),
     ("lgp_blocks", "Trunk blocks (backward replayed on the drawn rows)", _INTEGER),
     ("lgp_dense_blocks", "Trunk blocks run dense (not replayable on a subset of rows)", _INTEGER),
@@ -57,7 +61,8 @@ TRAINING_LOG_COLUMNS = (
     ("lgp/variance_factor", "Variance factor F"),
     ("lgp/step_cost", "Step cost"),
     ("lgp/efficiency", "F x cost"),
-    ("lgp/predicted_efficiency", "Predicted F x cost"),
+    ("lgp/noise_scale", "Noise scale"),
+    ("lgp/predicted_efficiency", "Predicted time"),
 )
 MAX_TABLE_ROWS = 30
 # Command-line options whose values must not end up in a public card.
@@ -182,7 +187,8 @@ def _merge_tags(*groups: str | Iterable[str] | None) -> list[str]:
 def efficiency_verdict(statistics: Mapping[str, Any]) -> str | None:
     """What the statistics say about compute (`theory.relative_efficiency`): F x cost against 1 when both were
     measured; else why there is no such product (sampling turned off, no sampled step, the cost not timed), with
-    the break-even step cost 1 / F where F is known. None when nothing can be said."""
+    the break-even step cost 1 / F where F is known; and when the batch is well above the measured noise scale,
+    `theory.batch_size_advice`. None when nothing can be said."""
     factor, cost = statistics.get("lgp_variance_factor"), statistics.get("lgp_step_cost")
     drawn, reason = statistics.get("lgp_drawn_fraction"), statistics.get("lgp_disabled_reason")
     sentences = []
@@ -204,7 +210,7 @@ def efficiency_verdict(statistics: Mapping[str, Any]) -> str | None:
         if best is not None and predicted is not None:
             sentences.append(
                 f"At the last decision of auto the best candidate, control fraction {format_number(best)}, had a "
-                f"predicted F x cost of {format_number(predicted)}."
+                f"predicted time to a given loss of {format_number(predicted)} of Trainer's."
             )
     elif factor is not None and factor > 0:
         sentences.append(
@@ -212,6 +218,9 @@ def efficiency_verdict(statistics: Mapping[str, Any]) -> str | None:
             f"is unknown: with F = {format_number(factor)}, the sampled backward saves compute only where its step "
             f"costs less than 1 / F = {format_number(1 / factor)} of a `Trainer` step."
         )
+    advice = batch_size_advice(statistics.get("lgp_batch_size"), statistics.get("lgp_noise_scale"))
+    if advice is not None:
+        sentences.append(advice)
     return " ".join(sentences) or None
 
 

@@ -4,7 +4,9 @@ Every sampled or observed micro-batch reports its boundary draw (`boundary.Bound
 squared trunk-gradient norm of each drawn row (`row_norms`). From those, the Horvitz-Thompson sums of
 `sampling.variance_factor_sums` estimate F at the current fraction and at every candidate fraction of "auto"
 (`CANDIDATE_FRACTIONS`), as the scores of the very same rows would have drawn them. Sums are kept since the last log
-(`lgp/*`), since the last decision of "auto" and over the run (`summary`); everything travels in checkpoints.
+(`lgp/*`), since the last decision of "auto" and over the run (`summary`). The rows' squared norms and that of their
+summed gradient also give the gradient noise scale (`noise_scale`), averaged over the run's observed micro-batches;
+everything travels in checkpoints.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import statistics
 import torch
 
 from .boundary import BoundaryDraw
+from .noise_scale import NoiseScaleAverages, noise_scale_estimates
 from .sampling import inclusion_probabilities, variance_factor_sums
 
 #: Fractions "auto" may choose (those at or above its `auto_min_control_fraction`).
@@ -60,11 +63,15 @@ class SamplingMonitor:
         self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, **dict.fromkeys(BLOCK_WORK, 0)}
         self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BLOCK_WORK, 0), "costs": []}
         self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
+        self.noise = NoiseScaleAverages()
 
-    def record(self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, block_work: tuple[int, ...]) -> None:
-        """One micro-batch: its draws, the fraction they were made at, its rows' squared trunk-gradient norms as read
-        below the boundary when it was observed (one draw only: rows are attributed to it), and the replayed blocks'
-        work (`BLOCK_WORK`)."""
+    def record(
+        self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, batch_squared_norm: float | None,
+        block_work: tuple[int, ...],
+    ) -> None:
+        """One micro-batch: its draws, the fraction they were made at, its rows' squared trunk-gradient norms and
+        the squared norm of their summed gradient as read below the boundary when it was observed (one draw only:
+        rows are attributed to it), and the replayed blocks' work (`BLOCK_WORK`)."""
         for draw in draws:
             for sums in (self.totals, self.log):
                 sums["rows"] += draw.drawn.numel()
@@ -84,6 +91,10 @@ class SamplingMonitor:
         numerators, denominator = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms)
         for sums in (self.log_factors, self.decision_factors, self.run_factors):
             sums.add(numerators, denominator, int(draw.drawn.sum()))
+        # S and G2 of the batch, estimated from the drawn rows: the read sum of g_i / pi_i has the sampling
+        # variance (the current design's numerator) on top of G2
+        if draw.drawn.numel() > 1:
+            self.noise.add(*noise_scale_estimates(denominator, batch_squared_norm - float(numerators[0]), draw.drawn.numel()))
 
     def record_cost(self, cost: float) -> None:
         """A timed sampled step's cost against the median `Trainer` step (`costs.StepCostModel`)."""
@@ -101,7 +112,7 @@ class SamplingMonitor:
     def take_log_values(self) -> dict[str, float]:
         """Since the last log: the share of rows drawn, of trunk block rows backpropagated, F at the current fraction
         and the median measured step cost (robust to a step slowed by something else); the run's count of uniform
-        draws."""
+        draws and its gradient noise scale."""
         log, logs = self.log, {"lgp/uniform_draws": self.totals["uniform_draws"]}
         if log["rows"]:
             logs["lgp/drawn_fraction"] = log["drawn_rows"] / log["rows"]
@@ -114,6 +125,8 @@ class SamplingMonitor:
             logs["lgp/variance_factor"] = factors[0]
         if log["costs"]:
             logs["lgp/step_cost"] = statistics.median(log["costs"])
+        if self.noise.value() is not None:
+            logs["lgp/noise_scale"] = self.noise.value()
         self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BLOCK_WORK, 0), "costs": []}
         self.log_factors = _FactorSums()
         return logs
@@ -127,12 +140,14 @@ class SamplingMonitor:
             "lgp_trunk_tokens_computed": totals["computed_tokens"] / totals["block_tokens"] if totals["block_tokens"] else None,
             "lgp_variance_factor": None if factors is None else factors[0],
             "lgp_uniform_draws": totals["uniform_draws"],
+            "lgp_noise_scale": self.noise.value(),
         }
 
     def state_dict(self) -> dict:
         return {
             "totals": dict(self.totals), "log": {**self.log, "costs": list(self.log["costs"])},
             "factors": {name: getattr(self, name).state_dict() for name in ("log_factors", "decision_factors", "run_factors")},
+            "noise": self.noise.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -140,3 +155,5 @@ class SamplingMonitor:
         self.log = {**dict.fromkeys(BLOCK_WORK, 0), **state["log"], "costs": list(state["log"]["costs"])}
         for name, sums in state["factors"].items():
             getattr(self, name).load_state_dict(sums)
+        if "noise" in state:  # written before the noise scale: it starts fresh
+            self.noise.load_state_dict(state["noise"])

@@ -6,7 +6,8 @@ sum_t delta_it x_it^T (and sum_t delta_it for the bias), t over the row's positi
 layer's input x (kept by a forward hook: autograd keeps it anyway) and output error delta (a tensor hook), read
 during the backward the step runs anyway (`linear_row_squared_norms`). Covered: `nn.Linear` (LoRA's adapters too)
 and transformers' `Conv1D` inside the trunk's blocks, which hold most of a transformer's parameters and of its
-gradient; the F estimated from them stands for the whole trunk's.
+gradient; the F estimated from them stands for the whole trunk's. The same hooks sum the rows' gradients of each
+layer (`linear_batch_gradient`), whose squared norm with the rows' gives the gradient noise scale (`noise_scale`).
 """
 
 from __future__ import annotations
@@ -38,8 +39,18 @@ def linear_row_squared_norms(inputs: torch.Tensor, errors: torch.Tensor, bias: b
     return norms
 
 
+def linear_batch_gradient(inputs: torch.Tensor, errors: torch.Tensor, bias: bool) -> torch.Tensor:
+    """sum_rows sum_t delta_t x_t^T (b x a), with sum_rows sum_t delta_t as one more column with a bias: the
+    layer's gradient from these rows, in float32 (one product as large as the layer's own weight gradient)."""
+    x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+    delta = errors.detach().reshape(-1, errors.shape[-1]).float()
+    gradient = delta.mT @ x
+    return torch.cat([gradient, delta.sum(0)[:, None]], 1) if bias else gradient
+
+
 class RowGradientNorms:
-    """Hooks on the linear layers of `modules` that add each row's squared gradient norm into `squared_norms`.
+    """Hooks on the linear layers of `modules` that add each row's squared gradient norm into `squared_norms`, and
+    the rows' summed gradient of each layer into `batch_gradients` (`batch_squared_norm`: its squared norm).
 
     Active only inside `recording(row_count, row_index)`. `row_count()` is the number of rows at the boundary (known
     once its backward has drawn, before any trunk backward: None when it drew nothing); `row_index()` returns, when a
@@ -50,10 +61,15 @@ class RowGradientNorms:
     def __init__(self, modules: list[nn.Module]):
         self.layers = [m for module in modules for m in module.modules() if isinstance(m, (nn.Linear, Conv1D)) and m.weight.requires_grad]
         self.squared_norms: torch.Tensor | None = None
+        self.batch_gradients: dict[nn.Parameter, torch.Tensor] = {}  # by weight
+
+    def batch_squared_norm(self) -> float:
+        """||sum_i g_i||^2 over the layers, for the rows `squared_norms` holds (0 before any)."""
+        return sum(float(gradient.double().pow(2).sum()) for gradient in self.batch_gradients.values())
 
     @contextlib.contextmanager
     def recording(self, row_count, row_index):
-        self.squared_norms = None
+        self.squared_norms, self.batch_gradients = None, {}
 
         def watch(module, args, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad and args):
@@ -66,7 +82,10 @@ class RowGradientNorms:
                     return
                 if self.squared_norms is None:
                     self.squared_norms = torch.zeros(rows, dtype=torch.float64)
-                squares = linear_row_squared_norms(inputs, errors, module.bias is not None and module.bias.requires_grad).double().cpu()
+                bias = module.bias is not None and module.bias.requires_grad
+                squares = linear_row_squared_norms(inputs, errors, bias).double().cpu()
+                gradient, key = linear_batch_gradient(inputs, errors, bias), module.weight  # a shared weight: one sum
+                self.batch_gradients[key] = self.batch_gradients[key] + gradient if key in self.batch_gradients else gradient
                 if index is None:
                     self.squared_norms.add_(squares)
                 else:

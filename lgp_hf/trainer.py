@@ -21,10 +21,11 @@ from .checkpoints import reload_renamed_weights
 from .costs import MIN_REFERENCES, StepClock, StepCostModel, affordable_check_draws
 from .model_card import write_model_card
 from .monitor import CANDIDATE_FRACTIONS, MIN_OBSERVED_ROWS, SamplingMonitor
+from .noise_scale import noise_scale
 from .replay import BlockReplay, find_blocks
 from .row_norms import RowGradientNorms
 from .sampling import draw_generator
-from .theory import best_control_fraction, decision_margin
+from .theory import batch_size_advice, best_control_fraction, decision_margin, relative_time
 from .verification import gradient_error_statistics, report_from_statistics
 
 logger = logging.get_logger(__name__)
@@ -110,6 +111,7 @@ class PredictedGradientMixin:
         self._pending_fraction: float | None = None  # chosen by "auto", waiting for the unbiasedness check
         self._first_rows_observed = False  # every rank observed MIN_OBSERVED_ROWS rows for the first decision
         self._last_decision: dict | None = None
+        self._batch_advice: str | None = None  # logged once, when the batch is first measured well above the noise scale
         self.sampler = BoundarySampler(uniform_mix=settings.sampling_uniform_mix)
         self.monitor = SamplingMonitor(settings.sampling_uniform_mix)
         self.cost_model = StepCostModel()
@@ -200,7 +202,8 @@ class PredictedGradientMixin:
             )
         work = self.replay.take_counts()
         self._step_rows = [self._step_rows[0] + work[0], self._step_rows[1] + work[1]]
-        self.monitor.record(self.sampler.draws, fraction, self.row_norms.squared_norms if observe else None, work)
+        norms = (self.row_norms.squared_norms, self.row_norms.batch_squared_norm()) if observe else (None, None)
+        self.monitor.record(self.sampler.draws, fraction, *norms, work)
         return loss
 
     def _times_step(self, step: int) -> bool:
@@ -299,9 +302,9 @@ class PredictedGradientMixin:
 
     def _schedule(self, observed: bool) -> None:
         """After an optimizer step (`state.global_step` counts it): after an observed one, the next observation, spaced by
-        the measured overhead (averaged over ranks, so that every rank observes the same steps); at a decision
-        point (every `auto_decision_steps` steps, and the first as soon as MIN_OBSERVED_ROWS rows and MIN_REFERENCES
-        reference step times are in), the decision of "auto"."""
+        the measured overhead (averaged over ranks, so that every rank observes the same steps), and the batch size
+        advice; at a decision point (every `auto_decision_steps` steps, and the first as soon as MIN_OBSERVED_ROWS
+        rows and MIN_REFERENCES reference step times are in), the decision of "auto"."""
         settings = self.lgp_settings
         step = self.state.global_step
         if observed:
@@ -310,6 +313,7 @@ class PredictedGradientMixin:
                 overhead = float(self._all_ranks_mean(torch.tensor([self._observation_overhead], dtype=torch.float64, device=self.args.device)))
                 spacing = max(spacing, math.ceil(overhead / settings.auto_observation_budget))
             self._next_observation = step - 1 + spacing
+            self._advise_batch_size()
         first = False
         if self._before_first_decision():
             # the same on every rank (a draw made uniform by an overflow observes no rows on its rank): ranks that
@@ -322,8 +326,9 @@ class PredictedGradientMixin:
             self._decide_control_fraction()
 
     def _decide_control_fraction(self) -> None:
-        """`control_fraction="auto"`: the candidate f with the smallest F(f) cost(f), from the rows observed since the
-        last decision (`monitor`) and the measured step cost (`costs`), averaged over ranks; 1 unless that product
+        """`control_fraction="auto"`: the candidate f with the smallest predicted time to a given loss (`theory.
+        relative_time`, F(f) cost(f) before the noise scale is known), from the rows observed since the last decision
+        (`monitor`), the measured step cost (`costs`) and the run's noise scale, averaged over ranks; 1 unless that time
         is below 1 - AUTO_MARGIN (below 1 when f < 1 already: `theory.decision_margin`). Changed only between
         optimizer steps. Lowering f from 1 waits for the check."""
         factors = self.monitor.take_decision_factors()
@@ -335,10 +340,12 @@ class PredictedGradientMixin:
         factors, costs = values[: len(fractions)], values[len(fractions) :]
         if not all(map(math.isfinite, factors)):
             return
-        fraction, efficiency = best_control_fraction(fractions, factors, costs, decision_margin(self._control_fraction, AUTO_MARGIN))
-        best = min(range(len(fractions)), key=lambda i: factors[i] * costs[i])
+        ratio = self._noise_ratio()
+        fraction, efficiency = best_control_fraction(fractions, factors, costs, decision_margin(self._control_fraction, AUTO_MARGIN), ratio)
+        times = [relative_time(factor, cost, ratio) for factor, cost in zip(factors, costs)]
+        best = min(range(len(fractions)), key=times.__getitem__)
         self._last_decision = {"fraction": fraction, "best_fraction": fractions[best], "variance_factor": factors[best],
-                               "step_cost": costs[best], "efficiency": factors[best] * costs[best]}
+                               "step_cost": costs[best], "efficiency": times[best]}
         if fraction < 1 and self._control_fraction == 1 and self.unbiasedness["status"] != "passed":
             if self.unbiasedness["status"] == "not run" and self.lgp_settings.unbiasedness_check:
                 self._pending_fraction = fraction
@@ -346,6 +353,26 @@ class PredictedGradientMixin:
             if self.unbiasedness["status"] in ("failed", "skipped"):
                 return
         self._control_fraction = fraction
+
+    def _noise_ratio(self) -> float | None:
+        """B_noise / B (`theory.relative_time`), B the optimizer step's batch, from the run's averages of tr(Sigma) and
+        |G|^2 over ranks; None until every rank has an estimate."""
+        noise = self.monitor.noise
+        values = torch.tensor([noise.trace, noise.squared_mean, float(noise.value() is not None)], dtype=torch.float64, device=self.args.device)
+        trace, squared_mean, known = self._all_ranks_mean(values).tolist()
+        return noise_scale(trace, squared_mean) / self._optimizer_batch_size() if known == 1 else None
+
+    def _optimizer_batch_size(self) -> int:
+        """B of the noise scale's model: the examples (rows) of an optimizer step, over accumulation and processes."""
+        return self.get_total_train_batch_size(self.args)
+
+    def _advise_batch_size(self) -> None:
+        """Once per run, on the main process: a warning when the measured noise scale says a smaller batch would reach
+        the same loss sooner (`theory.batch_size_advice`). Nothing changes the batch."""
+        if self._batch_advice is None and self.is_world_process_zero():
+            self._batch_advice = batch_size_advice(self._optimizer_batch_size(), self.monitor.noise.value())
+            if self._batch_advice is not None:
+                logger.warning(self._batch_advice)
 
     def _check_unbiasedness(self, model, inputs, num_items_in_batch) -> None:
         """`verification` on this micro-batch, before sampling starts. An explicit f < 1 raises on failure; "auto"
@@ -411,7 +438,8 @@ class PredictedGradientMixin:
 
     def lgp_summary(self) -> dict[str, float | str | None]:
         """Statistics of the run so far: control fraction, rows drawn and computed, the variance factor F, the step
-        cost (`costs.StepCostModel.step_cost`: medians of recent timed steps), the last decision of "auto" and the
+        cost (`costs.StepCostModel.step_cost`: medians of recent timed steps), the gradient noise scale and the
+        optimizer step's batch, the last decision of "auto" and the
         unbiasedness check."""
         decision = self._last_decision or {}
         return {
@@ -419,6 +447,7 @@ class PredictedGradientMixin:
             "lgp_disabled_reason": self.disabled_reason,
             **self.monitor.summary(),
             "lgp_step_cost": self.cost_model.step_cost(),
+            "lgp_batch_size": self._optimizer_batch_size(),
             "lgp_predicted_efficiency": decision.get("efficiency"),
             "lgp_best_fraction": decision.get("best_fraction"),
             "lgp_unbiasedness_check": self.unbiasedness["status"],
@@ -491,6 +520,7 @@ class PredictedGradientMixin:
             "last_reference": self._last_reference,
             "observation_overhead": self._observation_overhead,
             "last_decision": self._last_decision,
+            "batch_advice": self._batch_advice,
             "unbiasedness": dict(self.unbiasedness),
             "costs": self.cost_model.state_dict(),
             "monitor": self.monitor.state_dict(),
@@ -523,6 +553,7 @@ class PredictedGradientMixin:
         self._last_reference = state["last_reference"]
         self._observation_overhead = state["observation_overhead"]
         self._last_decision = state["last_decision"]
+        self._batch_advice = state.get("batch_advice")
         self.unbiasedness = state["unbiasedness"]
         self.cost_model.load_state_dict(state["costs"])
         self.monitor.load_state_dict(state["monitor"])

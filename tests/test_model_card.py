@@ -14,6 +14,7 @@ from transformers import ViTModel
 
 from conftest import image_dataset, tiny_vit
 from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
+from lgp_hf.theory import batch_size_advice
 from lgp_hf.model_card import (
     AUTO_STATISTICS,
     LGP_TAGS,
@@ -221,9 +222,11 @@ def test_card_of_an_auto_run_that_kept_plain_backprop(quiet_args, no_network):
     assert verdict_of(text) == (
         "No step of this run sampled rows (the control fraction stayed at 1): it trained as plain backpropagation, "
         f"so there is no F x cost to report. At the last decision of auto the best candidate, control fraction "
-        f"{format_number(best)}, had a predicted F x cost of {format_number(predicted)}."
+        f"{format_number(best)}, had a predicted time to a given loss of {format_number(predicted)} of Trainer's."
     )
-    assert "| Control fraction | Rows drawn | Variance factor F | Predicted F x cost |" in text
+    assert "| Control fraction | Rows drawn | Variance factor F | Predicted time | Noise scale |" in text
+    assert f"- {LABELS['lgp_noise_scale']}: {format_number(summary['lgp_noise_scale'])}" in text
+    assert f"- {LABELS['lgp_batch_size']}: 32" in text
 
 
 def test_card_of_a_model_without_a_head_says_sampling_was_off(quiet_args, no_network):
@@ -363,6 +366,14 @@ def test_build_model_card_from_plain_values():
             "No step of this run sampled rows (the control fraction stayed at 1): it trained as plain backpropagation, "
             "so there is no F x cost to report.",
         ),
+        (  # the batch 4 times the noise scale: the advice follows the verdict
+            {"lgp_variance_factor": 1.5, "lgp_step_cost": 0.5, "lgp_noise_scale": 16.0, "lgp_batch_size": 64},
+            "F x cost = 1.5000 x 0.5000 = 0.7500: at equal gradient noise, the sampled backward saved compute "
+            "compared with plain backpropagation in this run. " + batch_size_advice(64, 16.0),
+        ),
+        ({"lgp_variance_factor": 1.5, "lgp_step_cost": 0.5, "lgp_noise_scale": 40.0, "lgp_batch_size": 64},
+         "F x cost = 1.5000 x 0.5000 = 0.7500: at equal gradient noise, the sampled backward saved compute "
+         "compared with plain backpropagation in this run."),
         ({"lgp_variance_factor": None, "lgp_step_cost": 0.7}, None),
         ({}, None),
     ],

@@ -78,7 +78,7 @@ def test_resume_is_bit_identical(mode, quiet_args, monkeypatch):
     for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), name
     summary, expected = second.lgp_summary(), straight.lgp_summary()
-    for key in ("lgp_control_fraction", "lgp_variance_factor", "lgp_drawn_fraction", "lgp_unbiasedness_check"):
+    for key in ("lgp_control_fraction", "lgp_variance_factor", "lgp_drawn_fraction", "lgp_noise_scale", "lgp_unbiasedness_check"):
         assert summary[key] == expected[key], key
     windows = lambda trainer: (len(trainer.cost_model.references), len(trainer.cost_model.sampled))  # noqa: E731 (times differ)
     assert windows(second) == windows(straight) and windows(straight)[0] >= 1

@@ -1,0 +1,158 @@
+"""The gradient noise scale: B_simple's estimates (exact enumeration), the monitor's correction at f < 1 (exact
+enumeration of the draws), the trainer's estimate against per-example autograd, and the batch size advice."""
+
+import itertools
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import image_dataset, tiny_vit
+from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
+from lgp_hf.boundary import BoundaryDraw
+from lgp_hf.monitor import SamplingMonitor
+from lgp_hf.noise_scale import NoiseScaleAverages, noise_scale, noise_scale_estimates
+from lgp_hf.replay import find_blocks
+from lgp_hf.row_norms import RowGradientNorms
+from lgp_hf.sampling import inclusion_probabilities
+from test_resume_and_faults import auto_settings, prior_costs
+
+
+def test_b_simple_estimates_are_unbiased_over_every_batch():
+    """Batches of B examples drawn independently from a population of N per-example gradients, every one of the N^B
+    ordered batches enumerated: the mean of the estimates is the population's tr(Sigma) and |G|^2 exactly."""
+    generator = torch.Generator().manual_seed(0)
+    population = torch.randn(5, 3, generator=generator, dtype=torch.float64) + torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64)
+    mean = population.mean(0)
+    trace, squared_mean = (population - mean).pow(2).sum(1).mean(), mean.pow(2).sum()
+    for rows in (2, 3, 4):
+        estimates = []
+        for batch in itertools.product(range(len(population)), repeat=rows):
+            contributions = population[list(batch)] / rows  # the loss is the batch mean
+            estimates.append(noise_scale_estimates(float(contributions.pow(2).sum()), float(contributions.sum(0).pow(2).sum()), rows))
+        expected = torch.tensor(estimates, dtype=torch.float64).mean(0)
+        torch.testing.assert_close(expected, torch.stack([trace, squared_mean]), rtol=1e-12, atol=1e-12)
+    assert noise_scale(float(trace), float(squared_mean)) == pytest.approx(float(trace / squared_mean))
+
+
+class _Recorded:
+    def __init__(self):
+        self.values = []
+
+    def add(self, trace, squared_mean):
+        self.values.append((trace, squared_mean))
+
+
+def test_monitor_removes_the_sampling_variance_from_the_sampled_batch_gradient():
+    """At f < 1 the hooks read the rows drawn, weighted 1 / pi_i. Over every subset the Poisson draw can make
+    (weighted by its probability), the monitor's estimates average to those of the full batch."""
+    generator = torch.Generator().manual_seed(1)
+    contributions = torch.randn(5, 4, generator=generator, dtype=torch.float64) / 5 + 0.1
+    squared = contributions.pow(2).sum(1)
+    scores = squared.sqrt() + torch.rand(5, generator=generator, dtype=torch.float64)
+    probabilities = inclusion_probabilities(scores, 0.5, 0.1)
+    monitor = SamplingMonitor(uniform_mix=0.1)
+    monitor.noise = _Recorded()
+    weights = []
+    for pattern in itertools.product([False, True], repeat=5):
+        drawn = torch.tensor(pattern)
+        weights.append(float(torch.where(drawn, probabilities, 1 - probabilities).prod()))
+        read = torch.where(drawn, squared / probabilities**2, torch.zeros_like(squared))  # what the hooks read
+        summed = (contributions * torch.where(drawn, 1 / probabilities, torch.zeros_like(probabilities))[:, None]).sum(0)
+        monitor.record([BoundaryDraw(scores, probabilities, drawn, False)], 0.5, read, float(summed.pow(2).sum()), (0, 0))
+    expected = torch.tensor(weights, dtype=torch.float64) @ torch.tensor(monitor.noise.values, dtype=torch.float64)
+    full = noise_scale_estimates(float(squared.sum()), float(contributions.sum(0).pow(2).sum()), 5)
+    torch.testing.assert_close(expected, torch.tensor(full, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def test_averages_divide_smoothed_sums_and_wait_for_enough_observations():
+    averages = NoiseScaleAverages(decay=0.5)
+    for trace, squared_mean in [(8.0, 1.0), (4.0, 3.0), (6.0, -1.0)]:
+        averages.add(trace, squared_mean)
+    assert averages.value() is None
+    averages.add(2.0, 2.0)
+    # weights 1/16, 1/8, 1/4, 1/2 (times 1/2): the ratio of the weighted sums, not the mean of the ratios
+    assert averages.value() == pytest.approx((8 / 16 + 4 / 8 + 6 / 4 + 2 / 2) / (1 / 16 + 3 / 8 - 1 / 4 + 2 / 2))
+    restored = NoiseScaleAverages(decay=0.5)
+    restored.load_state_dict(averages.state_dict())
+    assert restored.value() == averages.value()
+
+
+def exact_noise_scale(model, batch, layers) -> float:
+    """B_noise of one batch over the parameters of `layers`, from per-example gradients (plain autograd)."""
+    rows = len(batch["labels"])
+    parameters = [p for layer in layers for p in layer.parameters()]
+    gradients = []
+    for row in range(rows):
+        single = {key: value[row : row + 1] for key, value in batch.items()}
+        loss = model(**single).loss / rows
+        gradients.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, parameters)]).double())
+    gradients = torch.stack(gradients)
+    return noise_scale(*noise_scale_estimates(float(gradients.pow(2).sum()), float(gradients.sum(0).pow(2).sum()), rows))
+
+
+def test_trainer_estimate_equals_the_per_example_autograd_value(quiet_args):
+    """Learning rate 0 and a data set of exactly one batch: every observed step sees the same rows at the same
+    weights, so the run's smoothed estimate is that batch's B_noise, which per-example autograd gives."""
+    dataset = image_dataset(8, seed=3)
+    model = tiny_vit(seed=4)
+    blocks = find_blocks(model, [model.classifier])
+    expected = exact_noise_scale(model, dataset[:8], RowGradientNorms(blocks).layers)
+    args = PredictedGradientArguments(
+        **quiet_args, per_device_train_batch_size=8, max_steps=6, learning_rate=0.0, logging_steps=1, seed=0,
+        control_fraction="auto", auto_observation_period=1, auto_observation_budget=1e9, auto_decision_steps=100,
+    )
+    trainer = PredictedGradientTrainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    assert trainer.monitor.noise.observations == 6
+    assert trainer.lgp_summary()["lgp_noise_scale"] == pytest.approx(expected, rel=1e-4)
+    logged = [log["lgp/noise_scale"] for log in trainer.state.log_history if "lgp/noise_scale" in log]
+    assert len(logged) == 3 and logged[-1] == pytest.approx(expected, rel=1e-4)  # from the 4th observed step on
+
+
+def advice_run(quiet_args, dataset, caplog, output_dir):
+    args = PredictedGradientArguments(
+        **dict(quiet_args, output_dir=str(output_dir)), per_device_train_batch_size=16, max_steps=8, learning_rate=1e-3,
+        logging_steps=4, seed=0, control_fraction="auto", auto_observation_period=1, auto_observation_budget=1e9,
+        auto_decision_steps=100,
+    )
+    trainer = PredictedGradientTrainer(model=tiny_vit(seed=1), args=args, train_dataset=dataset)
+    with caplog.at_level(logging.WARNING, logger="lgp_hf.trainer"):
+        trainer.train()
+    trainer.create_model_card()
+    card = (Path(output_dir) / "README.md").read_text()
+    lines = [r.getMessage() for r in caplog.records if "gradient noise scale" in r.getMessage()]
+    caplog.clear()
+    return trainer, lines, card
+
+
+def test_batch_far_above_the_noise_scale_is_reported_once(quiet_args, caplog, tmp_path):
+    """Two images of one class repeated: the per-example gradients barely vary and the batch of 16 is far above
+    B_noise; random images with random labels: B_noise is above the batch, and nothing is said."""
+    two = image_dataset(2, seed=5).with_format(None).map(lambda example: {"labels": 0}).with_format("torch")
+    repeated = two.select([i % 2 for i in range(64)])
+    trainer, lines, card = advice_run(quiet_args, repeated, caplog, tmp_path / "repeated")
+    noise = trainer.lgp_summary()["lgp_noise_scale"]
+    assert noise < 16 / 2
+    assert len(lines) == 1 and "The batch of 16 examples per optimizer step" in lines[0]
+    assert "a smaller batch would reach the same loss sooner" in card and "Gradient noise scale B_noise" in card
+
+    trainer, lines, card = advice_run(quiet_args, image_dataset(64, seed=6), caplog, tmp_path / "random")
+    assert trainer.lgp_summary()["lgp_noise_scale"] > 16 / 2
+    assert lines == [] and "smaller batch" not in card
+
+
+def test_auto_lowers_f_on_cost_alone_where_the_batch_is_far_above_the_noise_scale(quiet_args, monkeypatch):
+    """Two images of one class repeated: every row scores alike, so F = 1 / f and F x cost > 1 at every f (the old
+    criterion keeps f = 1), but B_noise << B: only the cost counts, and "auto" lowers f."""
+    prior_costs(monkeypatch)
+    two = image_dataset(2, seed=5).with_format(None).map(lambda example: {"labels": 0}).with_format("torch")
+    args = PredictedGradientArguments(**auto_settings(quiet_args, max_steps=12))
+    trainer = PredictedGradientTrainer(model=tiny_vit(seed=1), args=args, train_dataset=two.select([i % 2 for i in range(16 * 12)]))
+    trainer.train()
+    summary = trainer.lgp_summary()
+    assert summary["lgp_noise_scale"] < 1 and summary["lgp_unbiasedness_check"] == "passed"
+    assert summary["lgp_control_fraction"] < 1 and summary["lgp_predicted_efficiency"] < 0.95
+    decision = trainer._last_decision
+    assert decision["variance_factor"] * decision["step_cost"] > 1  # F x cost would not pay
