@@ -163,8 +163,9 @@ def run_one(spec: common.RunSpec, seed: int, data: common.ImageData, args, model
         "seconds_per_step": budget.training_seconds / steps,
         "median_step_seconds": statistics.median(step["seconds"] for step in timer.steps),
         "slowest_step": {"step": slowest + 1, "seconds": timer.steps[slowest]["seconds"]},  # where a check ran
-        "evaluations": [{key: entry[key] for key in ("seconds", "step", "accuracy")} for entry in budget.evaluations],
+        "evaluations": [{key: entry[key] for key in ("seconds", "step", "accuracy", "loss")} for entry in budget.evaluations],
         "final_accuracy": budget.evaluations[-1]["accuracy"],
+        "final_loss": budget.evaluations[-1]["loss"],
         "lgp_summary": trainer.lgp_summary() if spec.is_lgp else None,
         "log": log,
     }
@@ -195,7 +196,7 @@ def run_suite(args, data_loader, model_factory, results_path: Path, extra: dict 
             record = records[spec.name]
             results.append(record)
             print(f"    {spec.name}: {record['steps']} steps, {record['seconds_per_step']:.3f} s/step, "
-                  f"test accuracy {record['final_accuracy']:.4f}", flush=True)
+                  f"test accuracy {record['final_accuracy']:.4f}, eval loss {record['final_loss']:.4f}", flush=True)
         common.write_json(results_path, {"settings": vars(args), **(extra or {}), "results": results})
     return results
 
@@ -224,6 +225,8 @@ def summarize(results: list[dict]) -> tuple[float | None, list[dict]]:
             "slowest_step_s": statistics.fmean(r["slowest_step"]["seconds"] for r in records),
             "final_acc": finals[name],
             "final_acc_per_seed": " / ".join(f"{r['final_accuracy']:.4f}" for r in records),
+            "final_loss": statistics.fmean(r["final_loss"] for r in records),
+            "final_loss_per_seed": " / ".join(f"{r['final_loss']:.4f}" for r in records),
             "time_to_target_s": statistics.fmean(reach) if reach and None not in reach else None,
             "time_to_target_per_seed": " / ".join("not reached" if t is None else f"{t:.0f}" for t in reach) or None,
             "final_f": mean_of(lgp, "lgp_control_fraction"),
@@ -255,7 +258,8 @@ def mean_or_none(values: list[float]) -> float | None:
 
 
 COLUMNS = [
-    "run", "batch", "steps", "s_per_step", "slowest_step_s", "final_acc", "final_acc_per_seed", "time_to_target_s",
+    "run", "batch", "steps", "s_per_step", "slowest_step_s", "final_acc", "final_acc_per_seed", "final_loss",
+    "final_loss_per_seed", "time_to_target_s",
     "time_to_target_per_seed", "final_f", "rows_computed", "F", "step_cost", "F_x_cost", "cost_vs_trainer",
     "F_x_cost_vs_trainer", "auto_predicted_F_x_cost", "auto_best_f", "check",
 ]
