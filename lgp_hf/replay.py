@@ -292,8 +292,9 @@ class _Tape(TorchFunctionMode):
         return self.entries[self.position - 1][1]
 
     def _rows(self, recorded: torch.Tensor) -> torch.Tensor:
-        """The replayed rows of a recorded tensor, gathered once per replay."""
-        if recorded.dim() == 0 or recorded.shape[0] % self.count:
+        """The replayed rows of a recorded tensor, gathered once per replay (all rows: the tensor itself, whatever its
+        shape, e.g. an operation on parameters alone; on a subset, one without the rows' dimension fails the check)."""
+        if self.replay_rows is not None and (recorded.dim() == 0 or recorded.shape[0] % self.count):
             raise _TapeMismatch
         gathered = self._gathered.get(id(recorded))
         if gathered is None:

@@ -35,6 +35,9 @@ LGP_STATE_NAME = "lgp_state.pt"
 #: that does not pay must not cost more than a few percent over `Trainer`'s (once sampling, it goes back to 1 only
 #: above 1: `theory.decision_margin`).
 AUTO_MARGIN = 0.05
+#: Observed micro-batches in the noise scale's moving average before the batch-size advice may speak: twice its
+#: window (1 / (1 - decay)).
+ADVICE_OBSERVATIONS = 20
 #: Fewest sampled backwards for a meaningful unbiasedness check.
 MIN_CHECK_DRAWS = 16
 #: The check in a run takes the first this many rows of its micro-batch: its draws cost a fraction of a step each,
@@ -368,8 +371,10 @@ class PredictedGradientMixin:
 
     def _advise_batch_size(self) -> None:
         """Once per run, on the main process: a warning when the measured noise scale says a smaller batch would reach
-        the same loss sooner (`theory.batch_size_advice`). Nothing changes the batch."""
-        if self._batch_advice is None and self.is_world_process_zero():
+        the same loss sooner (`theory.batch_size_advice`), once ADVICE_OBSERVATIONS micro-batches are averaged (the
+        first estimates, of a new head's large early gradients, read 5 to 10 times under the run's). Nothing changes
+        the batch."""
+        if self._batch_advice is None and self.is_world_process_zero() and self.monitor.noise.observations >= ADVICE_OBSERVATIONS:
             self._batch_advice = batch_size_advice(self._optimizer_batch_size(), self.monitor.noise.value())
             if self._batch_advice is not None:
                 logger.warning(self._batch_advice)

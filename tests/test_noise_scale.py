@@ -16,6 +16,7 @@ from lgp_hf.noise_scale import NoiseScaleAverages, noise_scale, noise_scale_esti
 from lgp_hf.replay import find_blocks
 from lgp_hf.row_norms import RowGradientNorms
 from lgp_hf.sampling import inclusion_probabilities
+from lgp_hf.trainer import ADVICE_OBSERVATIONS
 from test_resume_and_faults import auto_settings, prior_costs
 
 
@@ -111,9 +112,9 @@ def test_trainer_estimate_equals_the_per_example_autograd_value(quiet_args):
     assert len(logged) == 3 and logged[-1] == pytest.approx(expected, rel=1e-4)  # from the 4th observed step on
 
 
-def advice_run(quiet_args, dataset, caplog, output_dir):
+def advice_run(quiet_args, dataset, caplog, output_dir, max_steps=ADVICE_OBSERVATIONS + 4):
     args = PredictedGradientArguments(
-        **dict(quiet_args, output_dir=str(output_dir)), per_device_train_batch_size=16, max_steps=8, learning_rate=1e-3,
+        **dict(quiet_args, output_dir=str(output_dir)), per_device_train_batch_size=16, max_steps=max_steps, learning_rate=1e-3,
         logging_steps=4, seed=0, control_fraction="auto", auto_observation_period=1, auto_observation_budget=1e9,
         auto_decision_steps=100,
     )
@@ -129,9 +130,12 @@ def advice_run(quiet_args, dataset, caplog, output_dir):
 
 def test_batch_far_above_the_noise_scale_is_reported_once(quiet_args, caplog, tmp_path):
     """Two images of one class repeated: the per-example gradients barely vary and the batch of 16 is far above
-    B_noise; random images with random labels: B_noise is above the batch, and nothing is said."""
+    B_noise, said once ADVICE_OBSERVATIONS observed steps are averaged (not before); random images with random
+    labels: B_noise is above the batch, and nothing is said."""
     two = image_dataset(2, seed=5).with_format(None).map(lambda example: {"labels": 0}).with_format("torch")
     repeated = two.select([i % 2 for i in range(64)])
+    _, lines, _ = advice_run(quiet_args, repeated, caplog, tmp_path / "short", max_steps=ADVICE_OBSERVATIONS - 2)
+    assert lines == []
     trainer, lines, card = advice_run(quiet_args, repeated, caplog, tmp_path / "repeated")
     noise = trainer.lgp_summary()["lgp_noise_scale"]
     assert noise < 16 / 2
