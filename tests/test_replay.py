@@ -302,3 +302,29 @@ def test_the_tape_keeps_about_what_autograd_keeps(case):
         return sum(size for pointer, size in storages.items() if pointer not in parameters)
 
     assert saved_bytes(replayed=True) <= 1.1 * saved_bytes(replayed=False)
+
+
+class ParameterTableLayer(GradientCheckpointingLayer):
+    """A layer with a linear map of a parameter table alone (a position-bias MLP, as SwinV2's): an operation without
+    the rows' dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.table, self.project = nn.Linear(6, 6), nn.Parameter(torch.randn(5, 6)), nn.Linear(6, 1)
+
+    def forward(self, hidden):
+        bias = self.project(self.table).mean()
+        return hidden + torch.tanh(self.linear(hidden)) + bias
+
+
+def test_a_block_with_an_operation_on_parameters_alone_is_replayed_dense_and_exact():
+    """On 3 of 8 rows the table's linear map does not take the recorded rows (it has none): the check fails, the
+    block is replayed on all rows (where the recorded output is taken whole) and the gradients stay autograd's."""
+    model = NormalisedModel()
+    torch.manual_seed(0)
+    model.layers = nn.ModuleList([ParameterTableLayer(), ParameterTableLayer()])
+    batch = {"features": torch.randn(8, 6, generator=torch.Generator().manual_seed(2)), "labels": torch.arange(8) % 3}
+    plain, _ = gradients(model, batch, replayed=False)
+    replayed, replay = gradients(model, batch, replayed=True)
+    assert replay.dense == {1}
+    assert_same_gradients(plain, replayed, 1e-5)
