@@ -73,6 +73,11 @@ def test_two_ranks_update_like_one_process(runs, name):
     if CONFIGS[name][0] < 1:  # rows were drawn, the same in both runs
         assert 0 < reference["summary"]["lgp_drawn_fraction"] < 1
         assert sum(r["summary"]["lgp_drawn_fraction"] for r in ddp[name]) / 2 == pytest.approx(reference["summary"]["lgp_drawn_fraction"])
+    if reference["predictor"] is not None:  # the same map on both ranks as in the one process
+        assert any(c is not None for c in reference["predictor"]["correlations"])
+        for rank_result in ddp[name]:
+            for a, b in zip(rank_result["predictor"]["correlations"], reference["predictor"]["correlations"]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     if len(CONFIGS[name]) > 2 and CONFIGS[name][2].get("unbiasedness_check"):
         assert all(r["summary"]["lgp_unbiasedness_check"] == "passed" for r in ddp[name])
 
@@ -102,8 +107,9 @@ def test_ddp_all_reduces_once_per_step_on_the_sync_micro_batch(runs, name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_only_a_few_floats_are_communicated(runs, name):
     """Besides DDP's buckets: the check's verdict (1), the observation overhead (1) and, at a decision of "auto",
-    F and cost of each candidate fraction."""
+    F and cost of each candidate fraction; with the predictor, its step sums once per optimizer step (its state's
+    size, far below the parameters')."""
     ddp, _ = runs
     for rank_result in ddp[name]:
         sizes = [numel for _, numel in rank_result["collectives"]]
-        assert max(sizes, default=0) <= 2 * len(CANDIDATE_FRACTIONS), rank_result["collectives"]
+        assert max(sizes, default=0) <= max(2 * len(CANDIDATE_FRACTIONS), rank_result["predictor_state_size"]), rank_result["collectives"]
