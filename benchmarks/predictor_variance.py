@@ -43,7 +43,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.5])
     parser.add_argument("--mixes", nargs="+", type=float, default=[0.1])
     parser.add_argument("--train_learning_rate", type=float, default=None, help="Default: the regime's (sampling_variance's).")
-    parser.add_argument("--signal_dims", type=int, default=16)
+    parser.add_argument("--signal_dims", type=int, default=4)
     parser.add_argument("--ridge", type=float, default=0.1)
     parser.add_argument("--decay", type=float, default=0.9)
     args, rest = parser.parse_known_args(argv)

@@ -70,12 +70,13 @@ class PredictedGradientSettings:
             `"none"`: the importance-sampled update sum_i w_i g_i, w_i = 1{drawn} / pi_i. `"linear"`: the difference
             estimator sum_i w_i g_i + beta sum_i (1 - w_i) p_i (the control variate of arXiv 2511.05187), unbiased for
             any prediction p_i fixed before the draw; per trunk linear layer p_i = M s_i xbar_i^T, s_i the row's
-            boundary gradient through a fixed random projection (`predictor_signal_dims` numbers), xbar_i its summed
+            boundary gradient and input sketched (`predictor_signal_dims`), xbar_i its summed
             input to the layer, M and beta fitted online on earlier steps' drawn rows (`lgp_hf.predictor`). The paper's
             own configuration: `sampling_uniform_mix=1, gradient_predictor="linear"`.
-        predictor_signal_dims (`int`, defaults to `16`):
-            k, the dimension of the projected boundary gradient the predictor maps from. The predictor holds
-            d_out k + k^2 numbers per trunk linear layer (k / d_in of its weight).
+        predictor_signal_dims (`int`, defaults to `4`):
+            k: the predictor maps from a k x k sketch of the head's per-row gradient (the boundary gradient and the
+            boundary input, each projected to k numbers). It holds d_out k^2 + k^4 numbers per trunk linear layer
+            (k^2 / d_in of its weight).
         predictor_ridge (`float`, defaults to `0.1`):
             The ridge penalty of the predictor's fit, relative to the mean diagonal of its normal equations.
         predictor_decay (`float`, defaults to `0.9`):
@@ -110,7 +111,7 @@ class PredictedGradientSettings:
     gradient_predictor: str = field(
         default="none", metadata={"help": "'none' (importance sampling alone) or 'linear' (a fitted control variate on top)."}
     )
-    predictor_signal_dims: int = field(default=16, metadata={"help": "Dimension of the projected boundary gradient the predictor maps from."})
+    predictor_signal_dims: int = field(default=4, metadata={"help": "k: the predictor maps from a k x k sketch of the head's per-row gradient."})
     predictor_ridge: float = field(default=0.1, metadata={"help": "Ridge penalty of the predictor's fit, relative to its mean diagonal."})
     predictor_decay: float = field(default=0.9, metadata={"help": "Weight of the past in the predictor's moving averages, in [0, 1)."})
     head_modules: list[str] | None = field(

@@ -116,12 +116,14 @@ class _SampledBoundary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sampler: BoundarySampler, hidden: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
         ctx.sampler, ctx.corrects = sampler, bool(parameters)
+        if parameters:
+            ctx.save_for_backward(hidden)
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, gradient: torch.Tensor):
         weighted = ctx.sampler.reweight(gradient)
-        terms = ctx.sampler.predictor.terms(gradient, ctx.sampler.draws[-1]) if ctx.corrects else []
+        terms = ctx.sampler.predictor.terms(gradient, ctx.saved_tensors[0], ctx.sampler.draws[-1]) if ctx.corrects else []
         return None, weighted, *terms
 
 

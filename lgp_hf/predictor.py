@@ -9,10 +9,11 @@ is unbiased (E[w_i] = 1 under Poisson draws) with variance sum_i (1 - pi_i) / pi
 importance-sampled one's as far as p_i predicts g_i (`predicted_squared_norm_change` gives the difference per row).
 Per trunk linear layer W (input x' = [x, 1] with a bias), the prediction is
 
-    p_i(W) = M_W s_i xbar_i^T,   s_i = R^T sum_t dL/dh_it (k numbers),   xbar_i = sum_t x'_it,
+    p_i(W) = M_W s_i xbar_i^T,   s_i = vec(sum_t (R^T dL/dh_it) (Q^T [h_it, 1])^T) (k^2 numbers),   xbar_i = sum_t x'_it,
 
-the row's gradient at the boundary through a fixed random projection R (`signal_projection`), times the row's own
-summed input: a linear map of what the head says about the example, shaped by the example's activations. The
+s_i a sketch of the head's own per-row gradient: the boundary gradient and the boundary input h (the head's input),
+each through a fixed random projection (`signal_projection`, `boundary_signals`); times the row's own summed input
+to the layer. A linear map of what the head says about the example, shaped by the example's activations. The
 correction sum_i (1 - w_i) p_i(W) is then one small product per layer, M_W Z_W with Z_W = sum_i (1 - w_i) s_i xbar_i^T
 (`predicted_sum`), added to W's gradient by the boundary's backward (`boundary`): through autograd, never into `.grad`.
 
@@ -25,7 +26,7 @@ Horvitz-Thompson sum over the drawn rows by a further 1 / pi_i (`variance_weight
 where g_i xbar_i = sum_t delta_it (x'_it . xbar_i) needs only the layer's output error and input, read in the backward
 (`row_products`). beta_W = sum_i v_i <g_i, p_i> / sum_i v_i ||p_i||^2, with the p_i of the map in use (out of sample:
 the variance-optimal scale of an imperfect predictor). Every sum is an exponential moving average over optimizer
-steps: d_out x k + k x k numbers per layer (`LinearGradientPredictor`).
+steps: d_out k^2 + k^4 numbers per layer (`LinearGradientPredictor`).
 """
 
 from __future__ import annotations
@@ -49,12 +50,17 @@ def signal_projection(width: int, dims: int, device) -> torch.Tensor:
     return (torch.randn(width, dims, generator=generator) / dims**0.5).to(device)
 
 
-def boundary_signals(gradient: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """s_i = R^T sum_t dL/dh_it (rows x k, float32): the row's boundary gradient summed over its positions (all dims
-    but the first and last), projected."""
-    rows = gradient.shape[0]
-    summed = gradient.detach().float().reshape(rows, -1, gradient.shape[-1]).sum(1)
-    return summed @ projection
+def boundary_signals(gradient: torch.Tensor, hidden: torch.Tensor, dims: int) -> torch.Tensor:
+    """s_i = vec(sum_t (R^T dL/dh_it) (Q^T [h_it, 1])^T) (rows x k^2, float32), t over the row's positions (all dims but
+    the first and last): the head's per-row weight gradient dL/dh_i [h_i, 1]^T (for a linear head), sketched by R and
+    Q (`signal_projection`). With a binary or scalar head dL/dh_i has one direction; h_i says which example it is."""
+    rows, width = gradient.shape[0], gradient.shape[-1]
+    g = gradient.detach().float().reshape(rows, -1, width)
+    h = hidden.detach().float().reshape(rows, -1, width)
+    h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], -1)
+    left = g @ signal_projection(width, dims, gradient.device)
+    right = h @ signal_projection(width + 1, dims, gradient.device)
+    return torch.einsum("rtk,rtl->rkl", left, right).reshape(rows, dims * dims)
 
 
 def input_sums(inputs: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -92,9 +98,12 @@ def fit_sums(products: torch.Tensor, signals: torch.Tensor, sums: torch.Tensor, 
 
 
 def predictor_map(correlation: torch.Tensor, covariance: torch.Tensor, ridge: float) -> torch.Tensor:
-    """M = C (S + lambda I)^-1, lambda = ridge x tr(S) / k (relative: invariant to the loss scale, as M is)."""
+    """M = C (S + lambda I)^-1, lambda = ridge x tr(S) / k (relative: invariant to the loss scale, as M is); 0 while
+    S is (no row with a variance weight yet)."""
     k = covariance.shape[0]
     penalty = ridge * float(covariance.diagonal().sum()) / k
+    if not penalty > 0:
+        return torch.zeros_like(correlation)
     system = covariance.double() + penalty * torch.eye(k, dtype=torch.float64, device=covariance.device)
     return torch.linalg.solve(system, correlation.double().mT).mT.to(correlation.dtype)
 
@@ -142,7 +151,7 @@ class LinearGradientPredictor:
         self.dims, self.ridge, self.decay = dims, ridge, decay
         self.biased = [layer.bias is not None and layer.bias.requires_grad for layer in self.layers]
         count = len(self.layers)
-        # moving averages: C (d_out x k), S (k x k) per layer (None before any row), and sum v <g,p>, sum v ||p||^2
+        # moving averages: C (d_out x k^2), S (k^2 x k^2) per layer (None before any row), and sum v <g,p>, sum v ||p||^2
         self.correlations: list[torch.Tensor | None] = [None] * count
         self.covariances: list[torch.Tensor | None] = [None] * count
         self.alignment = torch.zeros(count, 2, dtype=torch.float64)
@@ -159,8 +168,9 @@ class LinearGradientPredictor:
         return torch.where(squares > 0, cross / squares.where(squares > 0, 1.0), 0.0)
 
     def state_size(self) -> int:
-        """Numbers held between steps (the fitted sums): d_out k + k^2 + 2 per layer."""
-        return sum(layer.weight.numel() // self._inputs(index) * self.dims + self.dims**2 + 2 for index, layer in enumerate(self.layers))
+        """Numbers held between steps (the fitted sums): d_out k^2 + k^4 + 2 per layer."""
+        signal = self.dims**2
+        return sum(layer.weight.numel() // self._inputs(index) * signal + signal**2 + 2 for index, layer in enumerate(self.layers))
 
     def _inputs(self, index: int) -> int:
         layer = self.layers[index]
@@ -223,13 +233,13 @@ class LinearGradientPredictor:
         else:
             total.index_add_(0, rows.to(total.device), products)
 
-    def terms(self, gradient: torch.Tensor, draw: BoundaryDraw) -> list[torch.Tensor | None]:
+    def terms(self, gradient: torch.Tensor, hidden: torch.Tensor, draw: BoundaryDraw) -> list[torch.Tensor | None]:
         """beta M Z of every parameter (`parameters` order; None where there is nothing to add), for the draw just made
-        at the boundary from `gradient` (dL/dh, before the draw's weights): in the parameter's shape and dtype."""
+        at the boundary from `gradient` (dL/dh, before the draw's weights) at `hidden` (h): in the parameter's shape
+        and dtype."""
         self._products, self._predicted_rows = {}, {}
         self._draw = draw
-        projection = signal_projection(gradient.shape[-1], self.dims, gradient.device)
-        self._signals = signals = boundary_signals(gradient, projection)
+        self._signals = signals = boundary_signals(gradient, hidden, self.dims)
         weights = torch.where(draw.drawn, 1.0 / draw.probabilities.where(draw.drawn, 1.0), 0.0).to(signals.device)
         sampled = not draw.uniform and not bool(draw.drawn.all())
         coefficients = self.coefficients()
@@ -303,7 +313,8 @@ class LinearGradientPredictor:
         for index in layers:
             sums = self._step_sums[index] if index in present else None
             out_features = self.layers[index].weight.numel() // self._inputs(index)
-            shape = [(out_features, self.dims), (self.dims, self.dims), (2,)]
+            signal = self.dims**2
+            shape = [(out_features, signal), (signal, signal), (2,)]
             values = sums if sums is not None else [torch.zeros(s, dtype=torch.float64) for s in shape]
             pieces.extend(v.double().cpu().reshape(-1) for v in values)
             shapes.append(shape)

@@ -121,11 +121,14 @@ def test_variance_weights_are_horvitz_thompson_for_the_variance_weighted_sum():
     assert float(expectation(probabilities, lambda mask: (variance_weights(probabilities, mask) * values).sum())) == pytest.approx(float(target))
 
 
-def test_signals_project_the_boundary_gradient_summed_over_positions():
-    gradient = torch.randn(4, 5, 8)
-    projection = signal_projection(8, 3, "cpu")
-    assert torch.equal(projection, signal_projection(8, 3, "cpu")) and projection.shape == (8, 3)
-    assert torch.allclose(boundary_signals(gradient, projection), gradient.sum(1) @ projection)
+def test_signals_sketch_the_heads_per_row_gradient():
+    """s_i = vec(R^T (sum_t dL/dh_it [h_it, 1]^T) Q): the sketch of the per-row outer product, summed over positions."""
+    gradient, hidden = torch.randn(4, 5, 8), torch.randn(4, 5, 8)
+    left, right = signal_projection(8, 3, "cpu"), signal_projection(9, 3, "cpu")
+    assert torch.equal(left, signal_projection(8, 3, "cpu")) and left.shape == (8, 3) and not torch.equal(left, right[:8])
+    outer = torch.einsum("rtd,rte->rde", gradient, torch.cat([hidden, torch.ones(4, 5, 1)], -1))
+    expected = (left.T @ outer @ right).reshape(4, 9)
+    assert torch.allclose(boundary_signals(gradient, hidden, 3), expected, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ in the trainer
@@ -170,7 +173,7 @@ def exact_row_gradients(model, batch, layers):
         full = torch.autograd.grad(loss, [boundary["h"]])[0]
     finally:
         handle.remove()
-    return per_row, full
+    return per_row, full, boundary["h"].detach()
 
 
 def test_reported_variance_factor_equals_the_exact_one_with_the_predictor(tmp_path):
@@ -179,7 +182,7 @@ def test_reported_variance_factor_equals_the_exact_one_with_the_predictor(tmp_pa
     1 + sum_i (1 - pi_i)/pi_i ||g_i - beta p_i||^2 / sum_i ||g_i||^2 from per-example gradients and the predictor's
     own map; and its F without the predictor the same with p = 0."""
     dataset = image_dataset(48)
-    trainer = PredictedGradientTrainer(model=tiny_vit(), args=predictor_args(tmp_path, max_steps=6, predictor_signal_dims=4), train_dataset=dataset)
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=predictor_args(tmp_path, max_steps=6, predictor_signal_dims=2), train_dataset=dataset)
     trainer.train()
     predictor = trainer.predictor
     assert (predictor.coefficients() != 0).any()
@@ -189,10 +192,10 @@ def test_reported_variance_factor_equals_the_exact_one_with_the_predictor(tmp_pa
     layers = predictor.layers
     sums = {}
     hooks = [layer.register_forward_hook(lambda m, a, o, i=i: sums.__setitem__(i, input_sums(a[0], True))) for i, layer in enumerate(layers)]
-    per_row, boundary_gradient = exact_row_gradients(model, batch, layers)
+    per_row, boundary_gradient, boundary_input = exact_row_gradients(model, batch, layers)
     for hook in hooks:
         hook.remove()
-    signals = boundary_signals(boundary_gradient, signal_projection(boundary_gradient.shape[-1], 4, "cpu"))
+    signals = boundary_signals(boundary_gradient, boundary_input, 2)
     beta = predictor.coefficients()
     squared, residual = torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
     for row, gradients in enumerate(per_row):
@@ -228,7 +231,8 @@ class LinearBlock(GradientCheckpointingLayer):
 
 class OneLayerTrunk(nn.Module):
     """A trunk of one linear layer under a linear classifier: row i's trunk gradient is delta_i [x_i, 1]^T with delta_i
-    its gradient at the head's input, so s_i = R^T delta_i (k >= width) predicts it exactly through a linear map."""
+    its gradient at the head's input: the signal (R^T delta_i) (Q^T [h_i, 1])^T carries delta_i, and the predictor
+    should remove most of the sampling variance."""
 
     def __init__(self, width=4, labels=3):
         super().__init__()
@@ -244,7 +248,7 @@ class OneLayerTrunk(nn.Module):
 def test_predictor_removes_the_variance_where_the_signal_predicts_the_gradient(tmp_path):
     """Uniform draws at f = 0.25 (F = 4 without a predictor); the predictor, fitted on earlier steps, must bring the
     in-run F close to 1."""
-    args = predictor_args(tmp_path, max_steps=40, control_fraction=0.25, sampling_uniform_mix=1.0, predictor_signal_dims=8,
+    args = predictor_args(tmp_path, max_steps=40, control_fraction=0.25, sampling_uniform_mix=1.0, predictor_signal_dims=3,
                           predictor_ridge=1e-4, per_device_train_batch_size=32, learning_rate=1e-2)
     trainer = PredictedGradientTrainer(model=OneLayerTrunk(), args=args, train_dataset=image_dataset(32 * 40))
     trainer.train()
@@ -272,13 +276,13 @@ def test_settings_are_validated():
 
 
 def test_state_is_far_below_the_trunk_parameters_of_the_example_vit():
-    """The example's ViT (hidden 192, MLP 768) at the default k = 16: the fitted sums against the trunk's weights."""
+    """The example's ViT (hidden 192, MLP 768) at the default k = 4: the fitted sums against the trunk's weights."""
     from transformers import ViTConfig, ViTForImageClassification
 
     model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=1, num_attention_heads=3,
                                                 intermediate_size=768, num_labels=10))
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     layers = trunk_linear_layers(blocks)
-    predictor = lgp_hf.predictor.LinearGradientPredictor(blocks, 16, 0.1, 0.9)
+    predictor = lgp_hf.predictor.LinearGradientPredictor(blocks, 4, 0.1, 0.9)
     trunk = sum(p.numel() for layer in layers for p in layer.parameters())
     assert predictor.state_size() < 0.25 * trunk
