@@ -15,7 +15,8 @@ s_i a sketch of the head's own per-row gradient: the boundary gradient and the b
 each through a fixed random projection (`signal_projection`, `boundary_signals`); times the row's own summed input
 to the layer. A linear map of what the head says about the example, shaped by the example's activations. The
 correction sum_i (1 - w_i) p_i(W) is then one small product per layer, M_W Z_W with Z_W = sum_i (1 - w_i) s_i xbar_i^T
-(`predicted_sum`), added to W's gradient by the boundary's backward (`boundary`): through autograd, never into `.grad`.
+(`predicted_sum`; Z_W is k^2 x d_in), added to W's gradient by the boundary's backward (`boundary`): through
+autograd, never into `.grad`.
 
 M_W is a ridge least-squares fit over the drawn rows of earlier optimizer steps (never the rows it is applied to: that
 would bias the estimate), weighted by the variance each row's residual adds, v_i = (1 - pi_i) / pi_i, made a
@@ -91,14 +92,14 @@ def variance_weights(probabilities: torch.Tensor, drawn: torch.Tensor) -> torch.
 
 
 def fit_sums(products: torch.Tensor, signals: torch.Tensor, sums: torch.Tensor, weights: torch.Tensor):
-    """(sum_i v_i (g_i xbar_i) s_i^T (d_out x k), sum_i v_i ||xbar_i||^2 s_i s_i^T (k x k)): the normal equations of
-    the weighted least-squares fit of g_i on s_i xbar_i^T."""
+    """(sum_i v_i (g_i xbar_i) s_i^T (d_out x m), sum_i v_i ||xbar_i||^2 s_i s_i^T (m x m)), m = k^2 the signal's
+    size: the normal equations of the weighted least-squares fit of g_i on s_i xbar_i^T."""
     weights = weights.to(signals)
     return (products * weights[:, None]).mT @ signals, (signals * (weights * sums.pow(2).sum(1))[:, None]).mT @ signals
 
 
 def predictor_map(correlation: torch.Tensor, covariance: torch.Tensor, ridge: float) -> torch.Tensor:
-    """M = C (S + lambda I)^-1, lambda = ridge x tr(S) / k (relative: invariant to the loss scale, as M is); 0 while
+    """M = C (S + lambda I)^-1, lambda = ridge x tr(S) / m (relative: invariant to the loss scale, as M is); 0 while
     S is (no row with a variance weight yet)."""
     k = covariance.shape[0]
     penalty = ridge * float(covariance.diagonal().sum()) / k
@@ -109,7 +110,7 @@ def predictor_map(correlation: torch.Tensor, covariance: torch.Tensor, ridge: fl
 
 
 def predicted_sum(prediction_map: torch.Tensor, signals: torch.Tensor, sums: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i (1 - w_i) p_i = M Z, Z = sum_i (1 - w_i) s_i xbar_i^T (d_out x (d_in + bias)): k d_in d_out operations,
+    """sum_i (1 - w_i) p_i = M Z, Z = sum_i (1 - w_i) s_i xbar_i^T (d_out x (d_in + bias)): k^2 d_in d_out operations,
     not one per row."""
     left = (1 - weights.to(signals))[:, None] * signals
     return prediction_map @ (left.mT @ sums)
