@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 
+#: Allowed values of `gradient_predictor`.
+GRADIENT_PREDICTORS = ("none", "linear")
+
+
 @dataclass
 class PredictedGradientSettings:
     r"""
@@ -62,6 +66,21 @@ class PredictedGradientSettings:
             Under "auto", the largest share of the run's compute (its `max_steps`) that the check may take (a
             200-step run fits it at batch 64 or more). A run stopped before `max_steps` by a callback (a time
             budget) is taken at `max_steps`: set `max_steps` near the expected length to bound the check's share.
+        gradient_predictor (`str`, defaults to `"none"`):
+            `"none"`: the importance-sampled update sum_i w_i g_i, w_i = 1{drawn} / pi_i. `"linear"`: the difference
+            estimator sum_i w_i g_i + beta sum_i (1 - w_i) p_i (the control variate of arXiv 2511.05187), unbiased for
+            any prediction p_i fixed before the draw; per trunk linear layer p_i = M s_i xbar_i^T, s_i the row's
+            boundary gradient and input sketched (`predictor_signal_dims`), xbar_i its summed
+            input to the layer, M and beta fitted online on earlier steps' drawn rows (`lgp_hf.predictor`). The paper's
+            own configuration: `sampling_uniform_mix=1, gradient_predictor="linear"`.
+        predictor_signal_dims (`int`, defaults to `4`):
+            k: the predictor maps from a k x k sketch of the head's per-row gradient (the boundary gradient and the
+            boundary input, each projected to k numbers). It holds d_out k^2 + k^4 numbers per trunk linear layer
+            (k^2 / d_in of its weight).
+        predictor_ridge (`float`, defaults to `0.1`):
+            The ridge penalty of the predictor's fit, relative to the mean diagonal of its normal equations.
+        predictor_decay (`float`, defaults to `0.9`):
+            Weight of the past in the predictor's moving averages, per optimizer step, in [0, 1).
         head_modules (`list[str]` or `str`, *optional*):
             Names (from `model.named_modules()`) of the modules whose parameters get exact gradients on every row;
             the input of the first of them to run in a forward is where rows are drawn. One name may be given as a
@@ -89,6 +108,12 @@ class PredictedGradientSettings:
     unbiasedness_check_budget: float = field(
         default=0.02, metadata={"help": "Under 'auto', the largest share of the run's compute the check may take."}
     )
+    gradient_predictor: str = field(
+        default="none", metadata={"help": "'none' (importance sampling alone) or 'linear' (a fitted control variate on top)."}
+    )
+    predictor_signal_dims: int = field(default=4, metadata={"help": "k: the predictor maps from a k x k sketch of the head's per-row gradient."})
+    predictor_ridge: float = field(default=0.1, metadata={"help": "Ridge penalty of the predictor's fit, relative to its mean diagonal."})
+    predictor_decay: float = field(default=0.9, metadata={"help": "Weight of the past in the predictor's moving averages, in [0, 1)."})
     head_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules whose parameters get exact gradients (default: the final layer)."}
     )
@@ -106,7 +131,16 @@ class PredictedGradientSettings:
             inside = isinstance(value, (int, float)) and not isinstance(value, bool) and (low < value if low_open else low <= value) and value <= high
             if not inside:
                 raise ValueError(f"{name}: {value!r} is not allowed; use a number in {'(' if low_open else '['}{low:g}, {high:g}].")
-        for name, minimum in (("auto_decision_steps", 1), ("auto_observation_period", 1), ("unbiasedness_check_draws", 16)):
+        if self.gradient_predictor not in GRADIENT_PREDICTORS:
+            raise ValueError(f"gradient_predictor: {self.gradient_predictor!r} is not allowed; use one of {list(GRADIENT_PREDICTORS)}.")
+        decay = self.predictor_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(f"predictor_decay: {decay!r} is not allowed; use a number in [0, 1).")
+        ridge = self.predictor_ridge
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
+            raise ValueError(f"predictor_ridge: {ridge!r} is not allowed; use a number > 0.")
+        for name, minimum in (("auto_decision_steps", 1), ("auto_observation_period", 1), ("unbiasedness_check_draws", 16),
+                              ("predictor_signal_dims", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name}: {value!r} is not allowed; use an integer >= {minimum}.")

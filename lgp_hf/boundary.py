@@ -5,7 +5,9 @@ The boundary is the input of the head: the floating tensors passed to the first 
 receives dL/dh for every row (dim 0: the examples), after the head's own backward, so the head's gradient is exact
 over the whole batch. It scores each row, s_i = ||dL/dh_i||, draws the control rows with inclusion probabilities
 pi_i (`sampling`) and passes w_i dL/dh_i on, w_i = 1{drawn} / pi_i. Nothing about the loss or the model is
-assumed: unbiasedness is the chain rule (`sampling`'s docstring).
+assumed: unbiasedness is the chain rule (`sampling`'s docstring). With a gradient predictor (`predictor`), the same
+backward also returns the predictor's correction of the trunk parameters it is given as inputs (autograd adds it to
+their gradients, as any other path's).
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class BoundarySampler:
 
     `fraction` f and `uniform_mix` set the inclusion probabilities; `generator` (set per micro-batch by the
     trainer) draws. At f = 1 every row is kept with weight 1 and the gradient passes unchanged (the same tensor):
-    the boundary then only records the scores.
+    the boundary then only records the scores. `predictor` (`predictor.LinearGradientPredictor`, or None): the control
+    variate whose `terms` the first crossing's backward returns for its `parameters`.
     """
 
     def __init__(self, fraction: float = 1.0, uniform_mix: float = 0.0):
@@ -81,6 +84,7 @@ class BoundarySampler:
         self.uniform_mix = uniform_mix
         self.generator: torch.Generator | None = None
         self.draws: list[BoundaryDraw] = []
+        self.predictor = None
 
     @staticmethod
     def row_scores(gradient: torch.Tensor) -> torch.Tensor:
@@ -106,16 +110,21 @@ class BoundarySampler:
 
 
 class _SampledBoundary(torch.autograd.Function):
-    """Identity forward; the backward hands the incoming gradient to `BoundarySampler.reweight`."""
+    """Identity forward; the backward hands the incoming gradient to `BoundarySampler.reweight` and, when trunk
+    parameters were given, returns the predictor's terms for them (computed from the draw just made)."""
 
     @staticmethod
-    def forward(ctx, sampler: BoundarySampler, hidden: torch.Tensor) -> torch.Tensor:
-        ctx.sampler = sampler
+    def forward(ctx, sampler: BoundarySampler, hidden: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
+        ctx.sampler, ctx.corrects = sampler, bool(parameters)
+        if parameters:
+            ctx.save_for_backward(hidden)
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, gradient: torch.Tensor):
-        return None, ctx.sampler.reweight(gradient)
+        weighted = ctx.sampler.reweight(gradient)
+        terms = ctx.sampler.predictor.terms(gradient, ctx.saved_tensors[0], ctx.sampler.draws[-1]) if ctx.corrects else []
+        return None, weighted, *terms
 
 
 def _crosses_boundary(value) -> bool:
@@ -129,15 +138,26 @@ def sampled_boundary(head_modules: list[nn.Module], sampler: BoundarySampler):
     Later calls of head modules in the same forward take their inputs from the head (or, rarely, from the trunk by
     another path, whose gradient then stays exact). Yields a list that holds True once the boundary was placed (a
     head whose input does not require a gradient, under a frozen trunk, places none: nothing below it to sample).
+    The first tensor placed carries the predictor's parameters (`BoundarySampler.predictor`), so that its draw's
+    correction reaches them once.
     """
     placed = [False]
 
     def place(module, args, kwargs):
         if placed[0] or not torch.is_grad_enabled():
             return None
+        parameters = sampler.predictor.parameters() if sampler.predictor is not None else []
+
+        def through(value):
+            nonlocal parameters
+            if not _crosses_boundary(value):
+                return value
+            carried, parameters = parameters, []
+            return _SampledBoundary.apply(sampler, value, *carried)
+
         placed[0] = any(map(_crosses_boundary, (*args, *kwargs.values())))
-        args = tuple(_SampledBoundary.apply(sampler, a) if _crosses_boundary(a) else a for a in args)
-        kwargs = {k: _SampledBoundary.apply(sampler, v) if _crosses_boundary(v) else v for k, v in kwargs.items()}
+        args = tuple(through(a) for a in args)
+        kwargs = {k: through(v) for k, v in kwargs.items()}
         return args, kwargs
 
     handles = [module.register_forward_pre_hook(place, with_kwargs=True) for module in head_modules]

@@ -6,7 +6,10 @@ squared trunk-gradient norm of each drawn row (`row_norms`). From those, the Hor
 (`CANDIDATE_FRACTIONS`), as the scores of the very same rows would have drawn them. Sums are kept since the last log
 (`lgp/*`), since the last decision of "auto" and over the run (`summary`). The rows' squared norms and that of their
 summed gradient also give the gradient noise scale (`noise_scale`), averaged over the run's observed micro-batches;
-everything travels in checkpoints.
+everything travels in checkpoints. With a gradient predictor (`predictor`) each observed row also reports the change of
+its squared norm under the control variate, ||g_i - beta p_i||^2 - ||g_i||^2: F is then estimated with the residuals
+in the numerators (the variance the update has), and F without the predictor is kept beside it for their ratio
+(`lgp/predictor_variance_ratio`).
 """
 
 from __future__ import annotations
@@ -63,15 +66,18 @@ class SamplingMonitor:
         self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, **dict.fromkeys(BLOCK_WORK, 0)}
         self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BLOCK_WORK, 0), "costs": []}
         self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
+        # F without the predictor, from the same rows (only while one is on): the ratio's denominator
+        self.log_unpredicted, self.run_unpredicted = _FactorSums(), _FactorSums()
         self.noise = NoiseScaleAverages()
 
     def record(
         self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, batch_squared_norm: float | None,
-        block_work: tuple[int, ...],
+        block_work: tuple[int, ...], predicted_change: torch.Tensor | None = None,
     ) -> None:
         """One micro-batch: its draws, the fraction they were made at, its rows' squared trunk-gradient norms and
         the squared norm of their summed gradient as read below the boundary when it was observed (one draw only:
-        rows are attributed to it), and the replayed blocks' work (`BLOCK_WORK`)."""
+        rows are attributed to it), the replayed blocks' work (`BLOCK_WORK`) and, with a predictor, each row's
+        ||g_i - beta p_i||^2 - ||g_i||^2 (unweighted: `predictor.LinearGradientPredictor.finish_micro_batch`)."""
         for draw in draws:
             for sums in (self.totals, self.log):
                 sums["rows"] += draw.drawn.numel()
@@ -89,8 +95,14 @@ class SamplingMonitor:
         candidates = torch.stack([draw.probabilities] + [inclusion_probabilities(draw.scores, f, self.uniform_mix) for f in CANDIDATE_FRACTIONS])
         # the current design's own F: the probabilities it drew with (all 1 at f = 1)
         numerators, denominator = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms)
+        factors = numerators
+        if predicted_change is not None:
+            for sums in (self.log_unpredicted, self.run_unpredicted):
+                sums.add(numerators, denominator, int(draw.drawn.sum()))
+            # the update's variance: the residuals g_i - beta p_i in the numerators, against the same sum of ||g_i||^2
+            factors, _ = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms + predicted_change)
         for sums in (self.log_factors, self.decision_factors, self.run_factors):
-            sums.add(numerators, denominator, int(draw.drawn.sum()))
+            sums.add(factors, denominator, int(draw.drawn.sum()))
         # S and G2 of the batch, estimated from the drawn rows: the read sum of g_i / pi_i has the sampling
         # variance (the current design's numerator) on top of G2
         if draw.drawn.numel() > 1:
@@ -120,25 +132,28 @@ class SamplingMonitor:
             logs["lgp/trunk_rows_computed"] = log["computed_rows"] / log["block_rows"]
         if log["block_tokens"]:
             logs["lgp/trunk_tokens_computed"] = log["computed_tokens"] / log["block_tokens"]
-        factors = self.log_factors.factors()
+        factors, unpredicted = self.log_factors.factors(), self.log_unpredicted.factors()
         if factors is not None:
             logs["lgp/variance_factor"] = factors[0]
+        if factors is not None and unpredicted is not None:
+            logs["lgp/predictor_variance_ratio"] = factors[0] / unpredicted[0]
         if log["costs"]:
             logs["lgp/step_cost"] = statistics.median(log["costs"])
         if self.noise.value() is not None:
             logs["lgp/noise_scale"] = self.noise.value()
         self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BLOCK_WORK, 0), "costs": []}
-        self.log_factors = _FactorSums()
+        self.log_factors, self.log_unpredicted = _FactorSums(), _FactorSums()
         return logs
 
     def summary(self) -> dict[str, float | None]:
         totals = self.totals
-        factors = self.run_factors.factors()
+        factors, unpredicted = self.run_factors.factors(), self.run_unpredicted.factors()
         return {
             "lgp_drawn_fraction": totals["drawn_rows"] / totals["rows"] if totals["rows"] else None,
             "lgp_trunk_rows_computed": totals["computed_rows"] / totals["block_rows"] if totals["block_rows"] else None,
             "lgp_trunk_tokens_computed": totals["computed_tokens"] / totals["block_tokens"] if totals["block_tokens"] else None,
             "lgp_variance_factor": None if factors is None else factors[0],
+            "lgp_predictor_variance_ratio": None if factors is None or unpredicted is None else factors[0] / unpredicted[0],
             "lgp_uniform_draws": totals["uniform_draws"],
             "lgp_noise_scale": self.noise.value(),
         }
@@ -146,7 +161,7 @@ class SamplingMonitor:
     def state_dict(self) -> dict:
         return {
             "totals": dict(self.totals), "log": {**self.log, "costs": list(self.log["costs"])},
-            "factors": {name: getattr(self, name).state_dict() for name in ("log_factors", "decision_factors", "run_factors")},
+            "factors": {name: getattr(self, name).state_dict() for name in ("log_factors", "decision_factors", "run_factors", "log_unpredicted", "run_unpredicted")},
             "noise": self.noise.state_dict(),
         }
 

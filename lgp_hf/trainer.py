@@ -22,6 +22,7 @@ from .costs import MIN_REFERENCES, StepClock, StepCostModel, affordable_check_dr
 from .model_card import write_model_card
 from .monitor import CANDIDATE_FRACTIONS, MIN_OBSERVED_ROWS, SamplingMonitor
 from .noise_scale import noise_scale
+from .predictor import LinearGradientPredictor
 from .replay import BlockReplay, find_blocks
 from .row_norms import RowGradientNorms
 from .sampling import draw_generator
@@ -62,7 +63,9 @@ class PredictedGradientMixin:
       the norm of its gradient there, draws rows with probabilities pi_i (sum pi = f n) and passes the drawn ones on
       weighted 1 / pi_i, the others as 0: unbiased by the chain rule (`sampling`), the head exact;
     - the trunk's blocks run without autograd and replay their backward on the rows that carry a gradient (`replay`),
-      which is where the compute is saved; every block's backward stays exact.
+      which is where the compute is saved; every block's backward stays exact;
+    - with `gradient_predictor="linear"`, the boundary's backward also adds beta sum_i (1 - w_i) p_i to the trunk's
+      linear layers, a control variate fitted on earlier steps' drawn rows (`predictor`): still unbiased.
     Nothing is written into `.grad` by hand: DDP, the fp16 scaler, clipping and accumulation are the base class's.
 
     At f = 1 (`control_fraction=1`, and "auto" until it lowers f) every step is the base class's own, except
@@ -148,6 +151,10 @@ class PredictedGradientMixin:
                         "stay unbiased, but the trunk's backward is not made cheaper, so control_fraction='auto' stays at 1."
                     )
         self.row_norms = RowGradientNorms(self.replay.blocks)
+        self.predictor = None
+        if settings.gradient_predictor == "linear" and self.disabled_reason is None:
+            self.predictor = LinearGradientPredictor(self.replay.blocks, settings.predictor_signal_dims, settings.predictor_ridge, settings.predictor_decay)
+        self.sampler.predictor = self.predictor
         if self.disabled_reason is not None:
             self._disable(self.disabled_reason)
         elif (self._auto or self._control_fraction < 1) and not hasattr(self, "_step_clock"):
@@ -206,7 +213,10 @@ class PredictedGradientMixin:
         work = self.replay.take_counts()
         self._step_rows = [self._step_rows[0] + work[0], self._step_rows[1] + work[1]]
         norms = (self.row_norms.squared_norms, self.row_norms.batch_squared_norm()) if observe else (None, None)
-        self.monitor.record(self.sampler.draws, fraction, *norms, work)
+        predicted = self.predictor.finish_micro_batch() if self.predictor is not None else None
+        self.monitor.record(self.sampler.draws, fraction, *norms, work, predicted if observe else None)
+        if self.predictor is not None and self.accelerator.sync_gradients:  # the step's rows fit the next steps' map
+            self.predictor.end_step(lambda values: self._all_ranks_mean(values.to(self.args.device)).cpu() * self.accelerator.num_processes)
         return loss
 
     def _times_step(self, step: int) -> bool:
@@ -263,7 +273,8 @@ class PredictedGradientMixin:
         `generator`, and (f < 1) the trunk's blocks replay their backward on the drawn rows. Yields a list holding
         True once a forward has placed the boundary."""
         self.sampler.fraction, self.sampler.generator, self.sampler.draws = fraction, generator, []
-        with sampled_boundary(self.head_modules, self.sampler) as placed, self.replay.active() if fraction < 1 else contextlib.nullcontext():
+        predicting = self.predictor.active(self.replay.row_index) if self.predictor is not None else contextlib.nullcontext()
+        with sampled_boundary(self.head_modules, self.sampler) as placed, self.replay.active() if fraction < 1 else contextlib.nullcontext(), predicting:
             yield placed
 
     def sampling_fraction(self) -> float:
@@ -530,6 +541,7 @@ class PredictedGradientMixin:
             "costs": self.cost_model.state_dict(),
             "monitor": self.monitor.state_dict(),
             "dense_blocks": dict(self.replay.dense_reasons),
+            "predictor": None if self.predictor is None else self.predictor.state_dict(),
         }
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -564,6 +576,8 @@ class PredictedGradientMixin:
         self.monitor.load_state_dict(state["monitor"])
         for index, reason in state["dense_blocks"].items():
             self.replay.mark_dense(index, reason)
+        if self.predictor is not None and state.get("predictor") is not None:
+            self.predictor.load_state_dict(state["predictor"])
 
 
 def _batch_size(inputs: dict) -> int:

@@ -43,6 +43,9 @@ CONFIGS = {
     # activation checkpointing): every parameter must get a gradient, zero where no row was drawn
     "f0.25_ga2_no_unused": (0.25, 2, {"ddp_find_unused_parameters": False}),
     "full_f1_ga2": (1.0, 2),
+    # the gradient predictor: its fitted sums averaged over ranks after each optimizer step, so that every rank
+    # applies the same map, fitted on the same rows as the one process's
+    "f0.5_ga2_predictor": (0.5, 2, {"gradient_predictor": "linear", "predictor_signal_dims": 4}),
     # f chosen from measured timings: not comparable with one process, but every rank must choose the same f
     "auto_ga2": ("auto", 2, {"auto_observation_period": 1, "auto_decision_steps": 4, "unbiasedness_check": False}),
 }
@@ -159,6 +162,8 @@ def run_config(name: str, output_dir: str, emulate_ranks: int = 1) -> dict:
         "buckets": log.buckets,
         "global_step": trainer.state.global_step,
         "control_fraction": trainer._control_fraction,
+        "predictor": None if trainer.predictor is None else trainer.predictor.state_dict(),
+        "predictor_state_size": 0 if trainer.predictor is None else trainer.predictor.state_size(),
     }
 
 

@@ -27,6 +27,7 @@ import torch
 
 import distributed_worker
 from lgp_hf.monitor import CANDIDATE_FRACTIONS
+from lgp_hf.predictor import predictor_map
 from distributed_worker import CONFIGS, run_config
 
 WORKER = Path(distributed_worker.__file__)
@@ -73,6 +74,16 @@ def test_two_ranks_update_like_one_process(runs, name):
     if CONFIGS[name][0] < 1:  # rows were drawn, the same in both runs
         assert 0 < reference["summary"]["lgp_drawn_fraction"] < 1
         assert sum(r["summary"]["lgp_drawn_fraction"] for r in ddp[name]) / 2 == pytest.approx(reference["summary"]["lgp_drawn_fraction"])
+    if reference["predictor"] is not None:  # the same map and coefficients on both ranks as in the one process
+        maps = lambda state: [predictor_map(c, s, 0.1) for c, s in zip(state["correlations"], state["covariances"])]  # noqa: E731
+        coefficients = lambda state: state["alignment"][:, 0] / state["alignment"][:, 1]  # noqa: E731
+        expected = maps(reference["predictor"])
+        assert expected and any(m.abs().sum() > 0 for m in expected)
+        for rank_result in ddp[name]:
+            # the sums themselves differ by the loss's scale (a rank's mean over its rows, the one process's over all)
+            for a, b in zip(maps(rank_result["predictor"]), expected):
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+            torch.testing.assert_close(coefficients(rank_result["predictor"]), coefficients(reference["predictor"]), rtol=1e-3, atol=1e-6)
     if len(CONFIGS[name]) > 2 and CONFIGS[name][2].get("unbiasedness_check"):
         assert all(r["summary"]["lgp_unbiasedness_check"] == "passed" for r in ddp[name])
 
@@ -102,8 +113,9 @@ def test_ddp_all_reduces_once_per_step_on_the_sync_micro_batch(runs, name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_only_a_few_floats_are_communicated(runs, name):
     """Besides DDP's buckets: the check's verdict (1), the observation overhead (1) and, at a decision of "auto",
-    F and cost of each candidate fraction."""
+    F and cost of each candidate fraction; with the predictor, its step sums once per optimizer step (its state's
+    size, far below the parameters')."""
     ddp, _ = runs
     for rank_result in ddp[name]:
         sizes = [numel for _, numel in rank_result["collectives"]]
-        assert max(sizes, default=0) <= 2 * len(CANDIDATE_FRACTIONS), rank_result["collectives"]
+        assert max(sizes, default=0) <= max(2 * len(CANDIDATE_FRACTIONS), rank_result["predictor_state_size"]), rank_result["collectives"]

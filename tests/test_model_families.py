@@ -37,6 +37,7 @@ from transformers import (
     TrainingArguments,
 )
 
+import lgp_hf.predictor
 from lgp_hf import PredictedGradientArguments, PredictedGradientMixin, PredictedGradientSettings, PredictedGradientTrainer, verify_unbiased
 from conftest import image_dataset, tiny_vit
 from test_unbiased import loop_z_test
@@ -151,6 +152,37 @@ def test_verify_unbiased_passes_on_every_family(family, tmp_path):
     trainer = PredictedGradientTrainer(model=model_factory(), args=args, train_dataset=dataset)
     report = verify_unbiased(trainer, draws=48, verbose=False)
     assert report.passed, f"{family}: {report}"
+
+
+def fitted_predictor_is_unbiased(trainer):
+    """After a run with the predictor: its map and coefficients are fitted (where the trunk has linear layers in
+    blocks) and `verify_unbiased` passes with them."""
+    predictor = trainer.predictor
+    if predictor.layers:
+        assert any(c is not None and c.abs().sum() > 0 for c in predictor.correlations)
+        assert (predictor.coefficients() != 0).any()
+    report = verify_unbiased(trainer, draws=48, verbose=False)
+    assert report.passed, report
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_update_with_the_predictor_is_unbiased_on_every_family(family, tmp_path):
+    """The difference estimator (gradient_predictor="linear"), its map fitted from the first steps on."""
+    model_factory, dataset_factory = FAMILIES[family]
+    report = loop_z_test(model_factory, dataset_factory(), tmp_path, steps=200, control_fraction=0.5, gradient_predictor="linear",
+                         predictor_signal_dims=4, after=fitted_predictor_is_unbiased)
+    assert report.passed, f"{family}: {report}"
+
+
+def test_z_test_detects_a_predictor_term_that_is_not_centred(tmp_path, monkeypatch):
+    """sum over the rows not drawn of p_i (instead of sum_i (1 - w_i) p_i) has mean sum_i (1 - pi_i) p_i: a bias."""
+    def undrawn_only(prediction_map, signals, sums, weights):
+        return prediction_map @ (((weights == 0).to(signals)[:, None] * signals).mT @ sums)
+
+    monkeypatch.setattr(lgp_hf.predictor, "predicted_sum", undrawn_only)
+    report = loop_z_test(tiny_vit, image_dataset(BATCH), tmp_path, steps=100, control_fraction=0.5, gradient_predictor="linear",
+                         predictor_signal_dims=4)
+    assert not report.passed, report
 
 
 def test_rows_without_labelled_tokens_contribute_zero_not_nan(tmp_path):

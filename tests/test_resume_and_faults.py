@@ -56,23 +56,28 @@ def auto_settings(quiet_args, **overrides):
     return {**settings, **overrides}
 
 
-@pytest.mark.parametrize("mode", ["fixed", "auto"])
+@pytest.mark.parametrize("mode", ["fixed", "auto", "predictor"])
 def test_resume_is_bit_identical(mode, quiet_args, monkeypatch):
-    """Weights, statistics and the decisions of "auto" (which lowers f mid-run here, after its check)."""
+    """Weights, statistics and the decisions of "auto" (which lowers f mid-run here, after its check); the gradient
+    predictor's fitted sums (in use from the third step: the resumed half applies the map fitted before the save)."""
     prior_costs(monkeypatch)
     settings = auto_settings(quiet_args, save_strategy="steps", save_steps=STEPS)
-    if mode == "fixed":
+    if mode in ("fixed", "predictor"):
         settings.update(control_fraction="0.5", auto_observation_period=2)
+    if mode == "predictor":
+        settings.update(gradient_predictor="linear", predictor_signal_dims=4)
     dataset = image_dataset(80)
-    straight = FewExamplesLossTrainer(model=tiny_vit(seed=2), args=PredictedGradientArguments(**settings), train_dataset=dataset)
+    # every row carries loss with the predictor (rows drawn with pi = 1 or without a gradient give it nothing to fit)
+    trainer_class = PredictedGradientTrainer if mode == "predictor" else FewExamplesLossTrainer
+    straight = trainer_class(model=tiny_vit(seed=2), args=PredictedGradientArguments(**settings), train_dataset=dataset)
     straight.train()
     if mode == "auto":
         assert straight.lgp_summary()["lgp_control_fraction"] < 1  # the resumed half starts from a lowered f
 
     resumed = dict(settings, output_dir=settings["output_dir"] + "-resumed")
-    first = FewExamplesLossTrainer(model=tiny_vit(seed=2), args=PredictedGradientArguments(**resumed), train_dataset=dataset, callbacks=[StopAt(STEPS)])
+    first = trainer_class(model=tiny_vit(seed=2), args=PredictedGradientArguments(**resumed), train_dataset=dataset, callbacks=[StopAt(STEPS)])
     first.train()
-    second = FewExamplesLossTrainer(model=tiny_vit(seed=9), args=PredictedGradientArguments(**resumed), train_dataset=dataset)
+    second = trainer_class(model=tiny_vit(seed=9), args=PredictedGradientArguments(**resumed), train_dataset=dataset)
     second.train(resume_from_checkpoint=f"{resumed['output_dir']}/checkpoint-{STEPS}")
 
     for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
@@ -80,6 +85,12 @@ def test_resume_is_bit_identical(mode, quiet_args, monkeypatch):
     summary, expected = second.lgp_summary(), straight.lgp_summary()
     for key in ("lgp_control_fraction", "lgp_variance_factor", "lgp_drawn_fraction", "lgp_noise_scale", "lgp_unbiasedness_check"):
         assert summary[key] == expected[key], key
+    if mode == "predictor":
+        assert summary["lgp_predictor_variance_ratio"] == expected["lgp_predictor_variance_ratio"] < 1
+        for key, value in straight.predictor.state_dict().items():
+            resumed_value = second.predictor.state_dict()[key]
+            pairs = zip(value, resumed_value) if isinstance(value, list) else [(value, resumed_value)]
+            assert all(torch.equal(a, b) for a, b in pairs), key
     windows = lambda trainer: (len(trainer.cost_model.references), len(trainer.cost_model.sampled))  # noqa: E731 (times differ)
     assert windows(second) == windows(straight) and windows(straight)[0] >= 1
 

@@ -32,8 +32,9 @@ class GradientRecorder(TrainerCallback):
 
 
 def loop_z_test(model_factory, dataset, tmp_path, steps=STEPS, trainer_class=PredictedGradientTrainer,
-                args_class=PredictedGradientArguments, trainer_kwargs=None, args_kwargs=None, **lgp_args) -> UnbiasednessReport:
-    """`steps` training steps at lr 0 on the one batch `dataset` holds, z-tested against the exact gradient."""
+                args_class=PredictedGradientArguments, trainer_kwargs=None, args_kwargs=None, after=None, **lgp_args) -> UnbiasednessReport:
+    """`steps` training steps at lr 0 on the one batch `dataset` holds, z-tested against the exact gradient; `after`,
+    if given, is called with the sampled run's trainer."""
     trainer_kwargs, args_kwargs = dict(trainer_kwargs or {}), dict(args_kwargs or {})
     lgp_args = {"unbiasedness_check": False, **lgp_args}
 
@@ -51,6 +52,8 @@ def loop_z_test(model_factory, dataset, tmp_path, steps=STEPS, trainer_class=Pre
 
     _, (exact,) = run(1, control_fraction=1.0)
     trainer, draws = run(steps, **lgp_args)
+    if after is not None:
+        after(trainer)
     names = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
     directions = Directions(exact, torch.Generator().manual_seed(0))
     reference = directions.project(exact)
