@@ -19,7 +19,6 @@ are `sampling_variance.py`'s (they locate the cache and the data).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import tempfile
 import time
@@ -28,7 +27,6 @@ import torch
 from transformers import set_seed
 
 import sampling_variance
-from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
 from lgp_hf.noise_scale import noise_scale
 from sampling_variance import binary_labels, cache_file, load_train_split, new_head, run_vit
 
@@ -45,20 +43,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
 
 def in_run_estimate(model, dataset, label_map, fraction: str, args, offline_args) -> dict:
     """Trains a copy of `model` for `args.steps` observed steps at `fraction`; the trainer's estimates."""
-
-    def collate(rows):
-        batch = run_vit.collate_fn(rows)
-        return batch if label_map is None else {**batch, "labels": label_map(batch["labels"])}
-
     with tempfile.TemporaryDirectory() as output_dir:
-        training = PredictedGradientArguments(
-            output_dir=output_dir, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
-            remove_unused_columns=False, per_device_train_batch_size=offline_args.batch_size, max_steps=args.steps,
-            learning_rate=args.train_learning_rate, lr_scheduler_type="constant", weight_decay=offline_args.weight_decay,
-            logging_steps=max(1, args.steps // 4), seed=offline_args.seed, control_fraction=fraction,
-            auto_observation_period=1, auto_observation_budget=1e9, auto_decision_steps=args.steps + 1, unbiasedness_check=False,
+        trainer = sampling_variance.observed_trainer(
+            model, dataset, label_map, offline_args, output_dir, args.steps, args.train_learning_rate,
+            logging_steps=max(1, args.steps // 4), control_fraction=fraction, auto_decision_steps=args.steps + 1,
         )
-        trainer = PredictedGradientTrainer(model=copy.deepcopy(model), args=training, train_dataset=dataset, data_collator=collate)
         steps, add = [], trainer.monitor.noise.add
         trainer.monitor.noise.add = lambda trace, squared_mean: (steps.append((trace, squared_mean)), add(trace, squared_mean))
         start = time.time()

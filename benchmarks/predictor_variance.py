@@ -21,7 +21,6 @@ means. No timing: the predictor's cost is measured by `step_cost.py`.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import tempfile
@@ -31,7 +30,6 @@ import torch
 from transformers import set_seed
 
 import sampling_variance
-from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
 from sampling_variance import binary_labels, cache_file, load_train_split, new_head, run_vit
 
 
@@ -52,21 +50,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
 
 def in_run_factors(model, dataset, label_map, fraction: float, mix: float, learning_rate: float, args, offline_args) -> dict:
     """Trains a copy of `model` for `args.steps` observed steps; the logged F and F_cv / F_is of every step."""
-
-    def collate(rows):
-        batch = run_vit.collate_fn(rows)
-        return batch if label_map is None else {**batch, "labels": label_map(batch["labels"])}
-
     with tempfile.TemporaryDirectory() as output_dir:
-        training = PredictedGradientArguments(
-            output_dir=output_dir, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
-            remove_unused_columns=False, per_device_train_batch_size=offline_args.batch_size, max_steps=args.steps,
-            learning_rate=learning_rate, lr_scheduler_type="constant", weight_decay=offline_args.weight_decay,
-            logging_steps=1, seed=offline_args.seed, control_fraction=fraction, sampling_uniform_mix=mix,
-            gradient_predictor="linear", predictor_signal_dims=args.signal_dims, predictor_ridge=args.ridge,
-            predictor_decay=args.decay, auto_observation_period=1, auto_observation_budget=1e9, unbiasedness_check=False,
+        trainer = sampling_variance.observed_trainer(
+            model, dataset, label_map, offline_args, output_dir, args.steps, learning_rate, logging_steps=1,
+            control_fraction=fraction, sampling_uniform_mix=mix, gradient_predictor="linear", predictor_signal_dims=args.signal_dims,
+            predictor_ridge=args.ridge, predictor_decay=args.decay,
         )
-        trainer = PredictedGradientTrainer(model=copy.deepcopy(model), args=training, train_dataset=dataset, data_collator=collate)
         start = time.time()
         trainer.train()
     logs = [log for log in trainer.state.log_history if "lgp/predictor_variance_ratio" in log]

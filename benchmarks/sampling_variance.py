@@ -88,6 +88,7 @@ scratch (step 100: block_output F 3.44 against 3.82 at f = 0.25). The logit-erro
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -102,6 +103,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "examples"))
 import run_vit  # noqa: E402  (examples/ is not a package)
 
+from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer  # noqa: E402
 from lgp_hf.noise_scale import noise_scale, noise_scale_estimates  # noqa: E402
 from lgp_hf.replay import find_blocks  # noqa: E402
 from lgp_hf.row_norms import RowGradientNorms  # noqa: E402
@@ -207,6 +209,24 @@ def batches_forever(dataset, batch_size: int, seed: int):
         order = torch.randperm(len(dataset), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             yield run_vit.collate_fn([dataset[int(i)] for i in order[start : start + batch_size]])
+
+
+def observed_trainer(model, dataset, label_map, offline_args, output_dir: str, max_steps: int, learning_rate: float, **settings):
+    """A PredictedGradientTrainer on a copy of `model` and a regime's data (labels through `label_map`), every step
+    observed, at the regime's batch, weight decay and seed, no unbiasedness check: the in-run counterpart of this
+    script's offline measurements (`noise_scale.py`, `predictor_variance.py`); `settings`: further arguments."""
+
+    def collate(rows):
+        batch = run_vit.collate_fn(rows)
+        return batch if label_map is None else {**batch, "labels": label_map(batch["labels"])}
+
+    training = PredictedGradientArguments(
+        output_dir=output_dir, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+        remove_unused_columns=False, per_device_train_batch_size=offline_args.batch_size, max_steps=max_steps,
+        learning_rate=learning_rate, lr_scheduler_type="constant", weight_decay=offline_args.weight_decay,
+        seed=offline_args.seed, auto_observation_period=1, auto_observation_budget=1e9, unbiasedness_check=False, **settings,
+    )
+    return PredictedGradientTrainer(model=copy.deepcopy(model), args=training, train_dataset=dataset, data_collator=collate)
 
 
 def new_head(model, num_labels: int) -> None:
