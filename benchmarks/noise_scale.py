@@ -23,12 +23,9 @@ import json
 import tempfile
 import time
 
-import torch
-from transformers import set_seed
-
 import sampling_variance
 from lgp_hf.noise_scale import noise_scale
-from sampling_variance import binary_labels, cache_file, load_train_split, new_head, run_vit
+from sampling_variance import binary_labels, load_train_split
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -64,12 +61,7 @@ def in_run_estimate(model, dataset, label_map, fraction: str, args, offline_args
 def main(argv=None) -> None:
     args, offline_args = parse_args(argv)
     dataset, label_names, source = load_train_split(offline_args)
-    set_seed(offline_args.seed)
-    model, _ = run_vit.build_model(run_vit.ModelArguments(), label_names)
-    finetune = args.regime.startswith("finetune_")
-    if finetune:
-        new_head(model, 2)
-    model.load_state_dict(torch.load(cache_file(offline_args, args.regime)))
+    model, finetune = sampling_variance.cached_regime_model(offline_args, args.regime, label_names)
     results = {"regime": args.regime, "data": source, "runs": []}
     offline = offline_args.output_dir / "sampling_variance.json"
     if offline.is_file():

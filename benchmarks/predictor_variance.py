@@ -27,10 +27,9 @@ import tempfile
 import time
 
 import torch
-from transformers import set_seed
 
 import sampling_variance
-from sampling_variance import binary_labels, cache_file, load_train_split, new_head, run_vit
+from sampling_variance import binary_labels, load_train_split
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -73,12 +72,7 @@ def main(argv=None) -> None:
     args, offline_args = parse_args(argv)
     torch.set_num_threads(2)
     dataset, label_names, source = load_train_split(offline_args)
-    set_seed(offline_args.seed)
-    model, _ = run_vit.build_model(run_vit.ModelArguments(), label_names)
-    finetune = args.regime.startswith("finetune_")
-    if finetune:
-        new_head(model, 2)
-    model.load_state_dict(torch.load(cache_file(offline_args, args.regime)))
+    model, finetune = sampling_variance.cached_regime_model(offline_args, args.regime, label_names)
     learning_rate = args.train_learning_rate
     if learning_rate is None:
         learning_rate = offline_args.finetune_learning_rate if finetune else offline_args.learning_rate

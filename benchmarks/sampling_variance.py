@@ -177,6 +177,18 @@ def cache_file(args: argparse.Namespace, regime: str) -> Path:
     return args.output_dir / "cache" / f"{kind}_{tag}_step{step}.pt"
 
 
+def cached_regime_model(args: argparse.Namespace, regime: str, label_names):
+    """(model, fine-tuning?): the example's ViT with the weights this script cached at `regime` (`cache_file`), with
+    the binary head of the fine-tuning regimes."""
+    set_seed(args.seed)
+    model, _ = run_vit.build_model(run_vit.ModelArguments(), label_names)
+    finetune = regime.startswith("finetune_")
+    if finetune:
+        new_head(model, 2)
+    model.load_state_dict(torch.load(cache_file(args, regime)))
+    return model, finetune
+
+
 def load_train_split(args: argparse.Namespace):
     """The training split with the example's training transform (random crop with padding 4, flip)."""
     if args.subset:

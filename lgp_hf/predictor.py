@@ -39,6 +39,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .boundary import BoundaryDraw
+from .row_norms import trunk_linear_layers
 
 #: Seed of the signal projection R (a function of the boundary's width and k only: nothing to checkpoint).
 PROJECTION_SEED = 2511_05187
@@ -127,11 +128,6 @@ def predicted_squared_norm_change(cross: torch.Tensor, squares: torch.Tensor, co
     `cross` and `squares`: layers x rows; `coefficient`: beta per layer)."""
     beta = coefficient[:, None].to(cross)
     return (beta**2 * squares - 2 * beta * cross).sum(0)
-
-
-def trunk_linear_layers(modules: list[nn.Module]) -> list[nn.Module]:
-    """The trainable linear layers (`nn.Linear`, LoRA's adapters included, and transformers' `Conv1D`) in `modules`."""
-    return [m for module in modules for m in module.modules() if isinstance(m, (nn.Linear, Conv1D)) and m.weight.requires_grad]
 
 
 class LinearGradientPredictor:

@@ -48,6 +48,11 @@ def linear_batch_gradient(inputs: torch.Tensor, errors: torch.Tensor, bias: bool
     return torch.cat([gradient, delta.sum(0)[:, None]], 1) if bias else gradient
 
 
+def trunk_linear_layers(modules: list[nn.Module]) -> list[nn.Module]:
+    """The trainable linear layers (`nn.Linear`, LoRA's adapters included, and transformers' `Conv1D`) in `modules`."""
+    return [m for module in modules for m in module.modules() if isinstance(m, (nn.Linear, Conv1D)) and m.weight.requires_grad]
+
+
 class RowGradientNorms:
     """Hooks on the linear layers of `modules` that add each row's squared gradient norm into `squared_norms`, and
     the rows' summed gradient of each layer into `batch_gradients` (`batch_squared_norm`: its squared norm).
@@ -59,7 +64,7 @@ class RowGradientNorms:
     """
 
     def __init__(self, modules: list[nn.Module]):
-        self.layers = [m for module in modules for m in module.modules() if isinstance(m, (nn.Linear, Conv1D)) and m.weight.requires_grad]
+        self.layers = trunk_linear_layers(modules)
         self.squared_norms: torch.Tensor | None = None
         self.batch_gradients: dict[nn.Parameter, torch.Tensor] = {}  # by weight
 

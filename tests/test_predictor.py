@@ -25,9 +25,9 @@ from lgp_hf.predictor import (
     row_alignment,
     row_products,
     signal_projection,
-    trunk_linear_layers,
     variance_weights,
 )
+from lgp_hf.row_norms import trunk_linear_layers
 from lgp_hf.sampling import inclusion_probabilities, sampling_variance
 from conftest import image_dataset, tiny_vit
 from test_sampling import expectation
