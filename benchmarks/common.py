@@ -171,7 +171,8 @@ class RunSpec:
     """One trainer configuration. Names: `trainer` (transformers.Trainer at the run's batch size), `trainer_b<n>`
     (transformers.Trainer at batch size n), `lgp_f<fraction>` (PredictedGradientTrainer at a fixed control
     fraction in (0, 1]) and `lgp_fauto` (at `control_fraction="auto"`, the library's default); an lgp name may end
-    in options (`RUN_OPTIONS`), e.g. `lgp_f0.25_mix0.3`: sampling_uniform_mix 0.3."""
+    in options (`RUN_OPTIONS`, `RUN_FLAGS`), e.g. `lgp_f0.25_mix0.3`: sampling_uniform_mix 0.3, `lgp_f0.25_mix1_linear`:
+    the paper's configuration (uniform draws and the linear gradient predictor)."""
 
     name: str
     batch_size: int
@@ -185,6 +186,8 @@ class RunSpec:
 
 #: option of an lgp run name -> (the PredictedGradientArguments field it sets, its type)
 RUN_OPTIONS = {"mix": ("sampling_uniform_mix", float)}
+#: flag of an lgp run name -> (the PredictedGradientArguments field it sets, its value)
+RUN_FLAGS = {"linear": ("gradient_predictor", "linear")}
 
 
 def parse_run(name: str, batch_size: int) -> RunSpec:
@@ -193,19 +196,21 @@ def parse_run(name: str, batch_size: int) -> RunSpec:
     if match := re.fullmatch(r"trainer_b(\d+)", name):
         return RunSpec(name, int(match.group(1)))
     option = "_(" + "|".join(RUN_OPTIONS) + r")([0-9.]+)"
-    if match := re.fullmatch(r"lgp_f(auto|[0-9.]+)((?:" + option + ")*)", name):
+    flag = "_(" + "|".join(RUN_FLAGS) + ")"
+    if match := re.fullmatch(r"lgp_f(auto|[0-9.]+)((?:" + option + ")*)((?:" + flag + ")*)", name):
         try:
             fraction = match.group(1) if match.group(1) == "auto" else float(match.group(1))
             settings = tuple(
                 (RUN_OPTIONS[key][0], RUN_OPTIONS[key][1](value)) for key, value in re.findall(option, match.group(2))
-            )
+            ) + tuple(RUN_FLAGS[key] for key in re.findall(flag, match.group(5)))
         except ValueError:  # "0.2.5"
             fraction = None
         if fraction == "auto" or (fraction is not None and 0 < fraction <= 1):
             return RunSpec(name, batch_size, fraction, settings)
     raise ValueError(
         f"run {name!r}: use 'trainer', 'trainer_b<batch size>', 'lgp_f<fraction in (0, 1]>' or 'lgp_fauto', an lgp name "
-        f"optionally followed by {', '.join(f'_{k}<{v[0]}>' for k, v in RUN_OPTIONS.items())}, e.g. lgp_f0.25 or lgp_fauto_mix0.3."
+        f"optionally followed by {', '.join(f'_{k}<{v[0]}>' for k, v in RUN_OPTIONS.items())}, then by "
+        f"{', '.join(f'_{k} ({v[0]}={v[1]!r})' for k, v in RUN_FLAGS.items())}, e.g. lgp_f0.25, lgp_fauto_mix0.3 or lgp_f0.25_mix1_linear."
     )
 
 
