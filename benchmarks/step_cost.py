@@ -8,7 +8,8 @@ bf16 autocast, for a GPU).
 Configurations: Trainer; `lgp_f<f>` (PredictedGradientTrainer at control_fraction f) for each of `--fractions`
 (default 0.125, 0.25, 0.5, 1); `auto` in `--fractions` adds `lgp_fauto` (control_fraction="auto": it starts at
 f = 1 and may lower f at its first decision, after 25 steps, so its median mixes both; it is reported at the f
-it ended with). Every lgp configuration runs with `unbiasedness_check=False`: the check is a one-off cost (an
+it ended with); `--runs` adds configurations by run name (`lgp_f0.25_linear`: with the gradient predictor, whose
+own share of a step the trainer times, `lgp_predictor_cost`). Every lgp configuration runs with `unbiasedness_check=False`: the check is a one-off cost (an
 exact and 32 sampled backwards, at the first step of an explicit f < 1, or mid-run when "auto" first lowers f)
 that would land inside one timed step, and this script measures the steady-state step; the time-to-accuracy
 benchmarks keep it, as users pay it.
@@ -94,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fractions", type=fraction_argument, nargs="+", default=[0.125, 0.25, 0.5, 1.0],
         help="Control fractions f, or 'auto' (control_fraction='auto', reported at the f it ended with).",
     )
+    parser.add_argument(
+        "--runs", nargs="+", default=[],
+        help="Further configurations by run name (benchmarks/common.py), e.g. lgp_f0.25_linear (with the gradient predictor).",
+    )
     parser.add_argument("--rounds", type=int, default=8, help="Rounds of the rotation (every configuration once per round).")
     parser.add_argument("--steps_per_turn", type=int, default=4, help="Optimizer steps per configuration per round.")
     parser.add_argument("--warmup_rounds", type=int, default=1, help="First rounds left out of the statistics.")
@@ -125,6 +130,7 @@ def lgp_spec(fraction, args) -> common.RunSpec:
 
 def run_specs(args) -> list[common.RunSpec]:
     names = dict.fromkeys(common.lgp_run_name(fraction) for fraction in args.fractions)  # once each
+    names.update(dict.fromkeys(args.runs))
     if args.half_batch:
         names[f"trainer_b{args.batch_size // 2}"] = None
     return [common.parse_run("trainer", args.batch_size), *(common.parse_run(name, args.batch_size) for name in names)]
@@ -310,6 +316,7 @@ def summarize(specs, runs: dict[str, dict], passes: list[dict], args) -> tuple[l
             "f_tok": effective_tokens,
             "token_floor": effective_tokens + (1 - effective_tokens) * cost_ratio,
             "lgp_step_cost": summary.get("lgp_step_cost"),
+            "lgp_predictor_cost": summary.get("lgp_predictor_cost"),
             "steps_timed": len(steps),
             "peak_mib": run["memory_peak_mib"],
             "train_mib": run["memory_peak_mib"] - run["memory_before_mib"],
@@ -378,7 +385,7 @@ def plot(specs, rows, costs, args, path: Path) -> None:
 
 COLUMNS = [
     "run", "f", "f_eff", "f_tok", "median_step_s", "mean_step_s", "ratio", "ratio_mean", "ratio_with_gap", "floor",
-    "token_floor", "ratio_minus_floor", "goal", "lgp_step_cost", "peak_mib", "train_mib", "peak_vs_trainer_mib",
+    "token_floor", "ratio_minus_floor", "goal", "lgp_step_cost", "lgp_predictor_cost", "peak_mib", "train_mib", "peak_vs_trainer_mib",
 ]
 
 

@@ -33,8 +33,9 @@ evaluation at or above it; per seed, and the mean when every seed reached it); a
 at the f they ran at), the trainer's own measured step cost (`lgp_step_cost`, a sampled step's time over a plain
 Trainer step's, both timed inside the run; "-" where it measured none) and F x cost; the same with the cost
 measured here (seconds per step over the `trainer` run's of the same seed, data loading and the unbiasedness
-check included); the predicted F x cost and best f of "auto"'s last decision; and the unbiasedness check's
-status per seed. The method pays when F x cost < 1.
+check included); with a gradient predictor, F with it over F without it (`lgp_predictor_variance_ratio`) and its
+own work as a share of a Trainer step (`lgp_predictor_cost`); the predicted F x cost and best f of "auto"'s last
+decision; and the unbiasedness check's status per seed. The method pays when F x cost < 1.
 
 Plots: test accuracy against training seconds (accuracy_vs_seconds.png); for lgp runs, the logged
 `lgp/control_fraction` and `lgp/variance_factor` against step (lgp_vs_step.png). results.json holds every
@@ -237,6 +238,8 @@ def summarize(results: list[dict]) -> tuple[float | None, list[dict]]:
                                       if s["lgp_variance_factor"] is not None and s["lgp_step_cost"] is not None]),
             "cost_vs_trainer": mean_or_none([m for m in measured if m is not None]),
             "F_x_cost_vs_trainer": mean_or_none([f * m for f, m in zip(factors, measured) if f is not None and m is not None]),
+            "F_cv_over_F_is": mean_of(lgp, "lgp_predictor_variance_ratio"),
+            "predictor_cost": mean_of(lgp, "lgp_predictor_cost"),
             "auto_predicted_F_x_cost": mean_of(lgp, "lgp_predicted_efficiency"),
             "auto_best_f": mean_of(lgp, "lgp_best_fraction"),
             "check": " / ".join(s["lgp_unbiasedness_check"] for s in lgp) or None,
@@ -250,7 +253,7 @@ def time_to_reach(record: dict, target: float) -> float | None:
 
 
 def mean_of(summaries: list[dict], key: str) -> float | None:
-    return mean_or_none([summary[key] for summary in summaries if summary[key] is not None])
+    return mean_or_none([summary[key] for summary in summaries if summary.get(key) is not None])
 
 
 def mean_or_none(values: list[float]) -> float | None:
@@ -261,7 +264,7 @@ COLUMNS = [
     "run", "batch", "steps", "s_per_step", "slowest_step_s", "final_acc", "final_acc_per_seed", "final_loss",
     "final_loss_per_seed", "time_to_target_s",
     "time_to_target_per_seed", "final_f", "rows_computed", "F", "step_cost", "F_x_cost", "cost_vs_trainer",
-    "F_x_cost_vs_trainer", "auto_predicted_F_x_cost", "auto_best_f", "check",
+    "F_x_cost_vs_trainer", "F_cv_over_F_is", "predictor_cost", "auto_predicted_F_x_cost", "auto_best_f", "check",
 ]
 
 

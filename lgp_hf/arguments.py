@@ -8,7 +8,7 @@ from transformers import TrainingArguments
 
 
 #: Allowed values of `gradient_predictor`.
-GRADIENT_PREDICTORS = ("none", "linear")
+GRADIENT_PREDICTORS = ("none", "linear", "auto")
 
 
 @dataclass
@@ -72,7 +72,10 @@ class PredictedGradientSettings:
             any prediction p_i fixed before the draw; per trunk linear layer p_i = M s_i xbar_i^T, s_i the row's
             boundary gradient and input sketched (`predictor_signal_dims`), xbar_i its summed
             input to the layer, M and beta fitted online on earlier steps' drawn rows (`lgp_hf.predictor`). The paper's
-            own configuration: `sampling_uniform_mix=1, gradient_predictor="linear"`.
+            own configuration: `sampling_uniform_mix=1, gradient_predictor="linear"`. `"auto"`: fitted and measured on
+            the observed steps, and applied from a decision of `control_fraction="auto"` on only while the predicted
+            time to a given loss with it (its F, and its own measured work added to the step cost) is below that without
+            it. Under "linear" it is always applied and "auto" chooses f with its F and cost.
         predictor_signal_dims (`int`, defaults to `4`):
             k: the predictor maps from a k x k sketch of the head's per-row gradient (the boundary gradient and the
             boundary input, each projected to k numbers). It holds d_out k^2 + k^4 numbers per trunk linear layer
@@ -109,7 +112,7 @@ class PredictedGradientSettings:
         default=0.02, metadata={"help": "Under 'auto', the largest share of the run's compute the check may take."}
     )
     gradient_predictor: str = field(
-        default="none", metadata={"help": "'none' (importance sampling alone) or 'linear' (a fitted control variate on top)."}
+        default="none", metadata={"help": "'none' (importance sampling alone), 'linear' (a fitted control variate on top) or 'auto' (applied where it pays)."}
     )
     predictor_signal_dims: int = field(default=4, metadata={"help": "k: the predictor maps from a k x k sketch of the head's per-row gradient."})
     predictor_ridge: float = field(default=0.1, metadata={"help": "Ridge penalty of the predictor's fit, relative to its mean diagonal."})

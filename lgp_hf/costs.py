@@ -31,11 +31,16 @@ class StepCostModel:
     model errs towards plain backprop for fractions below the ones measured. Medians, not averages: a step slowed
     by something else (an evaluation, a checkpoint, a data-loader stall, another process) is an outlier of a
     window, and must not make sampling look dearer than it is, nor a fast reference make it look cheaper.
+
+    The gradient predictor's own work (`predictor`, timed apart) is left out of the sampled steps' times and kept as
+    its own share of a `Trainer` step (`predictor_cost`): cost(f) is the step without it, cost(f) + predictor_cost
+    the step with it, whether the predictor is in use or only measured.
     """
 
     def __init__(self):
         self.references: list[float] = []  # seconds of the last timed plain steps
-        self.sampled: list[tuple[float, float]] = []  # (computed share q, seconds) of the last timed sampled steps
+        self.sampled: list[tuple[float, float]] = []  # (computed share q, seconds without the predictor) of the last timed sampled steps
+        self.predictor: list[float] = []  # the predictor's share of the median reference, last timed steps that ran it
 
     @property
     def reference_seconds(self) -> float | None:
@@ -45,14 +50,27 @@ class StepCostModel:
     def observe_plain(self, seconds: float) -> None:
         self.references = (self.references + [seconds])[-REFERENCE_WINDOW:]
 
-    def observe_sampled(self, computed_share: float, seconds: float) -> float | None:
-        """Records a sampled step; returns its cost against the median reference (None before any reference, and
-        then it is not kept: its cost cannot be told)."""
+    def observe_sampled(self, computed_share: float, seconds: float, predictor_seconds: float = 0.0) -> float | None:
+        """Records a sampled step, `predictor_seconds` of its `seconds` spent in the predictor; returns its cost against
+        the median reference (None before any reference, and then it is not kept: its cost cannot be told)."""
         reference = self.reference_seconds
         if not reference:
             return None
-        self.sampled = (self.sampled + [(computed_share, seconds)])[-SAMPLED_WINDOW:]
+        self.sampled = (self.sampled + [(computed_share, seconds - predictor_seconds)])[-SAMPLED_WINDOW:]
+        if predictor_seconds > 0:
+            self.observe_predictor(predictor_seconds)
         return seconds / reference
+
+    def observe_predictor(self, seconds: float) -> None:
+        """The predictor's seconds in a timed step (sampled, or observed with the predictor measured only)."""
+        reference = self.reference_seconds
+        if reference:
+            self.predictor = (self.predictor + [seconds / reference])[-SAMPLED_WINDOW:]
+
+    def predictor_cost(self) -> float | None:
+        """The predictor's work per step, as a share of a `Trainer` step: the median of recent timed steps; None
+        before any."""
+        return statistics.median(self.predictor) if self.predictor else None
 
     @property
     def intercept(self) -> float | None:
@@ -82,13 +100,14 @@ class StepCostModel:
         return self.intercept is not None
 
     def state_dict(self) -> dict:
-        return {"references": list(self.references), "sampled": [list(entry) for entry in self.sampled]}
+        return {"references": list(self.references), "sampled": [list(entry) for entry in self.sampled], "predictor": list(self.predictor)}
 
     def load_state_dict(self, state: dict) -> None:
         """The windows of a checkpoint (one from before the windows, with averages only, leaves them empty: the
         cost is measured again)."""
         self.references = list(state.get("references", []))
         self.sampled = [tuple(entry) for entry in state.get("sampled", [])]
+        self.predictor = list(state.get("predictor", []))
 
 
 def affordable_check_draws(budget: float, row_share: float, fraction: float, cost: float) -> int:

@@ -36,6 +36,9 @@ STATISTICS_ROWS = (
     ("lgp_trunk_tokens_computed", "Token positions with a gradient in the trunk's blocks (their taped backwards skip the others)", _PERCENT),
     ("lgp_variance_factor", "Variance factor F of the update (against the full batch's, over the observed steps)", _NUMBER),
     ("lgp_step_cost", "Step cost (median of the last 25 timed sampled steps, against the median Trainer step)", _NUMBER),
+    ("lgp_predictor_applied", "Gradient predictor (the paper's control variate)", _TEXT),
+    ("lgp_predictor_variance_ratio", "F with the predictor over F without it (the same observed rows)", _NUMBER),
+    ("lgp_predictor_cost", "The predictor's own work per step (share of a Trainer step)", _NUMBER),
     ("lgp_noise_scale", "Gradient noise scale B_noise (examples, over the observed steps)", _NUMBER),
     ("lgp_batch_size", "Batch of an optimizer step (examples, over accumulation and processes)", _INTEGER),
     ("lgp_best_fraction", "Control fraction with the lowest predicted time at the last decision of auto", _NUMBER),
@@ -49,6 +52,8 @@ STATISTICS_ROWS = (
 )
 #: Statistics that only `control_fraction="auto"` measures (left out of the card of a run at a fixed fraction).
 AUTO_STATISTICS = ("lgp_best_fraction", "lgp_predicted_efficiency")
+#: Statistics of the gradient predictor (left out of the card of a run without one).
+PREDICTOR_STATISTICS = ("lgp_predictor_applied", "lgp_predictor_variance_ratio", "lgp_predictor_cost")
 # Keys of an evaluation log entry that are not results.
 _EVAL_BOOKKEEPING = {"runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "epoch", "step"}
 # Training log columns: (log key, column title).
@@ -498,6 +503,11 @@ def model_card_from_trainer(
     if trainer.lgp_settings.control_fraction != "auto":
         for key in AUTO_STATISTICS:
             statistics.pop(key, None)
+    if statistics.get("lgp_predictor_applied") is None:
+        for key in PREDICTOR_STATISTICS:
+            statistics.pop(key, None)
+    else:
+        statistics["lgp_predictor_applied"] = "applied" if statistics["lgp_predictor_applied"] else "fitted and measured, not applied"
     check = getattr(trainer, "unbiasedness", None)
     if isinstance(check, Mapping) and "lgp_unbiasedness_check" in statistics:
         statistics["lgp_unbiasedness_check"] = unbiasedness_text(check)  # the status with its numbers

@@ -7,9 +7,10 @@ squared trunk-gradient norm of each drawn row (`row_norms`). From those, the Hor
 (`lgp/*`), since the last decision of "auto" and over the run (`summary`). The rows' squared norms and that of their
 summed gradient also give the gradient noise scale (`noise_scale`), averaged over the run's observed micro-batches;
 everything travels in checkpoints. With a gradient predictor (`predictor`) each observed row also reports the change of
-its squared norm under the control variate, ||g_i - beta p_i||^2 - ||g_i||^2: F is then estimated with the residuals
-in the numerators (the variance the update has), and F without the predictor is kept beside it for their ratio
-(`lgp/predictor_variance_ratio`).
+its squared norm under the control variate, ||g_i - beta p_i||^2 - ||g_i||^2: F with the predictor is then estimated
+with the residuals in the numerators, and F without it is kept beside it, for their ratio
+(`lgp/predictor_variance_ratio`) and for "auto", which chooses between them; the F logged is the update's: with the
+residuals while the predictor is applied (`predicting`), without them while it is only measured.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ CANDIDATE_FRACTIONS = (0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.
 #: The replayed blocks' work (`replay.BlockReplay.take_counts`): rows backpropagated and present, (row, position)
 #: pairs with a gradient and present.
 BLOCK_WORK = ("computed_rows", "block_rows", "computed_tokens", "block_tokens")
+
+#: The monitor's sums of F (with the predictor's residuals where one is fitted; `*_unpredicted`: without).
+FACTOR_SUMS = ("log_factors", "decision_factors", "run_factors", "log_unpredicted", "decision_unpredicted", "run_unpredicted")
 
 #: Observed rows needed before "auto" trusts an F estimate.
 MIN_OBSERVED_ROWS = 64
@@ -66,8 +70,9 @@ class SamplingMonitor:
         self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, **dict.fromkeys(BLOCK_WORK, 0)}
         self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BLOCK_WORK, 0), "costs": []}
         self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
-        # F without the predictor, from the same rows (only while one is on): the ratio's denominator
-        self.log_unpredicted, self.run_unpredicted = _FactorSums(), _FactorSums()
+        # F without the predictor, from the same rows (only while one is fitted): the ratio's denominator
+        self.log_unpredicted, self.decision_unpredicted, self.run_unpredicted = _FactorSums(), _FactorSums(), _FactorSums()
+        self.predicting = False  # the predictor's correction is in the update (set by the trainer)
         self.noise = NoiseScaleAverages()
 
     def record(
@@ -97,7 +102,7 @@ class SamplingMonitor:
         numerators, denominator = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms)
         factors = numerators
         if predicted_change is not None:
-            for sums in (self.log_unpredicted, self.run_unpredicted):
+            for sums in (self.log_unpredicted, self.decision_unpredicted, self.run_unpredicted):
                 sums.add(numerators, denominator, int(draw.drawn.sum()))
             # the update's variance: the residuals g_i - beta p_i in the numerators, against the same sum of ||g_i||^2
             factors, _ = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms + predicted_change)
@@ -112,14 +117,22 @@ class SamplingMonitor:
         """A timed sampled step's cost against the median `Trainer` step (`costs.StepCostModel`)."""
         self.log["costs"].append(cost)
 
-    def take_decision_factors(self) -> list[float] | None:
-        """F of each candidate fraction (`CANDIDATE_FRACTIONS` order) from the rows observed since the last call, once
-        there are `MIN_OBSERVED_ROWS` of them (then the sums restart); None before."""
+    def take_decision_factors(self) -> tuple[list[float] | None, list[float] | None]:
+        """F at the current fraction, then at each candidate fraction (`CANDIDATE_FRACTIONS` order), from the rows
+        observed since the last call, once there are `MIN_OBSERVED_ROWS` of them (then the sums restart): (without the
+        predictor, with it); None for what was not measured, both None before."""
         if self.decision_factors.rows < MIN_OBSERVED_ROWS:
-            return None
-        factors = self.decision_factors.factors()
-        self.decision_factors = _FactorSums()
-        return None if factors is None else factors[1:]
+            return None, None
+        predicted, plain = self.decision_factors.factors(), self.decision_unpredicted.factors()
+        self.decision_factors, self.decision_unpredicted = _FactorSums(), _FactorSums()
+        if plain is None:  # no predictor: the sums are the plain estimator's
+            predicted, plain = None, predicted
+        return plain, predicted
+
+    def _update_factor(self, factors: list[float] | None, unpredicted: list[float] | None) -> float | None:
+        """F of the update at the current fraction: with the predictor's residuals only while it is applied."""
+        chosen = factors if unpredicted is None or self.predicting else unpredicted
+        return None if chosen is None else chosen[0]
 
     def take_log_values(self) -> dict[str, float]:
         """Since the last log: the share of rows drawn, of trunk block rows backpropagated, F at the current fraction
@@ -134,7 +147,7 @@ class SamplingMonitor:
             logs["lgp/trunk_tokens_computed"] = log["computed_tokens"] / log["block_tokens"]
         factors, unpredicted = self.log_factors.factors(), self.log_unpredicted.factors()
         if factors is not None:
-            logs["lgp/variance_factor"] = factors[0]
+            logs["lgp/variance_factor"] = self._update_factor(factors, unpredicted)
         if factors is not None and unpredicted is not None:
             logs["lgp/predictor_variance_ratio"] = factors[0] / unpredicted[0]
         if log["costs"]:
@@ -152,7 +165,7 @@ class SamplingMonitor:
             "lgp_drawn_fraction": totals["drawn_rows"] / totals["rows"] if totals["rows"] else None,
             "lgp_trunk_rows_computed": totals["computed_rows"] / totals["block_rows"] if totals["block_rows"] else None,
             "lgp_trunk_tokens_computed": totals["computed_tokens"] / totals["block_tokens"] if totals["block_tokens"] else None,
-            "lgp_variance_factor": None if factors is None else factors[0],
+            "lgp_variance_factor": None if factors is None else self._update_factor(factors, unpredicted),
             "lgp_predictor_variance_ratio": None if factors is None or unpredicted is None else factors[0] / unpredicted[0],
             "lgp_uniform_draws": totals["uniform_draws"],
             "lgp_noise_scale": self.noise.value(),
@@ -161,7 +174,7 @@ class SamplingMonitor:
     def state_dict(self) -> dict:
         return {
             "totals": dict(self.totals), "log": {**self.log, "costs": list(self.log["costs"])},
-            "factors": {name: getattr(self, name).state_dict() for name in ("log_factors", "decision_factors", "run_factors", "log_unpredicted", "run_unpredicted")},
+            "factors": {name: getattr(self, name).state_dict() for name in FACTOR_SUMS},
             "noise": self.noise.state_dict(),
         }
 

@@ -33,6 +33,7 @@ steps: d_out k^2 + k^4 numbers per layer (`LinearGradientPredictor`).
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from torch import nn
@@ -68,28 +69,32 @@ def boundary_signals(gradient: torch.Tensor, hidden: torch.Tensor, dims: int) ->
 def input_sums(inputs: torch.Tensor, bias: bool) -> torch.Tensor:
     """xbar_i = sum_t x'_it (rows x (d_in + bias), float32), x' = [x, 1] with a bias (its last entry: the positions)."""
     rows = inputs.shape[0]
-    x = inputs.detach().float().reshape(rows, -1, inputs.shape[-1])
-    sums = x.sum(1)
+    x = inputs.detach().reshape(rows, -1, inputs.shape[-1])
+    sums = x.sum(1, dtype=torch.float32)
     return torch.cat([sums, sums.new_full((rows, 1), x.shape[1])], 1) if bias else sums
 
 
 def row_products(inputs: torch.Tensor, errors: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     """g_i xbar_i = sum_t delta_it (x'_it . xbar_i) per row (rows x d_out, float32), g_i = sum_t delta_it x'_it^T the
-    row's gradient of the layer: what the fit needs of g_i, at the cost of two products of the row's size."""
+    row's gradient of the layer: what the fit needs of g_i, at the cost of two batched matrix-vector products of the
+    row's size."""
     rows = inputs.shape[0]
     x = inputs.detach().float().reshape(rows, -1, inputs.shape[-1])
     delta = errors.detach().float().reshape(rows, -1, errors.shape[-1])
-    along = (x * sums[:, None, : x.shape[-1]]).sum(-1)  # x_it . xbar_i
+    sums = sums.float()
+    along = torch.bmm(x, sums[:, : x.shape[-1], None]).squeeze(2)  # x_it . xbar_i
     if sums.shape[1] > x.shape[-1]:  # the bias's constant input 1, times its sum (the positions)
         along = along + sums[:, -1:]
-    return (delta * along[..., None]).sum(1)
+    return torch.bmm(along[:, None, :], delta).squeeze(1)
 
 
-def variance_weights(probabilities: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
-    """v_i / pi_i = (1 - pi_i) / pi_i^2 on the drawn rows, 0 elsewhere: summed over the drawn rows, an unbiased
-    estimate of a sum over all rows weighted by v_i = (1 - pi_i) / pi_i, the variance a row's residual adds."""
+def variance_weights(probabilities: torch.Tensor, drawn: torch.Tensor, design: torch.Tensor | None = None) -> torch.Tensor:
+    """v_i / pi_i on the drawn rows, 0 elsewhere, v_i = (1 - q_i) / q_i the variance a row's residual adds under the
+    design q (default: the draw's own, q = pi): summed over the drawn rows, an unbiased estimate of the v-weighted sum
+    over all rows. A draw that kept every row (f = 1: pi = 1, nothing to reduce) fits for another design this way."""
     safe = probabilities.where(drawn, torch.ones_like(probabilities))
-    return torch.where(drawn, (1 - safe) / safe**2, torch.zeros_like(safe))
+    target = safe if design is None else design.to(safe).where(drawn, torch.ones_like(safe))
+    return torch.where(drawn, (1 - target) / target / safe, torch.zeros_like(safe))
 
 
 def fit_sums(products: torch.Tensor, signals: torch.Tensor, sums: torch.Tensor, weights: torch.Tensor):
@@ -99,15 +104,21 @@ def fit_sums(products: torch.Tensor, signals: torch.Tensor, sums: torch.Tensor, 
     return (products * weights[:, None]).mT @ signals, (signals * (weights * sums.pow(2).sum(1))[:, None]).mT @ signals
 
 
+def regularised_inverses(covariances: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(S + lambda I)^-1 of each m x m S of a stack (float64), lambda = ridge x tr(S) / m (relative: invariant to the
+    loss scale); 0 where S is 0 (no row with a variance weight yet). One batched call for every layer."""
+    m = covariances.shape[-1]
+    system = covariances.double()
+    penalty = ridge * system.diagonal(dim1=-2, dim2=-1).sum(-1) / m
+    positive = penalty > 0
+    identity = torch.eye(m, dtype=torch.float64, device=covariances.device)
+    inverse = torch.linalg.inv(system + penalty.where(positive, 1.0)[:, None, None] * identity)
+    return inverse * positive[:, None, None]
+
+
 def predictor_map(correlation: torch.Tensor, covariance: torch.Tensor, ridge: float) -> torch.Tensor:
-    """M = C (S + lambda I)^-1, lambda = ridge x tr(S) / m (relative: invariant to the loss scale, as M is); 0 while
-    S is (no row with a variance weight yet)."""
-    k = covariance.shape[0]
-    penalty = ridge * float(covariance.diagonal().sum()) / k
-    if not penalty > 0:
-        return torch.zeros_like(correlation)
-    system = covariance.double() + penalty * torch.eye(k, dtype=torch.float64, device=covariance.device)
-    return torch.linalg.solve(system, correlation.double().mT).mT.to(correlation.dtype)
+    """M = C (S + lambda I)^-1 (`regularised_inverses`); 0 while S is."""
+    return (correlation.double() @ regularised_inverses(covariance[None], ridge)[0]).to(correlation.dtype)
 
 
 def predicted_sum(prediction_map: torch.Tensor, signals: torch.Tensor, sums: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -141,6 +152,10 @@ class LinearGradientPredictor:
     adds the micro-batch's rows to the optimizer step's sums and returns each row's change of ||g_i||^2 (for F);
     `end_step` folds the step's sums (averaged over ranks) into the moving averages. Nothing of a draw is used before
     its step has ended, so the map applied to a draw was fitted on earlier draws only.
+
+    `applying`: whether `terms` returns the correction (else it only predicts, for F, and the fit goes on: how "auto"
+    measures a predictor it does not use). `clock`: a callable returning seconds (waiting for the device), set on steps
+    whose predictor work is timed; `take_seconds` returns the time spent in the predictor's own work since its last call.
     """
 
     def __init__(self, modules: list[nn.Module], dims: int, ridge: float, decay: float):
@@ -152,6 +167,10 @@ class LinearGradientPredictor:
         self.correlations: list[torch.Tensor | None] = [None] * count
         self.covariances: list[torch.Tensor | None] = [None] * count
         self.alignment = torch.zeros(count, 2, dtype=torch.float64)
+        self._maps: dict[int, torch.Tensor] = {}  # M per layer, for the moving averages as they are
+        self.applying = True
+        self.clock = None
+        self._seconds = 0.0
         self._reset_step()
         self._reset_micro_batch()
 
@@ -169,6 +188,21 @@ class LinearGradientPredictor:
         signal = self.dims**2
         return sum(layer.weight.numel() // self._inputs(index) * signal + signal**2 + 2 for index, layer in enumerate(self.layers))
 
+    @contextlib.contextmanager
+    def _timed(self):
+        """Adds the time inside to `take_seconds` when a `clock` is set."""
+        clock = self.clock
+        begun = clock() if clock is not None else None
+        try:
+            yield
+        finally:
+            if begun is not None:
+                self._seconds += clock() - begun
+
+    def take_seconds(self) -> float:
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
     def _inputs(self, index: int) -> int:
         layer = self.layers[index]
         return layer.weight.shape[0] if isinstance(layer, Conv1D) else layer.weight.shape[1]
@@ -182,6 +216,7 @@ class LinearGradientPredictor:
         self._predicted_rows: dict[int, torch.Tensor] = {}  # M s_i per layer with a map
         self._signals: torch.Tensor | None = None
         self._draw: BoundaryDraw | None = None
+        self._last_input: tuple | None = None  # (input, bias, its sums) of the last layer call in the forward
 
     @contextlib.contextmanager
     def active(self, row_index):
@@ -194,9 +229,10 @@ class LinearGradientPredictor:
                     return
                 inputs = args[0]
                 if self._draw is None:  # the forward: xbar (summed over calls of a shared layer)
-                    sums = input_sums(inputs, self.biased[index])
-                    previous = self._sums.get(index)
-                    self._sums[index] = sums if previous is None or previous.shape != sums.shape else previous + sums
+                    with self._timed():
+                        sums = self._input_sums(inputs, self.biased[index])
+                        previous = self._sums.get(index)
+                        self._sums[index] = sums if previous is None or previous.shape != sums.shape else previous + sums
                 if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
                     rows = row_index()
                     output.register_hook(lambda errors: self._read(index, inputs, errors, rows))
@@ -210,8 +246,18 @@ class LinearGradientPredictor:
             for handle in handles:
                 handle.remove()
 
+    def _input_sums(self, inputs: torch.Tensor, bias: bool) -> torch.Tensor:
+        """`input_sums`, once for layers that read the same input in turn (an attention's query, key and value)."""
+        if self._last_input is None or self._last_input[0] is not inputs or self._last_input[1] != bias:
+            self._last_input = (inputs, bias, input_sums(inputs, bias))
+        return self._last_input[2]
+
     def _read(self, index: int, inputs: torch.Tensor, errors: torch.Tensor, rows: torch.Tensor | None) -> None:
         """g_i xbar_i of the rows of one call of layer `index` (as read: drawn rows weighted 1 / pi_i)."""
+        with self._timed():
+            self._add_products(index, inputs, errors, rows)
+
+    def _add_products(self, index: int, inputs: torch.Tensor, errors: torch.Tensor, rows: torch.Tensor | None) -> None:
         sums = self._sums.get(index)
         if sums is None or self._draw is None:
             return
@@ -231,27 +277,40 @@ class LinearGradientPredictor:
             total.index_add_(0, rows.to(total.device), products)
 
     def terms(self, gradient: torch.Tensor, hidden: torch.Tensor, draw: BoundaryDraw) -> list[torch.Tensor | None]:
-        """beta M Z of every parameter (`parameters` order; None where there is nothing to add), for the draw just made
-        at the boundary from `gradient` (dL/dh, before the draw's weights) at `hidden` (h): in the parameter's shape
-        and dtype."""
+        """beta M Z of every parameter (`parameters` order; None where there is nothing to add, and everywhere when not
+        `applying`), for the draw just made at the boundary from `gradient` (dL/dh, before the draw's weights) at
+        `hidden` (h): in the parameter's shape and dtype. Keeps the rows' predictions M s_i either way."""
+        with self._timed():
+            return self._terms(gradient, hidden, draw)
+
+    def _terms(self, gradient: torch.Tensor, hidden: torch.Tensor, draw: BoundaryDraw) -> list[torch.Tensor | None]:
         self._products, self._predicted_rows = {}, {}
-        self._draw = draw
+        self._draw, self._last_input = draw, None
         self._signals = signals = boundary_signals(gradient, hidden, self.dims)
         weights = torch.where(draw.drawn, 1.0 / draw.probabilities.where(draw.drawn, 1.0), 0.0).to(signals.device)
-        sampled = not draw.uniform and not bool(draw.drawn.all())
+        correcting = self.applying and not draw.uniform and not bool(draw.drawn.all())
         coefficients = self.coefficients()
         terms = []
         for index, layer in enumerate(self.layers):
             sums, correlation = self._sums.get(index), self.correlations[index]
             term = None
             if correlation is not None and sums is not None and sums.shape[0] == signals.shape[0]:
-                prediction_map = predictor_map(correlation.to(signals.device), self.covariances[index].to(signals.device), self.ridge)
+                prediction_map = self._map(index, signals.device)
                 self._predicted_rows[index] = signals @ prediction_map.mT
                 beta = float(coefficients[index])
-                if sampled and beta != 0:
+                if correcting and beta != 0:
                     term = beta * predicted_sum(prediction_map, signals, sums, weights)
             terms.extend(self._split(index, layer, term))
         return terms
+
+    def _map(self, index: int, device) -> torch.Tensor:
+        """M of layer `index` (`predictor_map`): every fitted layer's at once (`regularised_inverses`), once per change of
+        the moving averages."""
+        if not self._maps:
+            fitted = [i for i, correlation in enumerate(self.correlations) if correlation is not None]
+            inverses = regularised_inverses(torch.stack([self.covariances[i] for i in fitted]).to(device), self.ridge)
+            self._maps = {i: (self.correlations[i].to(device).double() @ inverse).to(self.correlations[i].dtype) for i, inverse in zip(fitted, inverses)}
+        return self._maps[index]
 
     def _split(self, index: int, layer: nn.Module, term: torch.Tensor | None) -> list[torch.Tensor | None]:
         """A layer's d_out x (d_in + bias) term as its weight's (and bias's) gradient."""
@@ -265,15 +324,20 @@ class LinearGradientPredictor:
             out.append(term[:, -1].to(layer.bias.dtype))
         return out
 
-    def finish_micro_batch(self) -> torch.Tensor | None:
+    def finish_micro_batch(self, design: torch.Tensor | None = None) -> torch.Tensor | None:
         """After the micro-batch's backward: its drawn rows join the step's fit sums, and the change of each row's
         ||g_i||^2 under the predictor in use, -2 beta <g_i, p_i> + beta^2 ||p_i||^2 summed over layers (float64, CPU; None
-        when the draw was uniform or is not there)."""
+        when the draw was uniform or is not there). `design`: the inclusion probabilities whose variance the fit
+        weights (`variance_weights`), when not the draw's own (at f = 1, those of the fraction "auto" considers)."""
+        with self._timed():
+            return self._finish_micro_batch(design)
+
+    def _finish_micro_batch(self, design: torch.Tensor | None) -> torch.Tensor | None:
         draw, signals = self._draw, self._signals
         if draw is None or draw.uniform or signals is None or not bool(torch.isfinite(signals).all()):
             return None
         probabilities = draw.probabilities.to(signals.device, torch.float32)
-        weights = variance_weights(probabilities, draw.drawn.to(signals.device))
+        weights = variance_weights(probabilities, draw.drawn.to(signals.device), None if design is None else design.to(signals.device))
         unweight = torch.where(draw.drawn.to(signals.device), probabilities, 0.0)[:, None]  # the read rows carry 1 / pi_i
         coefficients = self.coefficients()
         changes = torch.zeros(signals.shape[0], dtype=torch.float64)
@@ -300,6 +364,10 @@ class LinearGradientPredictor:
         """Folds the optimizer step's sums into the moving averages. `reduce` sums a flat float64 tensor over ranks
         (the identity on one process): every rank must call it with the same layout, so layers that no rank read this
         step contribute zeros, and every rank then holds the same sums."""
+        with self._timed():
+            self._end_step(reduce)
+
+    def _end_step(self, reduce) -> None:
         present = [index for index, sums in enumerate(self._step_sums) if sums is not None]
         flags = reduce(torch.tensor([float(sums is not None) for sums in self._step_sums], dtype=torch.float64))
         layers = [index for index in range(len(self.layers)) if float(flags[index]) > 0]
@@ -327,6 +395,7 @@ class LinearGradientPredictor:
             self.correlations[index] = self._average(self.correlations[index], correlation.float())
             self.covariances[index] = self._average(self.covariances[index], covariance.float())
             self.alignment[index] = self.decay * self.alignment[index] + (1 - self.decay) * alignment
+        self._maps = {}
         self._reset_step()
 
     def _average(self, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -341,3 +410,4 @@ class LinearGradientPredictor:
         self.correlations = [None if c is None else c.clone() for c in state["correlations"]]
         self.covariances = [None if c is None else c.clone() for c in state["covariances"]]
         self.alignment = state["alignment"].clone()
+        self._maps = {}

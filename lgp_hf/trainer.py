@@ -25,7 +25,7 @@ from .noise_scale import noise_scale
 from .predictor import LinearGradientPredictor
 from .replay import BlockReplay, find_blocks
 from .row_norms import RowGradientNorms
-from .sampling import draw_generator
+from .sampling import draw_generator, inclusion_probabilities
 from .theory import batch_size_advice, best_control_fraction, decision_margin, relative_time
 from .verification import gradient_error_statistics, report_from_statistics
 
@@ -52,6 +52,9 @@ CHECK_ROWS = 32
 REFERENCE_PERIOD = 200
 REFERENCE_STEPS = 2
 REFERENCE_START = 3
+#: At f = 1 (every row kept: no variance to reduce) the predictor is fitted for the draw at this fraction until "auto"
+#: has found a best one: the middle of the fractions it chooses when fine-tuning.
+PREDICTOR_FIT_FRACTION = 0.25
 
 
 class PredictedGradientMixin:
@@ -152,15 +155,22 @@ class PredictedGradientMixin:
                     )
         self.row_norms = RowGradientNorms(self.replay.blocks)
         self.predictor = None
-        if settings.gradient_predictor == "linear" and self.disabled_reason is None:
+        if settings.gradient_predictor != "none" and self.disabled_reason is None:
             self.predictor = LinearGradientPredictor(self.replay.blocks, settings.predictor_signal_dims, settings.predictor_ridge, settings.predictor_decay)
-        self.sampler.predictor = self.predictor
+        self._set_predicting(settings.gradient_predictor == "linear")
         if self.disabled_reason is not None:
             self._disable(self.disabled_reason)
         elif (self._auto or self._control_fraction < 1) and not hasattr(self, "_step_clock"):
             self._step_clock = StepClock(self.args.device, self._times_step, self._end_optimizer_step)
             self.add_callback(self._step_clock.start)  # last to begin a step, first to end it: others' work is not timed
             self.callback_handler.callbacks.insert(0, self._step_clock.stop)
+
+    def _set_predicting(self, on: bool) -> None:
+        """Whether the predictor's correction is in the update (`gradient_predictor="linear"`, or chosen by "auto")."""
+        self._predicting = on and self.predictor is not None
+        self.monitor.predicting = self._predicting
+        if self.predictor is not None:
+            self.predictor.applying = self._predicting
 
     def _unsupported_reason(self, model) -> str | None:
         if self.args.torch_compile or hasattr(model, "_orig_mod"):  # `_orig_mod`: a module torch.compile returned
@@ -202,7 +212,10 @@ class PredictedGradientMixin:
         generator = draw_generator(self.args.seed, self.state.global_step, self._micro_step, self.args.process_index)
         rows = lambda: self.sampler.draws[-1].drawn.numel() if self.sampler.draws else None  # noqa: E731
         recording = self.row_norms.recording(rows, self.replay.row_index) if observe else contextlib.nullcontext()
-        with self.sampled_backward(fraction, generator) as placed, recording:
+        if self.predictor is not None:  # its work timed on the steps that are timed
+            step_clock = getattr(self, "_step_clock", None)
+            self.predictor.clock = step_clock.now if step_clock is not None and step_clock.begun is not None else None
+        with self.sampled_backward(fraction, generator, measure_predictor=observe) as placed, recording:
             loss = super().training_step(model, inputs, num_items_in_batch)
         if not placed[0]:
             self._disable(
@@ -213,11 +226,21 @@ class PredictedGradientMixin:
         work = self.replay.take_counts()
         self._step_rows = [self._step_rows[0] + work[0], self._step_rows[1] + work[1]]
         norms = (self.row_norms.squared_norms, self.row_norms.batch_squared_norm()) if observe else (None, None)
-        predicted = self.predictor.finish_micro_batch() if self.predictor is not None else None
+        predictor = self.sampler.predictor  # applied or measured in this step
+        predicted = predictor.finish_micro_batch(self._fit_design(fraction)) if predictor is not None else None
         self.monitor.record(self.sampler.draws, fraction, *norms, work, predicted if observe else None)
-        if self.predictor is not None and self.accelerator.sync_gradients:  # the step's rows fit the next steps' map
-            self.predictor.end_step(lambda values: self._all_ranks_mean(values.to(self.args.device)).cpu() * self.accelerator.num_processes)
+        if predictor is not None and self.accelerator.sync_gradients:  # the step's rows fit the next steps' map
+            predictor.end_step(lambda values: self._all_ranks_mean(values.to(self.args.device)).cpu() * self.accelerator.num_processes)
         return loss
+
+    def _fit_design(self, fraction: float) -> torch.Tensor | None:
+        """The inclusion probabilities whose variance the predictor's fit reduces: the draw's own at f < 1; at f = 1
+        (every row kept, nothing to reduce) those of the fraction "auto" found best, else PREDICTOR_FIT_FRACTION."""
+        if fraction < 1 or not self.sampler.draws:
+            return None
+        best = (self._last_decision or {}).get("best_fraction", 1.0)
+        design_fraction = best if best < 1 else PREDICTOR_FIT_FRACTION
+        return inclusion_probabilities(self.sampler.draws[-1].scores, design_fraction, self.lgp_settings.sampling_uniform_mix)
 
     def _times_step(self, step: int) -> bool:
         """Whether optimizer step `step` is timed (synchronising CUDA): after the first steps' one-off work, every
@@ -243,6 +266,7 @@ class PredictedGradientMixin:
         base class's own steps give the reference, sampled ones the step cost at the share of trunk rows they
         backpropagated, observed steps at f = 1 the overhead of observing."""
         fraction, observe = self._plan
+        predictor_seconds = self.predictor.take_seconds() if self.predictor is not None else 0.0
         if seconds is None or self._checked_in_step:
             return
         if fraction is None:
@@ -252,9 +276,11 @@ class PredictedGradientMixin:
         elif observe:
             if fraction == 1 and self.cost_model.reference_seconds:
                 self._observation_overhead = max(0.0, seconds / self.cost_model.reference_seconds - 1)
+            if predictor_seconds > 0:
+                self.cost_model.observe_predictor(predictor_seconds)
         else:
             computed, total = self._step_rows
-            cost = self.cost_model.observe_sampled(computed / total if total else 1.0, seconds)
+            cost = self.cost_model.observe_sampled(computed / total if total else 1.0, seconds, predictor_seconds)
             if cost is not None:
                 self.monitor.record_cost(cost)
 
@@ -268,12 +294,15 @@ class PredictedGradientMixin:
         return self._reference_due(step) or (self._last_reference is not None and step - self._last_reference < REFERENCE_STEPS)
 
     @contextlib.contextmanager
-    def sampled_backward(self, fraction: float, generator: torch.Generator):
+    def sampled_backward(self, fraction: float, generator: torch.Generator, measure_predictor: bool = False):
         """While inside, forwards put the boundary at the head's input, whose backward draws rows at `fraction` with
-        `generator`, and (f < 1) the trunk's blocks replay their backward on the drawn rows. Yields a list holding
-        True once a forward has placed the boundary."""
+        `generator`, and (f < 1) the trunk's blocks replay their backward on the drawn rows; the predictor runs when
+        it is applied, or (`measure_predictor`) to be fitted and measured. Yields a list holding True once a forward
+        has placed the boundary."""
         self.sampler.fraction, self.sampler.generator, self.sampler.draws = fraction, generator, []
-        predicting = self.predictor.active(self.replay.row_index) if self.predictor is not None else contextlib.nullcontext()
+        running = self.predictor is not None and (self._predicting or measure_predictor)
+        self.sampler.predictor = self.predictor if running else None
+        predicting = self.predictor.active(self.replay.row_index) if running else contextlib.nullcontext()
         with sampled_boundary(self.head_modules, self.sampler) as placed, self.replay.active() if fraction < 1 else contextlib.nullcontext(), predicting:
             yield placed
 
@@ -336,7 +365,8 @@ class PredictedGradientMixin:
                 enough = float(self.monitor.decision_factors.rows >= MIN_OBSERVED_ROWS)
                 self._first_rows_observed = float(self._all_ranks_mean(torch.tensor([enough], device=self.args.device))) == 1.0
             first = self._first_rows_observed and len(self.cost_model.references) >= MIN_REFERENCES
-        if self._auto and (first or step % settings.auto_decision_steps == 0):
+        predictor_choice = settings.gradient_predictor == "auto" and self._control_fraction < 1
+        if (self._auto or predictor_choice) and (first or step % settings.auto_decision_steps == 0):
             self._decide_control_fraction()
 
     def _decide_control_fraction(self) -> None:
@@ -344,22 +374,47 @@ class PredictedGradientMixin:
         relative_time`, F(f) cost(f) before the noise scale is known), from the rows observed since the last decision
         (`monitor`), the measured step cost (`costs`) and the run's noise scale, averaged over ranks; 1 unless that time
         is below 1 - AUTO_MARGIN (below 1 when f < 1 already: `theory.decision_margin`). Changed only between
-        optimizer steps. Lowering f from 1 waits for the check."""
-        factors = self.monitor.take_decision_factors()
-        fractions = [f for f in CANDIDATE_FRACTIONS if f >= self.lgp_settings.auto_min_control_fraction]
-        # every rank joins the average, a rank without enough observed rows with NaN: then no rank decides
-        factors = [math.nan] * len(fractions) if factors is None else factors[len(CANDIDATE_FRACTIONS) - len(fractions) :]
-        costs = [self.cost_model.cost(f) for f in fractions]
-        values = self._all_ranks_mean(torch.tensor(factors + costs, dtype=torch.float64, device=self.args.device)).tolist()
-        factors, costs = values[: len(fractions)], values[len(fractions) :]
-        if not all(map(math.isfinite, factors)):
+        optimizer steps. Lowering f from 1 waits for the check. With `gradient_predictor="auto"` (also at an explicit
+        f) the same comparison with the predictor's F and its measured cost added decides whether it is applied."""
+        plain, predicted = self.monitor.take_decision_factors()
+        if self._auto:
+            fractions = [f for f in CANDIDATE_FRACTIONS if f >= self.lgp_settings.auto_min_control_fraction]
+            offset = 1 + len(CANDIDATE_FRACTIONS) - len(fractions)  # the sums hold the current fraction, then candidates
+        else:
+            fractions, offset = [self._control_fraction], 0
+        count = len(fractions)
+        # every rank joins the average, a rank without enough observed rows (or predictions) with NaN: then no rank
+        # decides (or none uses the predictor)
+        candidates = lambda factors: [math.nan] * count if factors is None else factors[offset : offset + count]  # noqa: E731
+        predictor_cost = self.cost_model.predictor_cost()
+        local = candidates(plain) + candidates(predicted) + [self.cost_model.cost(f) for f in fractions]
+        local.append(math.nan if predictor_cost is None else predictor_cost)
+        values = self._all_ranks_mean(torch.tensor(local, dtype=torch.float64, device=self.args.device)).tolist()
+        plain, predicted, costs, predictor_cost = values[:count], values[count : 2 * count], values[2 * count : 3 * count], values[-1]
+        if not all(map(math.isfinite, plain)):
             return
         ratio = self._noise_ratio()
-        fraction, efficiency = best_control_fraction(fractions, factors, costs, decision_margin(self._control_fraction, AUTO_MARGIN), ratio)
+        margin = decision_margin(self._control_fraction, AUTO_MARGIN)
+        predictor = self.lgp_settings.gradient_predictor
+        # the estimators to choose from: (predictor applied, F per fraction, cost per fraction)
+        options = [] if predictor == "linear" else [(False, plain, costs)]
+        if self.predictor is not None and all(map(math.isfinite, predicted)) and (predictor == "linear" or math.isfinite(predictor_cost)):
+            extra = predictor_cost if math.isfinite(predictor_cost) else 0.0  # "auto" waits for its cost
+            options.append((True, predicted, [cost + extra for cost in costs]))
+        if not options:  # "linear" before its first observed step: F without it
+            options = [(True, plain, costs)]
+        if not self._auto:  # an explicit f: only whether the predictor is applied
+            predicting = min(options, key=lambda option: relative_time(option[1][0], option[2][0], ratio))[0]
+            self._set_predicting(predicting)
+            return
+        predicting, factors, costs = min(options, key=lambda option: best_control_fraction(fractions, option[1], option[2], margin, ratio)[1])
+        fraction, efficiency = best_control_fraction(fractions, factors, costs, margin, ratio)
+        if predictor == "auto":
+            self._set_predicting(predicting and fraction < 1)
         times = [relative_time(factor, cost, ratio) for factor, cost in zip(factors, costs)]
-        best = min(range(len(fractions)), key=times.__getitem__)
+        best = min(range(count), key=times.__getitem__)
         self._last_decision = {"fraction": fraction, "best_fraction": fractions[best], "variance_factor": factors[best],
-                               "step_cost": costs[best], "efficiency": times[best]}
+                               "step_cost": costs[best], "efficiency": times[best], "predictor": predicting}
         if fraction < 1 and self._control_fraction == 1 and self.unbiasedness["status"] != "passed":
             if self.unbiasedness["status"] == "not run" and self.lgp_settings.unbiasedness_check:
                 self._pending_fraction = fraction
@@ -445,6 +500,10 @@ class PredictedGradientMixin:
         if "loss" in logs and self.disabled_reason is None:
             values = self.monitor.take_log_values()
             values["lgp/control_fraction"] = self._control_fraction
+            if self.predictor is not None:
+                values["lgp/predictor_applied"] = float(self._predicting)
+                if self.cost_model.predictor_cost() is not None:
+                    values["lgp/predictor_cost"] = self.cost_model.predictor_cost()
             if "lgp/variance_factor" in values and "lgp/step_cost" in values:
                 values["lgp/efficiency"] = values["lgp/variance_factor"] * values["lgp/step_cost"]
             if self._last_decision is not None:
@@ -463,6 +522,8 @@ class PredictedGradientMixin:
             "lgp_disabled_reason": self.disabled_reason,
             **self.monitor.summary(),
             "lgp_step_cost": self.cost_model.step_cost(),
+            "lgp_predictor_applied": None if self.predictor is None else self._predicting,
+            "lgp_predictor_cost": self.cost_model.predictor_cost(),
             "lgp_batch_size": self._optimizer_batch_size(),
             "lgp_predicted_efficiency": decision.get("efficiency"),
             "lgp_best_fraction": decision.get("best_fraction"),
@@ -542,6 +603,7 @@ class PredictedGradientMixin:
             "monitor": self.monitor.state_dict(),
             "dense_blocks": dict(self.replay.dense_reasons),
             "predictor": None if self.predictor is None else self.predictor.state_dict(),
+            "predicting": self._predicting,
         }
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -578,6 +640,7 @@ class PredictedGradientMixin:
             self.replay.mark_dense(index, reason)
         if self.predictor is not None and state.get("predictor") is not None:
             self.predictor.load_state_dict(state["predictor"])
+        self._set_predicting(state.get("predicting", self.lgp_settings.gradient_predictor == "linear"))
 
 
 def _batch_size(inputs: dict) -> int:

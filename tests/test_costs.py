@@ -35,6 +35,23 @@ def test_one_slow_step_moves_neither_the_reference_nor_the_cost():
     assert model.step_cost() == pytest.approx(1.2) and len(model.sampled) == SAMPLED_WINDOW
 
 
+def test_the_predictors_work_is_kept_apart_from_the_step_cost():
+    """Sampled steps of 0.7 s at a quarter of the rows, 0.1 s of it in the predictor, against 1 s plain steps: the step
+    without the predictor costs 0.35 + f, the predictor 0.1 more; an observed step that only measures it counts too."""
+    model = StepCostModel()
+    assert model.predictor_cost() is None
+    model.observe_plain(1.0)
+    model.observe_sampled(0.25, 0.7, predictor_seconds=0.1)
+    assert model.intercept == pytest.approx(0.35) and model.cost(0.25) == pytest.approx(0.6)
+    assert model.predictor_cost() == pytest.approx(0.1)
+    model.observe_predictor(0.3)
+    model.observe_predictor(0.3)
+    assert model.predictor_cost() == pytest.approx(0.3)
+    restored = StepCostModel()
+    restored.load_state_dict(model.state_dict())
+    assert restored.predictor_cost() == model.predictor_cost() and restored.cost(0.25) == model.cost(0.25)
+
+
 def test_old_checkpoint_state_leaves_the_windows_empty():
     model = StepCostModel()
     model.load_state_dict({"reference_seconds": 1.0, "intercept": 0.2, "last_cost": 0.7})

@@ -17,6 +17,7 @@ from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
 from lgp_hf.theory import batch_size_advice
 from lgp_hf.model_card import (
     AUTO_STATISTICS,
+    PREDICTOR_STATISTICS,
     LGP_TAGS,
     NOT_MEASURED,
     STATISTICS_ROWS,
@@ -176,7 +177,7 @@ def test_create_model_card_records_the_run(quiet_args, no_network):
         text, re.MULTILINE,
     ), statistic_lines(text)["Unbiasedness check"]
     # "not measured" only where the run measured nothing.
-    unmeasured = {LABELS[key] for key in LABELS if key in summary and summary[key] is None and key not in AUTO_STATISTICS}
+    unmeasured = {LABELS[key] for key in LABELS if key in summary and summary[key] is None and key not in AUTO_STATISTICS + PREDICTOR_STATISTICS}
     assert {label for label, value in statistic_lines(text).items() if value == NOT_MEASURED} == unmeasured
 
     factor, cost = summary["lgp_variance_factor"], summary["lgp_step_cost"]

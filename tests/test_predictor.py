@@ -12,6 +12,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+import lgp_hf.costs
 import lgp_hf.predictor
 from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer, verify_unbiased
 from lgp_hf.monitor import CANDIDATE_FRACTIONS, SamplingMonitor
@@ -119,6 +120,19 @@ def test_variance_weights_are_horvitz_thompson_for_the_variance_weighted_sum():
     values = torch.arange(1.0, ROWS + 1, dtype=torch.float64)
     target = ((1 - probabilities) / probabilities * values).sum()
     assert float(expectation(probabilities, lambda mask: (variance_weights(probabilities, mask) * values).sum())) == pytest.approx(float(target))
+
+
+def test_variance_weights_fit_another_design_from_a_draw_that_kept_every_row():
+    """At f = 1 every row is drawn with pi = 1 (no variance to reduce): the fit weights rows for the design q "auto"
+    considers, (1 - q_i) / q_i; at f < 1 the same weights are a Horvitz-Thompson sum over the draw, by enumeration."""
+    _, _, _, _, probabilities = random_case()
+    design = torch.tensor([0.2, 0.5, 0.25, 0.8, 0.1], dtype=torch.float64)
+    kept = torch.ones(ROWS, dtype=torch.bool)
+    assert torch.allclose(variance_weights(torch.ones(ROWS, dtype=torch.float64), kept, design), (1 - design) / design)
+    assert torch.equal(variance_weights(probabilities, kept), variance_weights(probabilities, kept, probabilities))
+    values = torch.arange(1.0, ROWS + 1, dtype=torch.float64)
+    target = ((1 - design) / design * values).sum()
+    assert float(expectation(probabilities, lambda mask: (variance_weights(probabilities, mask, design) * values).sum())) == pytest.approx(float(target))
 
 
 def test_signals_sketch_the_heads_per_row_gradient():
@@ -258,6 +272,55 @@ def test_predictor_removes_the_variance_where_the_signal_predicts_the_gradient(t
     assert all(log["lgp/variance_factor"] < 1.6 for log in late), late
 
 
+def predictor_choice_run(tmp_path, steps=48):
+    """OneLayerTrunk under uniform draws at f = 0.25 with `gradient_predictor="auto"`, every step observed, a decision
+    every 8 steps."""
+    args = predictor_args(tmp_path, max_steps=steps, control_fraction=0.25, sampling_uniform_mix=1.0, predictor_signal_dims=3,
+                          predictor_ridge=1e-4, per_device_train_batch_size=32, learning_rate=1e-2, gradient_predictor="auto",
+                          auto_decision_steps=8)
+    trainer = PredictedGradientTrainer(model=OneLayerTrunk(), args=args, train_dataset=image_dataset(32 * steps))
+    trainer.train()
+    return trainer, [log for log in trainer.state.log_history if "lgp/predictor_applied" in log]
+
+
+def test_auto_applies_the_predictor_where_it_pays_for_its_cost(tmp_path):
+    """Measured first (not applied before a decision), then applied: F with it far below F without it, at a measured
+    cost of a small share of a step."""
+    trainer, logs = predictor_choice_run(tmp_path)
+    applied = [log["lgp/predictor_applied"] for log in logs]
+    assert applied[:7] == [0.0] * 7 and applied[-1] == 1.0 and trainer._predicting, applied
+    assert logs[-1]["lgp/predictor_variance_ratio"] < 0.3 and 0 < logs[-1]["lgp/predictor_cost"] < 1
+    assert logs[-1]["lgp/variance_factor"] < 1.6  # the update's F: with the correction in it
+    summary = trainer.lgp_summary()
+    assert summary["lgp_predictor_applied"] is True and summary["lgp_predictor_cost"] == trainer.cost_model.predictor_cost()
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "- Gradient predictor (the paper's control variate): applied" in card
+    assert "- F with the predictor over F without it (the same observed rows): " in card
+
+
+def test_auto_leaves_out_a_predictor_that_costs_more_than_it_saves(tmp_path, monkeypatch):
+    """The same run with the predictor's measured work at 50 Trainer steps: measured all along, never applied, and the
+    F logged is the update's, without the correction."""
+    monkeypatch.setattr(lgp_hf.costs.StepCostModel, "predictor_cost", lambda self: 50.0)
+    trainer, logs = predictor_choice_run(tmp_path)
+    assert all(log["lgp/predictor_applied"] == 0.0 for log in logs) and not trainer._predicting
+    late = logs[-1]
+    assert late["lgp/predictor_variance_ratio"] < 0.3 and late["lgp/variance_factor"] > 2.5  # uniform at f = 0.25: F = 4
+
+
+def test_a_measured_predictor_leaves_the_update_as_without_one(tmp_path):
+    """`gradient_predictor="auto"` before it is applied reads and fits only: the weights equal those of "none"."""
+    weights = []
+    for predictor in ("none", "auto"):
+        args = predictor_args(tmp_path / predictor, max_steps=4, gradient_predictor=predictor, predictor_signal_dims=2)
+        trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(32))
+        trainer.train()
+        weights.append([p.detach().clone() for p in trainer.model.parameters()])
+    assert trainer.predictor is not None and trainer.predictor.correlations[0] is not None and not trainer._predicting
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
 def test_verify_unbiased_passes_with_a_fitted_predictor(tmp_path):
     dataset = image_dataset(64)
     trainer = PredictedGradientTrainer(model=tiny_vit(), args=predictor_args(tmp_path, max_steps=6, predictor_signal_dims=4), train_dataset=dataset)
@@ -270,7 +333,7 @@ def test_verify_unbiased_passes_with_a_fitted_predictor(tmp_path):
 
 
 def test_settings_are_validated():
-    for name, value in (("gradient_predictor", "quadratic"), ("predictor_decay", 1.0), ("predictor_ridge", 0.0), ("predictor_signal_dims", 0)):
+    for name, value in (("gradient_predictor", "quadratic"), ("gradient_predictor", None), ("predictor_decay", 1.0), ("predictor_ridge", 0.0), ("predictor_signal_dims", 0)):
         with pytest.raises(ValueError, match=name):
             PredictedGradientArguments(output_dir="unused", **{name: value})
 
