@@ -52,7 +52,9 @@ class PredictedGradientSettings:
             ||dy_t||^2 ||x_t||^2 to the update's variance, which F (`lgp/variance_factor`) includes. The reason: dW
             is about half a linear layer's backward and, unlike dX = dY W (kept exact, it carries the gradient on
             down), ends at the layer, so sampling it leaves every other gradient exact. 1 (the default) computes dW
-            exactly; below 1 every step samples its tokens, at f = 1 too ("auto" chooses f with it fixed).
+            exactly; below 1 every step samples its tokens, at f = 1 too, after the unbiasedness check (under "auto",
+            which chooses f with k fixed: checked at f = 1 first, and again at the f it first lowers to; a failed or
+            skipped check there keeps every gradient exact).
         auto_min_control_fraction (`float`, defaults to `0.1`):
             The smallest f that `control_fraction="auto"` may choose.
         auto_decision_steps (`int`, defaults to `25`):

@@ -274,8 +274,12 @@ class PredictedGradientMixin:
                 self.monitor.record_cost(cost)
 
     def _reference_due(self, step: int) -> bool:
-        """Whether optimizer step `step` at f < 1 starts the base class's own steps that time a `Trainer` step."""
-        period = REFERENCE_PERIOD if len(self.cost_model.references) >= MIN_REFERENCES else REFERENCE_PERIOD // 8
+        """Whether optimizer step `step` at f < 1 (or with token sampling) starts the base class's own steps that time a
+        `Trainer` step: back to back before the first decision of "auto" (which waits for them), while they are too few."""
+        if len(self.cost_model.references) >= MIN_REFERENCES:
+            period = REFERENCE_PERIOD
+        else:
+            period = REFERENCE_STEPS if self._before_first_decision() else REFERENCE_PERIOD // 8
         return step >= REFERENCE_START and (self._last_reference is None or step - self._last_reference >= period)
 
     def _reference_step(self, step: int) -> bool:
@@ -307,7 +311,7 @@ class PredictedGradientMixin:
         if self.disabled_reason is not None:
             return None, False
         settings = self.lgp_settings
-        explicit = not self._auto and self._samples()
+        explicit = self._samples() and (not self._auto or self.token_sampler is not None)  # keep < 1 is explicit
         if self._pending_fraction is not None or (explicit and self.unbiasedness["status"] == "not run" and settings.unbiasedness_check):
             self._check_unbiasedness(model, inputs, num_items_in_batch)
             self._checked_in_step = True
@@ -380,8 +384,10 @@ class PredictedGradientMixin:
         best = min(range(len(fractions)), key=times.__getitem__)
         self._last_decision = {"fraction": fraction, "best_fraction": fractions[best], "variance_factor": factors[best],
                                "step_cost": costs[best], "efficiency": times[best]}
-        if fraction < 1 and self._control_fraction == 1 and self.unbiasedness["status"] != "passed":
-            if self.unbiasedness["status"] == "not run" and self.lgp_settings.unbiasedness_check:
+        # a check passed at f = 1 (token sampling alone) did not draw rows: lowering f checks again
+        rows_checked = self.unbiasedness["status"] == "passed" and self.unbiasedness["fraction"] < 1
+        if fraction < 1 and self._control_fraction == 1 and not rows_checked:
+            if self.unbiasedness["status"] in ("not run", "passed") and self.lgp_settings.unbiasedness_check:
                 self._pending_fraction = fraction
                 return
             if self.unbiasedness["status"] in ("failed", "skipped"):
@@ -411,14 +417,15 @@ class PredictedGradientMixin:
                 logger.warning(self._batch_advice)
 
     def _check_unbiasedness(self, model, inputs, num_items_in_batch) -> None:
-        """`verification` on this micro-batch, before sampling starts. An explicit f < 1 raises on failure; "auto"
-        keeps f = 1 for the rest of the run on failure, or when the check does not fit its budget: its draws
-        (`costs.affordable_check_draws`) in `unbiasedness_check_budget` of the run's `max_steps` micro-batches. The
-        run is taken to be `max_steps` long (Trainer's, from max_steps or num_train_epochs): one stopped earlier by
+        """`verification` on this micro-batch, before sampling starts (under "auto" with `weight_gradient_keep` < 1: at
+        f = 1 first, then again at the f it first lowers to). An explicit f < 1 or keep < 1 raises on failure; "auto"
+        keeps f = 1, computing every gradient exactly, for the rest of the run on failure, or when the check does not
+        fit its budget: its draws (`costs.affordable_check_draws`) in `unbiasedness_check_budget` of the run's
+        `max_steps` micro-batches. The run is taken to be `max_steps` long (Trainer's, from max_steps or num_train_epochs): one stopped earlier by
         a callback (a time budget, with max_steps far out of reach, as in the benchmarks) gets the full check,
         which costs its 32 rows' share of 1 + cost + 32 f micro-batches (about 3.2 steps at batch 128, f = 0.35)."""
         settings = self.lgp_settings
-        fraction = self._pending_fraction if self._auto else self._control_fraction
+        fraction = self._control_fraction if self._pending_fraction is None else self._pending_fraction
         self._pending_fraction = None
         draws = settings.unbiasedness_check_draws
         if self._auto:
@@ -429,7 +436,7 @@ class PredictedGradientMixin:
                 self.unbiasedness = {"status": "skipped", "reason": (
                     f"the run ({self.state.max_steps} steps) is too short for the unbiasedness check ({MIN_CHECK_DRAWS} sampled "
                     f"backwards, a full step and a sampled forward) to fit in unbiasedness_check_budget={settings.unbiasedness_check_budget}")}
-                logger.warning(f"control_fraction='auto' stays at 1: {self.unbiasedness['reason']}.")
+                logger.warning(f"control_fraction='auto' stays at 1{self._exact_weight_gradients()}: {self.unbiasedness['reason']}.")
                 return
             draws = min(draws, affordable)
         module = _without_ddp(model)
@@ -447,11 +454,20 @@ class PredictedGradientMixin:
                 self._control_fraction = fraction
             return
         if not self._auto:
+            keep = "" if self.token_sampler is None else f", weight_gradient_keep={self.token_sampler.keep}"
             raise ValueError(
-                f"control_fraction={fraction}: {report}. The sampled update is not an unbiased estimate of this model's "
-                "gradient here; train with control_fraction=1 or 'auto', and please report this model and loss."
+                f"control_fraction={fraction}{keep}: {report}. The sampled update is not an unbiased estimate of this model's "
+                f"gradient here; train with control_fraction=1{' and weight_gradient_keep=1' if keep else ''} or 'auto', and "
+                "please report this model and loss."
             )
-        logger.warning(f"control_fraction='auto' stays at 1 for this run: {report}.")
+        logger.warning(f"control_fraction='auto' stays at 1{self._exact_weight_gradients()} for this run: {report}.")
+
+    def _exact_weight_gradients(self) -> str:
+        """Under "auto" once its check failed or was skipped: no token sampling either (the check covered it); the words
+        that say so in the warning."""
+        words = " with exact weight gradients (weight_gradient_keep is not used)" if self.token_sampler is not None else ""
+        self.token_sampler = self.replay.weight_sampler = None
+        return words
 
     def _all_ranks_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
@@ -592,6 +608,8 @@ class PredictedGradientMixin:
         self._last_decision = state["last_decision"]
         self._batch_advice = state.get("batch_advice")
         self.unbiasedness = state["unbiasedness"]
+        if self._auto and self.unbiasedness["status"] in ("failed", "skipped"):
+            self._exact_weight_gradients()
         self.cost_model.load_state_dict(state["costs"])
         self.monitor.load_state_dict(state["monitor"])
         for index, reason in state["dense_blocks"].items():

@@ -249,27 +249,78 @@ def test_variance_factor_counts_the_token_draws_variance(quiet_args, monkeypatch
     assert logged and all(0 < log["lgp/weight_gradient_tokens_computed"] < 0.8 for log in logged)
 
 
-def test_resume_with_sampled_weight_gradients_is_bit_identical(quiet_args, monkeypatch):
-    from test_resume_and_faults import STEPS, StopAt, auto_settings, prior_costs
+@pytest.mark.parametrize("mode", ["fixed", "auto"])
+def test_resume_with_sampled_weight_gradients_is_bit_identical(mode, quiet_args, monkeypatch):
+    """At f = 0.5, and under "auto" (tokens sampled from the start, f lowered mid-run after its second check)."""
+    from test_resume_and_faults import STEPS, FewExamplesLossTrainer, StopAt, auto_settings, prior_costs
 
     prior_costs(monkeypatch)
-    settings = auto_settings(quiet_args, save_strategy="steps", save_steps=STEPS, control_fraction="0.5", auto_observation_period=2,
-                             weight_gradient_keep=0.5)
+    # 20 steps: the check at f = 1 (a full backward per draw) fits the budget of "auto"
+    settings = auto_settings(quiet_args, save_strategy="steps", save_steps=STEPS, weight_gradient_keep=0.5, max_steps=20)
+    if mode == "fixed":
+        settings.update(control_fraction="0.5", auto_observation_period=2)
     dataset = image_dataset(80)
-    straight = PredictedGradientTrainer(model=tiny_vit(seed=2), args=PredictedGradientArguments(**settings), train_dataset=dataset)
+    straight = FewExamplesLossTrainer(model=tiny_vit(seed=2), args=PredictedGradientArguments(**settings), train_dataset=dataset)
     straight.train()
     resumed = dict(settings, output_dir=settings["output_dir"] + "-resumed")
-    first = PredictedGradientTrainer(model=tiny_vit(seed=2), args=PredictedGradientArguments(**resumed), train_dataset=dataset,
-                                     callbacks=[StopAt(STEPS)])
+    first = FewExamplesLossTrainer(model=tiny_vit(seed=2), args=PredictedGradientArguments(**resumed), train_dataset=dataset,
+                                   callbacks=[StopAt(STEPS)])
     first.train()
-    second = PredictedGradientTrainer(model=tiny_vit(seed=9), args=PredictedGradientArguments(**resumed), train_dataset=dataset)
+    second = FewExamplesLossTrainer(model=tiny_vit(seed=9), args=PredictedGradientArguments(**resumed), train_dataset=dataset)
     second.train(resume_from_checkpoint=f"{resumed['output_dir']}/checkpoint-{STEPS}")
     for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), name
     summary, expected = second.lgp_summary(), straight.lgp_summary()
-    for key in ("lgp_variance_factor", "lgp_token_variance_share", "lgp_weight_gradient_tokens_computed", "lgp_unbiasedness_check"):
+    for key in ("lgp_control_fraction", "lgp_variance_factor", "lgp_token_variance_share", "lgp_weight_gradient_tokens_computed",
+                "lgp_unbiasedness_check"):
         assert summary[key] == expected[key], key
-    assert 0 < expected["lgp_token_variance_share"] < 1 and expected["lgp_unbiasedness_check"] == "passed"
+    # (two rows in 16 carry loss: at f = 0.5 both are drawn with pi = 1, the row draw adds no variance)
+    assert 0 < expected["lgp_token_variance_share"] <= 1 and expected["lgp_unbiasedness_check"] == "passed"
+    assert expected["lgp_control_fraction"] < 1 and straight.unbiasedness["fraction"] < 1  # auto: checked again at its f
+
+
+def test_auto_checks_the_token_draws_at_the_start_and_the_rows_when_it_lowers_f(quiet_args, monkeypatch):
+    from test_resume_and_faults import FewExamplesLossTrainer, auto_settings, prior_costs
+
+    prior_costs(monkeypatch)
+    checked = []
+    statistics = lgp_hf.trainer.gradient_error_statistics
+    monkeypatch.setattr(lgp_hf.trainer, "gradient_error_statistics", lambda *args, **kwargs: checked.append(args[4]) or statistics(*args, **kwargs))
+    args = PredictedGradientArguments(**auto_settings(quiet_args, max_steps=20, auto_min_control_fraction=0.125, weight_gradient_keep=0.5))
+    trainer = FewExamplesLossTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(16 * 20))
+    trainer.train()
+    summary = trainer.lgp_summary()
+    assert checked[0] == 1.0 and len(checked) == 2 and checked[1] == summary["lgp_control_fraction"] < 1, checked
+    assert summary["lgp_unbiasedness_check"] == "passed" and trainer.token_sampler is not None
+
+
+def test_auto_whose_check_fails_computes_every_gradient_exactly(quiet_args, monkeypatch, caplog):
+    from test_resume_and_faults import auto_settings, prior_costs
+
+    prior_costs(monkeypatch)
+    def unweighted(errors, inputs, probabilities, drawn, transposed=False):
+        return sampled_weight_gradient(errors, inputs, torch.ones_like(probabilities), drawn, transposed)
+
+    monkeypatch.setattr(lgp_hf.token_sampling, "sampled_weight_gradient", unweighted)
+    args = PredictedGradientArguments(**auto_settings(quiet_args, max_steps=20, weight_gradient_keep=0.5))
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(16 * 20))
+    with caplog.at_level("WARNING", logger="lgp_hf.trainer"):
+        trainer.train()
+    assert trainer.lgp_summary()["lgp_unbiasedness_check"] == "failed" and trainer.token_sampler is None
+    assert trainer.lgp_summary()["lgp_weight_gradient_tokens_computed"] is None  # no step drew
+    assert any("with exact weight gradients" in r.getMessage() and "BIASED" in r.getMessage() for r in caplog.records)
+
+
+def test_explicit_keep_with_a_failing_check_is_refused_naming_the_setting(quiet_args, monkeypatch):
+    def unweighted(errors, inputs, probabilities, drawn, transposed=False):
+        return sampled_weight_gradient(errors, inputs, torch.ones_like(probabilities), drawn, transposed)
+
+    monkeypatch.setattr(lgp_hf.token_sampling, "sampled_weight_gradient", unweighted)
+    args = PredictedGradientArguments(**quiet_args, per_device_train_batch_size=16, max_steps=2, control_fraction=1.0, weight_gradient_keep=0.5)
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(32))
+    with pytest.raises(ValueError, match=r"control_fraction=1.0, weight_gradient_keep=0.5: .*BIASED") as error:
+        trainer.train()
+    assert "control_fraction=1 and weight_gradient_keep=1 or 'auto'" in str(error.value)
 
 
 @pytest.mark.parametrize("value", [0.0, 1.5, -0.5, True, "half"])
