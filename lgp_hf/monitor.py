@@ -32,7 +32,7 @@ CANDIDATE_FRACTIONS = (0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.
 #: The trunk's backward work: the replayed blocks' (`replay.BlockReplay.take_counts`: rows backpropagated and present,
 #: (row, position) pairs with a gradient and present), and the token rows whose weight gradient term was computed and
 #: those with a term (`token_sampling.WeightGradientSampler.take_counts`).
-BLOCK_WORK = ("computed_rows", "block_rows", "computed_tokens", "block_tokens", "weight_gradient_tokens", "weight_gradient_token_rows")
+BACKWARD_WORK = ("computed_rows", "block_rows", "computed_tokens", "block_tokens", "weight_gradient_tokens", "weight_gradient_token_rows")
 
 #: Observed rows needed before "auto" trusts an F estimate.
 MIN_OBSERVED_ROWS = 64
@@ -71,8 +71,8 @@ class _FactorSums:
 class SamplingMonitor:
     def __init__(self, uniform_mix: float):
         self.uniform_mix = uniform_mix
-        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, **dict.fromkeys(BLOCK_WORK, 0)}
-        self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BLOCK_WORK, 0), "costs": []}
+        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, **dict.fromkeys(BACKWARD_WORK, 0)}
+        self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BACKWARD_WORK, 0), "costs": []}
         self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
         # F without the predictor, from the same rows (only while one is on): the ratio's denominator
         self.log_unpredicted, self.run_unpredicted = _FactorSums(), _FactorSums()
@@ -80,11 +80,11 @@ class SamplingMonitor:
 
     def record(
         self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, batch_squared_norm: float | None,
-        block_work: tuple[int, ...], predicted_change: torch.Tensor | None = None, token_variances: torch.Tensor | None = None,
+        backward_work: tuple[int, ...], predicted_change: torch.Tensor | None = None, token_variances: torch.Tensor | None = None,
     ) -> None:
         """One micro-batch: its draws, the fraction they were made at, its rows' squared trunk-gradient norms and
         the squared norm of their summed gradient as read below the boundary when it was observed (one draw only:
-        rows are attributed to it), the trunk's backward work (`BLOCK_WORK`), with a predictor each row's
+        rows are attributed to it), the trunk's backward work (`BACKWARD_WORK`), with a predictor each row's
         ||g_i - beta p_i||^2 - ||g_i||^2 (unweighted: `predictor.LinearGradientPredictor.finish_micro_batch`), and with
         token sampling each row's token variance as read (`token_sampling.row_token_variances`)."""
         for draw in draws:
@@ -93,7 +93,7 @@ class SamplingMonitor:
                 sums["drawn_rows"] += int(draw.drawn.sum())
             self.totals["uniform_draws"] += int(draw.uniform)
         for sums in (self.totals, self.log):
-            for key, value in zip(BLOCK_WORK, block_work):
+            for key, value in zip(BACKWARD_WORK, backward_work):
                 sums[key] += value
         if squared_norms is None or len(draws) != 1 or draws[0].uniform:
             return
@@ -156,7 +156,7 @@ class SamplingMonitor:
             logs["lgp/step_cost"] = statistics.median(log["costs"])
         if self.noise.value() is not None:
             logs["lgp/noise_scale"] = self.noise.value()
-        self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BLOCK_WORK, 0), "costs": []}
+        self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BACKWARD_WORK, 0), "costs": []}
         self.log_factors, self.log_unpredicted = _FactorSums(), _FactorSums()
         return logs
 
@@ -185,7 +185,7 @@ class SamplingMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         self.totals.update(state["totals"])
-        self.log = {**dict.fromkeys(BLOCK_WORK, 0), **state["log"], "costs": list(state["log"]["costs"])}
+        self.log = {**dict.fromkeys(BACKWARD_WORK, 0), **state["log"], "costs": list(state["log"]["costs"])}
         for name, sums in state["factors"].items():
             getattr(self, name).load_state_dict(sums)
         if "noise" in state:  # written before the noise scale: it starts fresh

@@ -94,8 +94,7 @@ def token_variance_sums(
     gradient squared, so at weight 1 / q_i it is T_i / q_i^2 with T_i = pi_i^2 V_i (the token probabilities taken as
     unchanged), and the row is drawn with probability q_i: sum_i T_i / q_i in expectation, each drawn row counting
     1 / pi_i. At the drawn design itself this is sum V_i, the variance the step's token draws added."""
-    weights = torch.where(drawn, probabilities, torch.zeros_like(probabilities))
-    values = torch.where(drawn, row_variances.double() * weights, torch.zeros_like(weights))
+    values = torch.where(drawn, row_variances.double() * probabilities, 0.0)
     positive = candidates > 0
     return torch.where(positive, values / candidates.where(positive, 1.0), 0.0).sum(-1)
 
@@ -113,7 +112,7 @@ class WeightGradientSampler:
     computed, and token rows with a term, since `take_counts`.
     """
 
-    def __init__(self, weights: list[torch.nn.Parameter], keep: float, uniform_mix: float):
+    def __init__(self, weights: list[nn.Parameter], keep: float, uniform_mix: float):
         self.weight_ids = {id(weight) for weight in weights}
         self.keep, self.uniform_mix = keep, uniform_mix
         self.seed = self.calls = 0
