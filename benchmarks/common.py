@@ -171,8 +171,9 @@ class RunSpec:
     """One trainer configuration. Names: `trainer` (transformers.Trainer at the run's batch size), `trainer_b<n>`
     (transformers.Trainer at batch size n), `lgp_f<fraction>` (PredictedGradientTrainer at a fixed control
     fraction in (0, 1]) and `lgp_fauto` (at `control_fraction="auto"`, the library's default); an lgp name may end
-    in options (`RUN_OPTIONS`, `RUN_FLAGS`), e.g. `lgp_f0.25_mix0.3`: sampling_uniform_mix 0.3, `lgp_f0.25_mix1_linear`:
-    the paper's configuration (uniform draws and the linear gradient predictor)."""
+    in options (`RUN_OPTIONS`, `RUN_FLAGS`), e.g. `lgp_f0.25_mix0.3`: sampling_uniform_mix 0.3, `lgp_f0.5_keep0.5`:
+    weight_gradient_keep 0.5, `lgp_f0.25_mix1_linear`: the paper's configuration (uniform draws and the linear gradient
+    predictor)."""
 
     name: str
     batch_size: int
@@ -185,7 +186,7 @@ class RunSpec:
 
 
 #: option of an lgp run name -> (the PredictedGradientArguments field it sets, its type)
-RUN_OPTIONS = {"mix": ("sampling_uniform_mix", float)}
+RUN_OPTIONS = {"mix": ("sampling_uniform_mix", float), "keep": ("weight_gradient_keep", float)}
 #: flag of an lgp run name -> (the PredictedGradientArguments field it sets, its value)
 RUN_FLAGS = {"linear": ("gradient_predictor", "linear")}
 

@@ -8,11 +8,13 @@ bf16 autocast, for a GPU).
 Configurations: Trainer; `lgp_f<f>` (PredictedGradientTrainer at control_fraction f) for each of `--fractions`
 (default 0.125, 0.25, 0.5, 1); `auto` in `--fractions` adds `lgp_fauto` (control_fraction="auto": it starts at
 f = 1 and may lower f at its first decision, after 25 steps, so its median mixes both; it is reported at the f
-it ended with); `--runs` adds configurations by run name (`lgp_f0.25_linear`: with the gradient predictor, whose
-own share of a step the trainer times, `lgp_predictor_cost`). Every lgp configuration runs with `unbiasedness_check=False`: the check is a one-off cost (an
-exact and 32 sampled backwards, at the first step of an explicit f < 1, or mid-run when "auto" first lowers f)
-that would land inside one timed step, and this script measures the steady-state step; the time-to-accuracy
-benchmarks keep it, as users pay it.
+it ended with). Each k < 1 of `--weight_gradient_keep` adds `lgp_f<f>_keep<k>` for every f: the trunk's linear
+layers' weight gradients from a share k of their token rows (`weight_gradient_keep`). `--runs` adds configurations
+by run name (`lgp_f0.25_linear`: with the gradient predictor, whose own share of a step the trainer times,
+`lgp_predictor_cost`). Every lgp configuration runs with `unbiasedness_check=False`: the check is a one-off cost (an
+exact and 32 sampled backwards, at the first step of an explicit f < 1, or mid-run when "auto" first lowers f) that
+would land inside one timed step, and this script measures the steady-state step; the time-to-accuracy benchmarks
+keep it, as users pay it.
 
 What is timed, and why this way. Each configuration runs `trainer.train()` in the main thread of its own
 process, as a user runs it; a TrainerCallback takes the time at `on_step_begin` and `on_step_end` (after
@@ -44,9 +46,13 @@ method. The f of the floor is f_eff, the share of trunk rows the trainer actuall
 exactly); 1 where nothing was sampled (f = 1, and "auto" while it stays there). The token floor f_tok + (1 - f_tok) c
 counts (row, position) pairs instead of rows: f_tok is the share of the replayed blocks' token positions whose
 output gradient is not zero (`lgp_trunk_tokens_computed`; a classifier's top block has one per drawn row), whose
-taped backwards skip the others. The goal: the ratio to Trainer is at most the row floor + `--goal_margin` (0.03)
-at every f, and below it where tokens carry no gradient; the script prints whether it holds per configuration, and
-with `--half_batch` whether the step is cheaper than the equal-cost smaller batch's.
+taped backwards skip the others. With `weight_gradient_keep` k, the keep floor takes off the weight gradients' token
+rows not computed: token floor - f_tok b (1 - k_eff) / 2, b the backward's share of a Trainer step (t_b / (t_f + t_b)),
+half of it taken as the linear layers' weight gradients (dW = dY^T X costs what dX = dY W costs), k_eff the share of
+token rows with a term whose term was computed (`lgp_weight_gradient_tokens_computed`). The goal: the ratio to
+Trainer is at most the row floor + `--goal_margin` (0.03) at every f, and below it where tokens carry no gradient;
+the script prints whether it holds per configuration, and with `--half_batch` whether the step is cheaper than the
+equal-cost smaller batch's.
 `lgp_step_cost` is the trainer's own measured step cost (a sampled optimizer step's time over a plain Trainer
 step's, both timed by the trainer itself on the steps it picks; "-" when it measured none in the run). At f < 1
 the trainer makes two plain Trainer steps every 200, the second timed as its cost reference (every 25 until it has
@@ -66,6 +72,7 @@ Trainer against f_eff with the floor; memory); with --profile also profile.txt.
     python benchmarks/step_cost.py                  # defaults: about 5 minutes on 2 CPU cores (6 with --profile)
     python benchmarks/step_cost.py --fractions 0.25 1.0 auto --profile
     python benchmarks/step_cost.py --rounds 2 --steps_per_turn 1 --batch_size 16 --fractions 0.5 1.0   # smoke test
+    python benchmarks/step_cost.py --fractions 0.25 0.5 1.0 --weight_gradient_keep 1.0 0.5 0.25   # with token sampling
 """
 
 from __future__ import annotations
@@ -84,6 +91,9 @@ from transformers import set_seed
 
 import common
 PASSES = "passes"
+#: Share of the backward taken as the linear layers' weight gradients, for the keep floor (dW = dY^T X and dX = dY W
+#: are products of the same size).
+WEIGHT_GRADIENT_SHARE = 0.5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,6 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--fractions", type=fraction_argument, nargs="+", default=[0.125, 0.25, 0.5, 1.0],
         help="Control fractions f, or 'auto' (control_fraction='auto', reported at the f it ended with).",
+    )
+    parser.add_argument(
+        "--weight_gradient_keep", type=float, nargs="+", default=[1.0],
+        help="Shares k of token rows for the weight gradients (weight_gradient_keep): each k < 1 adds lgp_f<f>_keep<k> for every f.",
     )
     parser.add_argument(
         "--runs", nargs="+", default=[],
@@ -115,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", type=Path, default=common.RESULTS_DIR / "step_cost")
     common.add_data_arguments(parser, subset_default=True)
     args = parser.parse_args(argv)
+    if not all(0 < keep <= 1 for keep in args.weight_gradient_keep):
+        parser.error(f"--weight_gradient_keep {args.weight_gradient_keep}: use numbers in (0, 1].")
     if args.rounds <= args.warmup_rounds:
         parser.error(f"--rounds ({args.rounds}) must exceed --warmup_rounds ({args.warmup_rounds}).")
     return args
@@ -124,12 +140,17 @@ def fraction_argument(text: str) -> float | str:
     return text if text == "auto" else float(text)
 
 
+def lgp_name(fraction, keep: float = 1.0) -> str:
+    return common.lgp_run_name(fraction) + ("" if keep >= 1 else f"_keep{keep:g}")
+
+
 def lgp_spec(fraction, args) -> common.RunSpec:
-    return common.parse_run(common.lgp_run_name(fraction), args.batch_size)
+    """The profiled configuration: at `fraction`, with the smallest `--weight_gradient_keep`."""
+    return common.parse_run(lgp_name(fraction, min(args.weight_gradient_keep)), args.batch_size)
 
 
 def run_specs(args) -> list[common.RunSpec]:
-    names = dict.fromkeys(common.lgp_run_name(fraction) for fraction in args.fractions)  # once each
+    names = dict.fromkeys(lgp_name(fraction, keep) for keep in args.weight_gradient_keep for fraction in args.fractions)  # once each
     names.update(dict.fromkeys(args.runs))
     if args.half_batch:
         names[f"trainer_b{args.batch_size // 2}"] = None
@@ -305,6 +326,10 @@ def summarize(specs, runs: dict[str, dict], passes: list[dict], args) -> tuple[l
         effective = 1.0 if computed is None else computed
         tokens = summary.get("lgp_trunk_tokens_computed")
         effective_tokens = effective if tokens is None else tokens
+        token_floor = effective_tokens + (1 - effective_tokens) * cost_ratio
+        kept = summary.get("lgp_weight_gradient_tokens_computed")
+        effective_keep = 1.0 if kept is None else kept
+        backward_share = backward / (forward + backward)
         rows.append({
             "run": spec.name,
             "f": fraction,
@@ -314,7 +339,10 @@ def summarize(specs, runs: dict[str, dict], passes: list[dict], args) -> tuple[l
             "median_gap_s": median_of(steps, "gap"),
             "floor": effective + (1 - effective) * cost_ratio,
             "f_tok": effective_tokens,
-            "token_floor": effective_tokens + (1 - effective_tokens) * cost_ratio,
+            "token_floor": token_floor,
+            "keep": dict(spec.settings).get("weight_gradient_keep", 1.0),
+            "k_eff": effective_keep,
+            "keep_floor": token_floor - effective_tokens * backward_share * WEIGHT_GRADIENT_SHARE * (1 - effective_keep),
             "lgp_step_cost": summary.get("lgp_step_cost"),
             "lgp_predictor_cost": summary.get("lgp_predictor_cost"),
             "steps_timed": len(steps),
@@ -347,7 +375,8 @@ def goal_lines(specs, rows, args) -> list[str]:
                 f"goal at f = {row['f']:g} ({spec.name}, f_eff {row['f_eff']:.3f}): ratio to Trainer {row['ratio']:.3f}, "
                 f"floor {row['floor']:.3f}, ratio - floor {row['ratio_minus_floor']:+.3f}: "
                 f"{'HOLDS' if row['goal'] == 'holds' else 'DOES NOT HOLD'} (<= floor + {args.goal_margin:g}); "
-                f"token floor {row['token_floor']:.3f} (f_tok {row['f_tok']:.3f}){against_half}"
+                f"token floor {row['token_floor']:.3f} (f_tok {row['f_tok']:.3f})"
+                + (f", keep floor {row['keep_floor']:.3f} (k_eff {row['k_eff']:.3f})" if row["keep"] < 1 else "") + against_half
             )
     return lines
 
@@ -361,9 +390,10 @@ def plot(specs, rows, costs, args, path: Path) -> None:
     c = costs["cost_ratio_c"]
     ratio_axes.plot(grid, [f + (1 - f) * c for f in grid], color="black", label=f"floor f + (1 - f) c, c = {c:.2f}")
     ratio_axes.plot(grid, [f + (1 - f) * c + args.goal_margin for f in grid], color="black", ls="--", label=f"floor + {args.goal_margin:g} (goal)")
-    points = sorted((row["f_eff"], row["ratio"]) for spec, row in zip(specs, rows) if spec.is_lgp)
-    if points:
-        ratio_axes.plot(*zip(*points), marker="o", label="PredictedGradientTrainer, median step")
+    for keep in sorted({row["keep"] for spec, row in zip(specs, rows) if spec.is_lgp}, reverse=True):
+        points = sorted((row["f_eff"], row["ratio"]) for spec, row in zip(specs, rows) if spec.is_lgp and row["keep"] == keep)
+        label = "PredictedGradientTrainer, median step" + ("" if keep >= 1 else f", weight_gradient_keep {keep:g}")
+        ratio_axes.plot(*zip(*points), marker="o", label=label)
     for spec, row in zip(specs, rows):
         if spec.is_lgp:
             ratio_axes.annotate(spec.name, (row["f_eff"], row["ratio"]), fontsize=7, textcoords="offset points", xytext=(4, -10))
@@ -384,8 +414,9 @@ def plot(specs, rows, costs, args, path: Path) -> None:
 
 
 COLUMNS = [
-    "run", "f", "f_eff", "f_tok", "median_step_s", "mean_step_s", "ratio", "ratio_mean", "ratio_with_gap", "floor",
-    "token_floor", "ratio_minus_floor", "goal", "lgp_step_cost", "lgp_predictor_cost", "peak_mib", "train_mib", "peak_vs_trainer_mib",
+    "run", "f", "f_eff", "f_tok", "k_eff", "median_step_s", "mean_step_s", "ratio", "ratio_mean", "ratio_with_gap", "floor",
+    "token_floor", "keep_floor", "ratio_minus_floor", "goal", "lgp_step_cost", "lgp_predictor_cost", "peak_mib", "train_mib",
+    "peak_vs_trainer_mib",
 ]
 
 

@@ -42,6 +42,19 @@ class PredictedGradientSettings:
             a in [0, 1]: inclusion probabilities proportional to (1 - a) s_i / sum s + a / n, s_i the norm of row i's
             gradient at the head's input. 0 is pure importance sampling; 1 is uniform sampling. A mix bounds the
             weight 1 / pi_i <= 1 / (a f) of a row whose score underrates its trunk gradient.
+        weight_gradient_keep (`float`, defaults to `1.0`):
+            k in (0, 1]: the expected share of token rows (batch x positions) whose term of the weight gradient
+            dW = sum_t dy_t x_t^T is computed, per call of a trunk linear layer (`nn.Linear`, LoRA's adapters included,
+            and transformers' `Conv1D`, in the trunk's blocks; frozen weights and the head stay exact). Token rows are
+            drawn with probabilities p_t proportional to ||dy_t|| ||x_t|| mixed with uniform (`sampling_uniform_mix`),
+            among the token rows with a nonzero term (sum p_t = k times their count; those without one are skipped
+            exactly), and dW_hat = sum_t 1{drawn} dy_t x_t^T / p_t: unbiased, adding sum_t (1 - p_t) / p_t
+            ||dy_t||^2 ||x_t||^2 to the update's variance, which F (`lgp/variance_factor`) includes. The reason: dW
+            is about half a linear layer's backward and, unlike dX = dY W (kept exact, it carries the gradient on
+            down), ends at the layer, so sampling it leaves every other gradient exact. 1 (the default) computes dW
+            exactly; below 1 every step samples its tokens, at f = 1 too, after the unbiasedness check (under "auto",
+            which chooses f with k fixed: checked at f = 1 first, and again at the f it first lowers to; a failed or
+            skipped check there keeps every gradient exact).
         auto_min_control_fraction (`float`, defaults to `0.1`):
             The smallest f that `control_fraction="auto"` may choose.
         auto_decision_steps (`int`, defaults to `25`):
@@ -98,6 +111,10 @@ class PredictedGradientSettings:
     sampling_uniform_mix: float = field(
         default=0.1, metadata={"help": "Share of the uniform distribution in the inclusion probabilities, in [0, 1]."}
     )
+    weight_gradient_keep: float = field(
+        default=1.0,
+        metadata={"help": "Expected share of token rows whose weight gradient term is computed in the trunk's linear layers, in (0, 1]; 1: exact."},
+    )
     auto_min_control_fraction: float = field(
         default=0.1, metadata={"help": "Smallest control fraction that control_fraction='auto' may choose."}
     )
@@ -127,6 +144,7 @@ class PredictedGradientSettings:
         self.control_fraction = parse_control_fraction(self.control_fraction)
         for name, low, high, low_open in (
             ("sampling_uniform_mix", 0.0, 1.0, False),
+            ("weight_gradient_keep", 0.0, 1.0, True),
             ("auto_min_control_fraction", 0.0, 1.0, True),
             ("unbiasedness_check_budget", 0.0, 1.0, True),
         ):

@@ -353,6 +353,8 @@ def lgp_hyperparameters_from_trainer(trainer) -> dict[str, Any]:
     else:
         settings["control_fraction"] = args.control_fraction
     settings["sampling_uniform_mix"] = args.sampling_uniform_mix
+    if args.weight_gradient_keep < 1:
+        settings["weight_gradient_keep"] = args.weight_gradient_keep
     settings["auto_observation_period"] = args.auto_observation_period  # observed steps (for F) at any fraction
     settings["auto_observation_budget"] = args.auto_observation_budget
     settings["unbiasedness_check"] = args.unbiasedness_check

@@ -10,7 +10,10 @@ everything travels in checkpoints. With a gradient predictor (`predictor`) each 
 its squared norm under the control variate, ||g_i - beta p_i||^2 - ||g_i||^2: F with the predictor is then estimated
 with the residuals in the numerators, and F without it is kept beside it, for their ratio
 (`lgp/predictor_variance_ratio`) and for "auto", which chooses between them; the F logged is the update's: with the
-residuals while the predictor is applied (`predicting`), without them while it is only measured.
+residuals while the predictor is applied (`predicting`), without them while it is only measured. With weight gradients
+from sampled token rows (`token_sampling`) each observed row also reports the variance its token draws add: it joins
+every numerator (`token_sampling.token_variance_sums`), so that F = 1 + (row sampling variance + token sampling
+variance) / sum_i ||g_i||^2, and its share of the current design's numerator is logged (`lgp/token_variance_share`).
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ import torch
 from .boundary import BoundaryDraw
 from .noise_scale import NoiseScaleAverages, noise_scale_estimates
 from .sampling import inclusion_probabilities, variance_factor_sums
+from .token_sampling import token_variance_sums
 
 #: Fractions "auto" may choose (those at or above its `auto_min_control_fraction`).
 CANDIDATE_FRACTIONS = (0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
-#: The replayed blocks' work (`replay.BlockReplay.take_counts`): rows backpropagated and present, (row, position)
-#: pairs with a gradient and present.
-BLOCK_WORK = ("computed_rows", "block_rows", "computed_tokens", "block_tokens")
+#: The trunk's backward work: the replayed blocks' (`replay.BlockReplay.take_counts`: rows backpropagated and present,
+#: (row, position) pairs with a gradient and present), and the token rows whose weight gradient term was computed and
+#: those with a term (`token_sampling.WeightGradientSampler.take_counts`).
+BACKWARD_WORK = ("computed_rows", "block_rows", "computed_tokens", "block_tokens", "weight_gradient_tokens", "weight_gradient_token_rows")
 
 #: The monitor's sums of F (with the predictor's residuals where one is fitted; `*_unpredicted`: without).
 FACTOR_SUMS = ("log_factors", "decision_factors", "run_factors", "log_unpredicted", "decision_unpredicted", "run_unpredicted")
@@ -38,17 +43,20 @@ MIN_OBSERVED_ROWS = 64
 
 
 class _FactorSums:
-    """Summed numerators (current fraction first, then each candidate) and denominator of F, and the rows behind them."""
+    """Summed numerators (current fraction first, then each candidate) and denominator of F, the rows behind them, and
+    the token sampling variance in the current fraction's numerator (`token`)."""
 
     def __init__(self):
         self.numerators = torch.zeros(1 + len(CANDIDATE_FRACTIONS), dtype=torch.float64)
         self.denominator = 0.0
         self.rows = 0
+        self.token = 0.0
 
-    def add(self, numerators: torch.Tensor, denominator: float, rows: int) -> None:
+    def add(self, numerators: torch.Tensor, denominator: float, rows: int, token: float = 0.0) -> None:
         self.numerators += numerators
         self.denominator += denominator
         self.rows += rows
+        self.token += token
 
     def factors(self) -> list[float] | None:
         """1 + numerator / denominator for the current fraction and each candidate; None before any gradient."""
@@ -57,18 +65,18 @@ class _FactorSums:
         return (1 + self.numerators / self.denominator).tolist()
 
     def state_dict(self) -> dict:
-        return {"numerators": self.numerators.clone(), "denominator": self.denominator, "rows": self.rows}
+        return {"numerators": self.numerators.clone(), "denominator": self.denominator, "rows": self.rows, "token": self.token}
 
     def load_state_dict(self, state: dict) -> None:
         self.numerators.copy_(state["numerators"])
-        self.denominator, self.rows = state["denominator"], state["rows"]
+        self.denominator, self.rows, self.token = state["denominator"], state["rows"], state.get("token", 0.0)
 
 
 class SamplingMonitor:
     def __init__(self, uniform_mix: float):
         self.uniform_mix = uniform_mix
-        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, **dict.fromkeys(BLOCK_WORK, 0)}
-        self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BLOCK_WORK, 0), "costs": []}
+        self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, **dict.fromkeys(BACKWARD_WORK, 0)}
+        self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BACKWARD_WORK, 0), "costs": []}
         self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
         # F without the predictor, from the same rows (only while one is fitted): the ratio's denominator
         self.log_unpredicted, self.decision_unpredicted, self.run_unpredicted = _FactorSums(), _FactorSums(), _FactorSums()
@@ -77,19 +85,20 @@ class SamplingMonitor:
 
     def record(
         self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, batch_squared_norm: float | None,
-        block_work: tuple[int, ...], predicted_change: torch.Tensor | None = None,
+        backward_work: tuple[int, ...], predicted_change: torch.Tensor | None = None, token_variances: torch.Tensor | None = None,
     ) -> None:
         """One micro-batch: its draws, the fraction they were made at, its rows' squared trunk-gradient norms and
         the squared norm of their summed gradient as read below the boundary when it was observed (one draw only:
-        rows are attributed to it), the replayed blocks' work (`BLOCK_WORK`) and, with a predictor, each row's
-        ||g_i - beta p_i||^2 - ||g_i||^2 (unweighted: `predictor.LinearGradientPredictor.finish_micro_batch`)."""
+        rows are attributed to it), the trunk's backward work (`BACKWARD_WORK`), with a predictor each row's
+        ||g_i - beta p_i||^2 - ||g_i||^2 (unweighted: `predictor.LinearGradientPredictor.finish_micro_batch`), and with
+        token sampling each row's token variance as read (`token_sampling.row_token_variances`)."""
         for draw in draws:
             for sums in (self.totals, self.log):
                 sums["rows"] += draw.drawn.numel()
                 sums["drawn_rows"] += int(draw.drawn.sum())
             self.totals["uniform_draws"] += int(draw.uniform)
         for sums in (self.totals, self.log):
-            for key, value in zip(BLOCK_WORK, block_work):
+            for key, value in zip(BACKWARD_WORK, backward_work):
                 sums[key] += value
         if squared_norms is None or len(draws) != 1 or draws[0].uniform:
             return
@@ -100,14 +109,16 @@ class SamplingMonitor:
         candidates = torch.stack([draw.probabilities] + [inclusion_probabilities(draw.scores, f, self.uniform_mix) for f in CANDIDATE_FRACTIONS])
         # the current design's own F: the probabilities it drew with (all 1 at f = 1)
         numerators, denominator = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms)
-        factors = numerators
+        # the token draws' variance adds to the rows' (independent draws given the rows)
+        tokens = torch.zeros_like(numerators) if token_variances is None else token_variance_sums(candidates, draw.probabilities, draw.drawn, token_variances)
+        factors = numerators + tokens
         if predicted_change is not None:
             for sums in (self.log_unpredicted, self.decision_unpredicted, self.run_unpredicted):
-                sums.add(numerators, denominator, int(draw.drawn.sum()))
+                sums.add(factors, denominator, int(draw.drawn.sum()), float(tokens[0]))
             # the update's variance: the residuals g_i - beta p_i in the numerators, against the same sum of ||g_i||^2
-            factors, _ = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms + predicted_change)
+            factors = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms + predicted_change)[0] + tokens
         for sums in (self.log_factors, self.decision_factors, self.run_factors):
-            sums.add(factors, denominator, int(draw.drawn.sum()))
+            sums.add(factors, denominator, int(draw.drawn.sum()), float(tokens[0]))
         # S and G2 of the batch, estimated from the drawn rows: the read sum of g_i / pi_i has the sampling
         # variance (the current design's numerator) on top of G2
         if draw.drawn.numel() > 1:
@@ -145,16 +156,20 @@ class SamplingMonitor:
             logs["lgp/trunk_rows_computed"] = log["computed_rows"] / log["block_rows"]
         if log["block_tokens"]:
             logs["lgp/trunk_tokens_computed"] = log["computed_tokens"] / log["block_tokens"]
+        if log["weight_gradient_token_rows"]:
+            logs["lgp/weight_gradient_tokens_computed"] = log["weight_gradient_tokens"] / log["weight_gradient_token_rows"]
         factors, unpredicted = self.log_factors.factors(), self.log_unpredicted.factors()
         if factors is not None:
             logs["lgp/variance_factor"] = self._update_factor(factors, unpredicted)
+        if self.log_factors.token > 0:
+            logs["lgp/token_variance_share"] = self.log_factors.token / float(self.log_factors.numerators[0])
         if factors is not None and unpredicted is not None:
             logs["lgp/predictor_variance_ratio"] = factors[0] / unpredicted[0]
         if log["costs"]:
             logs["lgp/step_cost"] = statistics.median(log["costs"])
         if self.noise.value() is not None:
             logs["lgp/noise_scale"] = self.noise.value()
-        self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BLOCK_WORK, 0), "costs": []}
+        self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BACKWARD_WORK, 0), "costs": []}
         self.log_factors, self.log_unpredicted = _FactorSums(), _FactorSums()
         return logs
 
@@ -165,6 +180,9 @@ class SamplingMonitor:
             "lgp_drawn_fraction": totals["drawn_rows"] / totals["rows"] if totals["rows"] else None,
             "lgp_trunk_rows_computed": totals["computed_rows"] / totals["block_rows"] if totals["block_rows"] else None,
             "lgp_trunk_tokens_computed": totals["computed_tokens"] / totals["block_tokens"] if totals["block_tokens"] else None,
+            "lgp_weight_gradient_tokens_computed": (
+                totals["weight_gradient_tokens"] / totals["weight_gradient_token_rows"] if totals["weight_gradient_token_rows"] else None),
+            "lgp_token_variance_share": self.run_factors.token / float(self.run_factors.numerators[0]) if self.run_factors.token > 0 else None,
             "lgp_variance_factor": None if factors is None else self._update_factor(factors, unpredicted),
             "lgp_predictor_variance_ratio": None if factors is None or unpredicted is None else factors[0] / unpredicted[0],
             "lgp_uniform_draws": totals["uniform_draws"],
@@ -180,7 +198,7 @@ class SamplingMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         self.totals.update(state["totals"])
-        self.log = {**dict.fromkeys(BLOCK_WORK, 0), **state["log"], "costs": list(state["log"]["costs"])}
+        self.log = {**dict.fromkeys(BACKWARD_WORK, 0), **state["log"], "costs": list(state["log"]["costs"])}
         for name, sums in state["factors"].items():
             getattr(self, name).load_state_dict(sums)
         if "noise" in state:  # written before the noise scale: it starts fresh

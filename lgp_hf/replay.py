@@ -129,16 +129,28 @@ def _nonzero_token_rows(flat: torch.Tensor) -> torch.Tensor | None:
     return None if rows.numel() > SPARSE_TOKEN_SHARE * flat.shape[0] else rows
 
 
+def linear_call(func, args, kwargs) -> tuple | None:
+    """(x, weight, bias, transposed) of a call of `F.linear`, or of `torch.addmm(bias, x, weight)` as transformers'
+    `Conv1D` makes it (`transposed`: y = b + x W); None for any other call."""
+    if func is F.linear:
+        return args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"), False
+    if func is torch.addmm and len(args) == 3 and not kwargs and args[0].dim() == 1 and args[1].dim() == 2:
+        return args[1], args[2], args[0], True
+    return None
+
+
 class _TapedLinear(torch.autograd.Function):
     """y = x W^T + b (`F.linear`), or y = b + x W (`transposed`: `torch.addmm` as transformers' `Conv1D` calls it),
-    whose forward returns the recorded output's rows instead of computing them, and whose backward is the layer's
-    (in the dtype the forward computed in, e.g. under autocast). With `sparse`, the backward runs on the token rows
-    of dY that are not zero: dX = dY W is 0 on the others and dW = dY^T X gets nothing from them."""
+    whose forward returns the given output (the recorded output's rows, or one computed by the caller) instead of
+    computing it, and whose backward is the layer's (in the dtype the forward computed in, e.g. under autocast). With
+    `sparse`, the backward runs on the token rows of dY that are not zero: dX = dY W is 0 on the others and
+    dW = dY^T X gets nothing from them. With a `sampler` (`token_sampling.WeightGradientSampler`), dW is its estimate
+    from sampled token rows; dX and db stay exact. Saves x and W, as autograd does for a linear layer."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, output, transposed, sparse):
+    def forward(ctx, x, weight, bias, output, transposed, sparse, sampler=None):
         ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.dtype, ctx.transposed, ctx.sparse = bias is not None, output.dtype, transposed, sparse
+        ctx.has_bias, ctx.dtype, ctx.transposed, ctx.sparse, ctx.sampler = bias is not None, output.dtype, transposed, sparse, sampler
         return output
 
     @staticmethod
@@ -158,10 +170,14 @@ class _TapedLinear(torch.autograd.Function):
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
             inputs = inputs.to(ctx.dtype)
-            grad_w = (inputs.mT @ flat if ctx.transposed else flat.mT @ inputs).to(weight.dtype)
+            if ctx.sampler is not None:
+                grad_w = ctx.sampler.weight_gradient(flat, inputs, ctx.transposed)
+            else:
+                grad_w = inputs.mT @ flat if ctx.transposed else flat.mT @ inputs
+            grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class _TapedOp(torch.autograd.Function):
@@ -245,7 +261,8 @@ class _Tape(TorchFunctionMode):
       computed by `_attention`), drawn here and applied again to the same rows.
     A replay that calls other operations raises `_TapeMismatch`; a `checking` one also when a taped operation's input
     differs from the recorded input's rows (`_close`). With `sparse`, taped backwards run on the token rows of their
-    gradient that are not zero.
+    gradient that are not zero; with a weight `sampler`, the taped linear layers whose weight it samples estimate
+    their weight gradient from sampled token rows (`token_sampling`).
     """
 
     def __init__(self, keep_outputs: bool = True):
@@ -256,14 +273,15 @@ class _Tape(TorchFunctionMode):
         self.replaying_now = False
         self.position = self.count = 0
         self.checking = self.sparse = False
+        self.sampler = None
         self._layout: list[tuple[str, int]] = []
         self._gathered: dict[int, torch.Tensor] = {}
         self._checked_input: tuple[int, int] | None = None
 
     @contextlib.contextmanager
-    def replaying(self, rows: torch.Tensor | None, count: int, checking: bool, sparse: bool):
+    def replaying(self, rows: torch.Tensor | None, count: int, checking: bool, sparse: bool, sampler=None):
         """Replays the recorded calls on `rows` (all rows when None) of `count`."""
-        self.replay_rows, self.count, self.checking, self.sparse = rows, count, checking, sparse
+        self.replay_rows, self.count, self.checking, self.sparse, self.sampler = rows, count, checking, sparse, sampler
         self.replaying_now, self.position, self._gathered, self._checked_input = True, 0, {}, None
         try:
             with self:
@@ -271,7 +289,7 @@ class _Tape(TorchFunctionMode):
             if self.position != len(self.entries):
                 raise _TapeMismatch
         finally:
-            self.replaying_now, self.replay_rows, self._gathered = False, None, {}
+            self.replaying_now, self.replay_rows, self._gathered, self.sampler = False, None, {}, None
 
     def take_tensors(self) -> list[torch.Tensor]:
         """The recorded tensors in order, the tape's own references dropped (its caller saves them for the backward)."""
@@ -308,11 +326,9 @@ class _Tape(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.keep_outputs:
-            if func is F.linear:
-                x, weight, bias = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
-                return self._linear(func, args, kwargs, x, weight, bias, transposed=False)
-            if func is torch.addmm and len(args) == 3 and not kwargs and args[0].dim() == 1 and args[1].dim() == 2:
-                return self._linear(func, args, kwargs, args[1], args[2], args[0], transposed=True)
+            call = linear_call(func, args, kwargs)
+            if call is not None:
+                return self._linear(func, args, kwargs, *call)
             if func in _ACTIVATION_KERNELS and not kwargs.get("inplace", False) and len(args) == 1:
                 return self._activation(func, args[0], kwargs)
         if func is F.scaled_dot_product_attention:
@@ -335,7 +351,8 @@ class _Tape(TorchFunctionMode):
         if pair != self._checked_input:
             self._check(x, recorded_input)
         self._checked_input = pair
-        return _TapedLinear.apply(x, weight, bias, self._rows(recorded_output), transposed, self.sparse)
+        sampler = self.sampler if self.sampler is not None and self.sampler.samples(weight) else None
+        return _TapedLinear.apply(x, weight, bias, self._rows(recorded_output), transposed, self.sparse, sampler)
 
     def _activation(self, func, x, kwargs):
         if not self.replaying_now:
@@ -481,11 +498,13 @@ class _BlockCall:
             return value
 
         checking = rows is not None and self.replay.should_check(self.index, self.signature())
-        with _restored(self.rng_states, self.autocast_states), torch.enable_grad(), self.replay.replaying(rows):
+        sampler = self.replay.weight_sampler  # its function mode for the linear calls the tape does not take
+        sampling = sampler.sampling() if sampler is not None else contextlib.nullcontext()
+        with _restored(self.rng_states, self.autocast_states), torch.enable_grad(), self.replay.replaying(rows), sampling:
             replayed_inputs = [take(x).detach().requires_grad_(x.requires_grad) for x in inputs]
             try:
                 # the recorded dropout masks and outputs, on all rows too: the forward's masks, not new ones
-                with self.tape.replaying(rows, self.rows, checking, sparse):
+                with self.tape.replaying(rows, self.rows, checking, sparse, sampler):
                     flat, _ = tree_flatten(self.run(replayed_inputs, take))
             except _TapeMismatch:
                 flat = None
@@ -555,12 +574,15 @@ class BlockReplay:
     and present, summed over block calls since `take_counts` (the share of the trunk's backward work that was done,
     by rows and by tokens). `row_index()`: while a block is
     replayed on a subset of its rows, their indices (None otherwise), for hooks that attribute work to rows.
+    `weight_sampler`: None, or the `token_sampling.WeightGradientSampler` whose token draws the replayed linear layers'
+    weight gradients take (its `sampling()` mode is active during a replay: backwards run without the step's modes).
     """
 
     def __init__(self, blocks: list[nn.Module]):
         self.blocks = blocks
         self.dense: set[int] = set()
         self.dense_reasons: dict[int, str] = {}
+        self.weight_sampler = None
         self.computed_rows = self.total_rows = self.computed_tokens = self.total_tokens = 0
         self._rows: torch.Tensor | None = None
         self._replays: dict[tuple, int] = {}

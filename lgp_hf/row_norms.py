@@ -7,7 +7,9 @@ layer's input x (kept by a forward hook: autograd keeps it anyway) and output er
 during the backward the step runs anyway (`linear_row_squared_norms`). Covered: `nn.Linear` (LoRA's adapters too)
 and transformers' `Conv1D` inside the trunk's blocks, which hold most of a transformer's parameters and of its
 gradient; the F estimated from them stands for the whole trunk's. The same hooks sum the rows' gradients of each
-layer (`linear_batch_gradient`), whose squared norm with the rows' gives the gradient noise scale (`noise_scale`).
+layer (`linear_batch_gradient`), whose squared norm with the rows' gives the gradient noise scale (`noise_scale`),
+and, with weight gradients from sampled token rows, the variance each row's token draws add
+(`token_sampling.row_token_variances`: a function of the same inputs and output errors).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import contextlib
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .token_sampling import row_token_variances
 
 
 def linear_row_squared_norms(inputs: torch.Tensor, errors: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -55,7 +59,8 @@ def trunk_linear_layers(modules: list[nn.Module]) -> list[nn.Module]:
 
 class RowGradientNorms:
     """Hooks on the linear layers of `modules` that add each row's squared gradient norm into `squared_norms`, and
-    the rows' summed gradient of each layer into `batch_gradients` (`batch_squared_norm`: its squared norm).
+    the rows' summed gradient of each layer into `batch_gradients` (`batch_squared_norm`: its squared norm); with
+    `token_keep` < 1 (`weight_gradient_keep`), each row's token sampling variance into `token_variances`.
 
     Active only inside `recording(row_count, row_index)`. `row_count()` is the number of rows at the boundary (known
     once its backward has drawn, before any trunk backward: None when it drew nothing); `row_index()` returns, when a
@@ -63,9 +68,11 @@ class RowGradientNorms:
     layer call whose input does not have that many rows is skipped (its rows are not the batch's).
     """
 
-    def __init__(self, modules: list[nn.Module]):
+    def __init__(self, modules: list[nn.Module], token_keep: float = 1.0, uniform_mix: float = 0.0):
         self.layers = trunk_linear_layers(modules)
+        self.token_keep, self.uniform_mix = token_keep, uniform_mix
         self.squared_norms: torch.Tensor | None = None
+        self.token_variances: torch.Tensor | None = None
         self.batch_gradients: dict[nn.Parameter, torch.Tensor] = {}  # by weight
 
     def batch_squared_norm(self) -> float:
@@ -74,7 +81,7 @@ class RowGradientNorms:
 
     @contextlib.contextmanager
     def recording(self, row_count, row_index):
-        self.squared_norms, self.batch_gradients = None, {}
+        self.squared_norms, self.token_variances, self.batch_gradients = None, None, {}
 
         def watch(module, args, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad and args):
@@ -87,14 +94,19 @@ class RowGradientNorms:
                     return
                 if self.squared_norms is None:
                     self.squared_norms = torch.zeros(rows, dtype=torch.float64)
+                    self.token_variances = torch.zeros(rows, dtype=torch.float64) if self.token_keep < 1 else None
                 bias = module.bias is not None and module.bias.requires_grad
                 squares = linear_row_squared_norms(inputs, errors, bias).double().cpu()
                 gradient, key = linear_batch_gradient(inputs, errors, bias), module.weight  # a shared weight: one sum
                 self.batch_gradients[key] = self.batch_gradients[key] + gradient if key in self.batch_gradients else gradient
-                if index is None:
-                    self.squared_norms.add_(squares)
-                else:
-                    self.squared_norms.index_add_(0, index.cpu(), squares)
+                sums = [(self.squared_norms, squares)]
+                if self.token_variances is not None:
+                    sums.append((self.token_variances, row_token_variances(inputs, errors, self.token_keep, self.uniform_mix)))
+                for total, values in sums:
+                    if index is None:
+                        total.add_(values)
+                    else:
+                        total.index_add_(0, index.cpu(), values)
 
             output.register_hook(read)
 

@@ -70,11 +70,11 @@ def horvitz_thompson_weights(drawn: torch.Tensor, probabilities: torch.Tensor) -
 def sampling_variance(probabilities: torch.Tensor, squared_norms: torch.Tensor) -> torch.Tensor:
     """sum_i (1 - pi_i) / pi_i ||g_i||^2: the variance the draw adds to sum_i g_i (Poisson sampling). A row with
     pi_i = 0 (a zero score without a uniform mix: its gradient at the boundary is zero) adds nothing."""
-    return _skip_odds(probabilities, squared_norms).sum()
+    return skip_odds(probabilities, squared_norms).sum()
 
 
-def _skip_odds(probabilities: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """(1 - pi) / pi * values, 0 where pi = 0."""
+def skip_odds(probabilities: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(1 - pi) / pi * values elementwise, 0 where pi = 0: each unit's share of `sampling_variance`."""
     positive = probabilities > 0
     return torch.where(positive, (1 - probabilities) / probabilities.where(positive, 1.0) * values, 0.0)
 
@@ -97,7 +97,7 @@ def variance_factor_sums(
     """
     weights = horvitz_thompson_weights(drawn, probabilities)
     norms = torch.where(drawn, squared_norms.double(), torch.zeros_like(weights))
-    numerators = _skip_odds(candidates, weights * norms).sum(-1)
+    numerators = skip_odds(candidates, weights * norms).sum(-1)
     return numerators, float((weights * norms).sum())
 
 

@@ -24,8 +24,9 @@ from .monitor import CANDIDATE_FRACTIONS, MIN_OBSERVED_ROWS, SamplingMonitor
 from .noise_scale import noise_scale
 from .predictor import LinearGradientPredictor
 from .replay import BlockReplay, find_blocks
-from .row_norms import RowGradientNorms
+from .row_norms import RowGradientNorms, trunk_linear_layers
 from .sampling import draw_generator, inclusion_probabilities
+from .token_sampling import WeightGradientSampler, sampled_weight_gradients
 from .theory import batch_size_advice, best_control_fraction, decision_margin, relative_time
 from .verification import gradient_error_statistics, report_from_statistics
 
@@ -68,7 +69,9 @@ class PredictedGradientMixin:
     - the trunk's blocks run without autograd and replay their backward on the rows that carry a gradient (`replay`),
       which is where the compute is saved; every block's backward stays exact;
     - with `gradient_predictor="linear"`, the boundary's backward also adds beta sum_i (1 - w_i) p_i to the trunk's
-      linear layers, a control variate fitted on earlier steps' drawn rows (`predictor`): still unbiased.
+      linear layers, a control variate fitted on earlier steps' drawn rows (`predictor`): still unbiased;
+    - with `weight_gradient_keep` < 1, the trunk's linear layers compute their weight gradients from sampled token
+      rows (`token_sampling`), at every step (f = 1 too): still unbiased, dX exact.
     Nothing is written into `.grad` by hand: DDP, the fp16 scaler, clipping and accumulation are the base class's.
 
     At f = 1 (`control_fraction=1`, and "auto" until it lowers f) every step is the base class's own, except
@@ -153,14 +156,20 @@ class PredictedGradientMixin:
                         f"{type(unwrapped).__name__} has no transformers GradientCheckpointingLayer below its head: sampled rows "
                         "stay unbiased, but the trunk's backward is not made cheaper, so control_fraction='auto' stays at 1."
                     )
-        self.row_norms = RowGradientNorms(self.replay.blocks)
+        keep = settings.weight_gradient_keep
+        self.row_norms = RowGradientNorms(self.replay.blocks, keep, settings.sampling_uniform_mix)
+        self.token_sampler = None
+        if keep < 1 and self.disabled_reason is None:
+            weights = [layer.weight for layer in trunk_linear_layers(self.replay.blocks)]
+            self.token_sampler = WeightGradientSampler(weights, keep, settings.sampling_uniform_mix)
+        self.replay.weight_sampler = self.token_sampler
         self.predictor = None
         if settings.gradient_predictor != "none" and self.disabled_reason is None:
             self.predictor = LinearGradientPredictor(self.replay.blocks, settings.predictor_signal_dims, settings.predictor_ridge, settings.predictor_decay)
         self._set_predicting(settings.gradient_predictor == "linear")
         if self.disabled_reason is not None:
             self._disable(self.disabled_reason)
-        elif (self._auto or self._control_fraction < 1) and not hasattr(self, "_step_clock"):
+        elif (self._auto or self._samples()) and not hasattr(self, "_step_clock"):
             self._step_clock = StepClock(self.args.device, self._times_step, self._end_optimizer_step)
             self.add_callback(self._step_clock.start)  # last to begin a step, first to end it: others' work is not timed
             self.callback_handler.callbacks.insert(0, self._step_clock.stop)
@@ -183,6 +192,10 @@ class PredictedGradientMixin:
             return "ddp_static_graph=True replays the autograd graph of the first step, and sampled steps change it; leave ddp_static_graph unset"
         return None
 
+    def _samples(self) -> bool:
+        """Whether steps sample (those that are not `Trainer`'s references): rows (f < 1) or weight gradient tokens."""
+        return self._control_fraction < 1 or self.token_sampler is not None
+
     def _disable(self, reason: str) -> None:
         """Train as the base class from now on, and say so (also when f < 1 was asked for: it trains as `Trainer`
         would, rather than refuse)."""
@@ -190,6 +203,7 @@ class PredictedGradientMixin:
         logger.warning(f"{type(self).__name__} trains as its base class does (control fraction 1){asked}: {reason}.")
         self.disabled_reason = reason
         self._control_fraction = 1.0
+        self.token_sampler = self.replay.weight_sampler = None
 
     # ------------------------------------------------------------------ the step
 
@@ -223,12 +237,13 @@ class PredictedGradientMixin:
                 "head, a loss computed from the weights directly, or a frozen trunk): there is no boundary to sample at "
                 "(this step's gradient was exact); name the model's final layers with head_modules=[...]"
             )
-        work = self.replay.take_counts()
+        work = self.replay.take_counts() + (self.token_sampler.take_counts() if self.token_sampler is not None else (0, 0))
         self._step_rows = [self._step_rows[0] + work[0], self._step_rows[1] + work[1]]
         norms = (self.row_norms.squared_norms, self.row_norms.batch_squared_norm()) if observe else (None, None)
         predictor = self.sampler.predictor  # applied or measured in this step
         predicted = predictor.finish_micro_batch(self._fit_design(fraction)) if predictor is not None else None
-        self.monitor.record(self.sampler.draws, fraction, *norms, work, predicted if observe else None)
+        tokens = self.row_norms.token_variances if observe else None
+        self.monitor.record(self.sampler.draws, fraction, *norms, work, predicted if observe else None, tokens)
         if predictor is not None and self.accelerator.sync_gradients:  # the step's rows fit the next steps' map
             predictor.end_step(lambda values: self._all_ranks_mean(values.to(self.args.device)).cpu() * self.accelerator.num_processes)
         return loss
@@ -271,10 +286,10 @@ class PredictedGradientMixin:
             return
         if fraction is None:
             step = self.state.global_step - 1  # the step that ended
-            if self._control_fraction == 1 or step - self._last_reference == REFERENCE_STEPS - 1:  # not a warm-up
+            if not self._samples() or step - self._last_reference == REFERENCE_STEPS - 1:  # not a warm-up
                 self.cost_model.observe_plain(seconds)
         elif observe:
-            if fraction == 1 and self.cost_model.reference_seconds:
+            if fraction == 1 and self.token_sampler is None and self.cost_model.reference_seconds:
                 self._observation_overhead = max(0.0, seconds / self.cost_model.reference_seconds - 1)
             if predictor_seconds > 0:
                 self.cost_model.observe_predictor(predictor_seconds)
@@ -285,8 +300,12 @@ class PredictedGradientMixin:
                 self.monitor.record_cost(cost)
 
     def _reference_due(self, step: int) -> bool:
-        """Whether optimizer step `step` at f < 1 starts the base class's own steps that time a `Trainer` step."""
-        period = REFERENCE_PERIOD if len(self.cost_model.references) >= MIN_REFERENCES else REFERENCE_PERIOD // 8
+        """Whether optimizer step `step` at f < 1 (or with token sampling) starts the base class's own steps that time a
+        `Trainer` step: back to back before the first decision of "auto" (which waits for them), while they are too few."""
+        if len(self.cost_model.references) >= MIN_REFERENCES:
+            period = REFERENCE_PERIOD
+        else:
+            period = REFERENCE_STEPS if self._before_first_decision() else REFERENCE_PERIOD // 8
         return step >= REFERENCE_START and (self._last_reference is None or step - self._last_reference >= period)
 
     def _reference_step(self, step: int) -> bool:
@@ -296,19 +315,24 @@ class PredictedGradientMixin:
     @contextlib.contextmanager
     def sampled_backward(self, fraction: float, generator: torch.Generator, measure_predictor: bool = False):
         """While inside, forwards put the boundary at the head's input, whose backward draws rows at `fraction` with
-        `generator`, and (f < 1) the trunk's blocks replay their backward on the drawn rows; the predictor runs when
-        it is applied, or (`measure_predictor`) to be fitted and measured. Yields a list holding True once a forward
-        has placed the boundary."""
+        `generator`, (f < 1) the trunk's blocks replay their backward on the drawn rows, (`weight_gradient_keep` < 1) the
+        trunk's linear layers draw the token rows of their weight gradients, seeded from `generator` first, and the
+        predictor runs when it is applied, or (`measure_predictor`) to be fitted and measured. Yields a list holding True
+        once a forward has placed the boundary."""
         self.sampler.fraction, self.sampler.generator, self.sampler.draws = fraction, generator, []
         running = self.predictor is not None and (self._predicting or measure_predictor)
         self.sampler.predictor = self.predictor if running else None
         predicting = self.predictor.active(self.replay.row_index) if running else contextlib.nullcontext()
-        with sampled_boundary(self.head_modules, self.sampler) as placed, self.replay.active() if fraction < 1 else contextlib.nullcontext(), predicting:
+        tokens = contextlib.nullcontext()
+        if self.token_sampler is not None:
+            self.token_sampler.start(int(torch.randint(2**62, (1,), generator=generator)))
+            tokens = sampled_weight_gradients(self.replay.blocks, self.token_sampler)
+        with sampled_boundary(self.head_modules, self.sampler) as placed, self.replay.active() if fraction < 1 else contextlib.nullcontext(), predicting, tokens:
             yield placed
 
     def sampling_fraction(self) -> float:
-        """The fraction `verify_unbiased` checks by default: the current one, or 0.5 at f = 1."""
-        return self._control_fraction if self._control_fraction < 1 else 0.5
+        """The fraction `verify_unbiased` checks by default: the current one, or 0.5 at f = 1 without token sampling."""
+        return self._control_fraction if self._samples() else 0.5
 
     def _plan_step(self, model, inputs, num_items_in_batch) -> tuple[float | None, bool]:
         """(fraction, observed) of the optimizer step that starts: fraction None is the base class's own step. Runs
@@ -316,13 +340,13 @@ class PredictedGradientMixin:
         if self.disabled_reason is not None:
             return None, False
         settings = self.lgp_settings
-        explicit = not self._auto and self._control_fraction < 1
+        explicit = self._samples() and (not self._auto or self.token_sampler is not None)  # keep < 1 is explicit
         if self._pending_fraction is not None or (explicit and self.unbiasedness["status"] == "not run" and settings.unbiasedness_check):
             self._check_unbiasedness(model, inputs, num_items_in_batch)
             self._checked_in_step = True
         step = self.state.global_step
         observe = self._observation_due(step)
-        if self._control_fraction < 1:
+        if self._samples():
             if self._last_reference is None and len(self.cost_model.references) >= MIN_REFERENCES:
                 self._last_reference = step - REFERENCE_STEPS  # f = 1's plain steps were the references: next in a period
             if self._reference_due(step):
@@ -415,8 +439,10 @@ class PredictedGradientMixin:
         best = min(range(count), key=times.__getitem__)
         self._last_decision = {"fraction": fraction, "best_fraction": fractions[best], "variance_factor": factors[best],
                                "step_cost": costs[best], "efficiency": times[best], "predictor": predicting}
-        if fraction < 1 and self._control_fraction == 1 and self.unbiasedness["status"] != "passed":
-            if self.unbiasedness["status"] == "not run" and self.lgp_settings.unbiasedness_check:
+        # a check passed at f = 1 (token sampling alone) did not draw rows: lowering f checks again
+        rows_checked = self.unbiasedness["status"] == "passed" and self.unbiasedness["fraction"] < 1
+        if fraction < 1 and self._control_fraction == 1 and not rows_checked:
+            if self.unbiasedness["status"] in ("not run", "passed") and self.lgp_settings.unbiasedness_check:
                 self._pending_fraction = fraction
                 return
             if self.unbiasedness["status"] in ("failed", "skipped"):
@@ -446,14 +472,15 @@ class PredictedGradientMixin:
                 logger.warning(self._batch_advice)
 
     def _check_unbiasedness(self, model, inputs, num_items_in_batch) -> None:
-        """`verification` on this micro-batch, before sampling starts. An explicit f < 1 raises on failure; "auto"
-        keeps f = 1 for the rest of the run on failure, or when the check does not fit its budget: its draws
-        (`costs.affordable_check_draws`) in `unbiasedness_check_budget` of the run's `max_steps` micro-batches. The
-        run is taken to be `max_steps` long (Trainer's, from max_steps or num_train_epochs): one stopped earlier by
+        """`verification` on this micro-batch, before sampling starts (under "auto" with `weight_gradient_keep` < 1: at
+        f = 1 first, then again at the f it first lowers to). An explicit f < 1 or keep < 1 raises on failure; "auto"
+        keeps f = 1, computing every gradient exactly, for the rest of the run on failure, or when the check does not
+        fit its budget: its draws (`costs.affordable_check_draws`) in `unbiasedness_check_budget` of the run's
+        `max_steps` micro-batches. The run is taken to be `max_steps` long (Trainer's, from max_steps or num_train_epochs): one stopped earlier by
         a callback (a time budget, with max_steps far out of reach, as in the benchmarks) gets the full check,
         which costs its 32 rows' share of 1 + cost + 32 f micro-batches (about 3.2 steps at batch 128, f = 0.35)."""
         settings = self.lgp_settings
-        fraction = self._pending_fraction if self._auto else self._control_fraction
+        fraction = self._control_fraction if self._pending_fraction is None else self._pending_fraction
         self._pending_fraction = None
         draws = settings.unbiasedness_check_draws
         if self._auto:
@@ -464,7 +491,7 @@ class PredictedGradientMixin:
                 self.unbiasedness = {"status": "skipped", "reason": (
                     f"the run ({self.state.max_steps} steps) is too short for the unbiasedness check ({MIN_CHECK_DRAWS} sampled "
                     f"backwards, a full step and a sampled forward) to fit in unbiasedness_check_budget={settings.unbiasedness_check_budget}")}
-                logger.warning(f"control_fraction='auto' stays at 1: {self.unbiasedness['reason']}.")
+                logger.warning(f"control_fraction='auto' stays at 1{self._exact_weight_gradients()}: {self.unbiasedness['reason']}.")
                 return
             draws = min(draws, affordable)
         module = _without_ddp(model)
@@ -482,11 +509,20 @@ class PredictedGradientMixin:
                 self._control_fraction = fraction
             return
         if not self._auto:
+            keep = "" if self.token_sampler is None else f", weight_gradient_keep={self.token_sampler.keep}"
             raise ValueError(
-                f"control_fraction={fraction}: {report}. The sampled update is not an unbiased estimate of this model's "
-                "gradient here; train with control_fraction=1 or 'auto', and please report this model and loss."
+                f"control_fraction={fraction}{keep}: {report}. The sampled update is not an unbiased estimate of this model's "
+                f"gradient here; train with control_fraction=1{' and weight_gradient_keep=1' if keep else ''} or 'auto', and "
+                "please report this model and loss."
             )
-        logger.warning(f"control_fraction='auto' stays at 1 for this run: {report}.")
+        logger.warning(f"control_fraction='auto' stays at 1{self._exact_weight_gradients()} for this run: {report}.")
+
+    def _exact_weight_gradients(self) -> str:
+        """Under "auto" once its check failed or was skipped: no token sampling either (the check covered it); the words
+        that say so in the warning."""
+        words = " with exact weight gradients (weight_gradient_keep is not used)" if self.token_sampler is not None else ""
+        self.token_sampler = self.replay.weight_sampler = None
+        return words
 
     def _all_ranks_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
@@ -634,6 +670,8 @@ class PredictedGradientMixin:
         self._last_decision = state["last_decision"]
         self._batch_advice = state.get("batch_advice")
         self.unbiasedness = state["unbiasedness"]
+        if self._auto and self.unbiasedness["status"] in ("failed", "skipped"):
+            self._exact_weight_gradients()
         self.cost_model.load_state_dict(state["costs"])
         self.monitor.load_state_dict(state["monitor"])
         for index, reason in state["dense_blocks"].items():

@@ -192,9 +192,10 @@ def verify_unbiased(
     verbose: bool = True,
 ) -> UnbiasednessReport:
     """Checks that `trainer`'s sampled update averages to the exact gradient on `batch` (default: the first batch of
-    its training data), for its model, loss and arguments, at `control_fraction` (default: the trainer's, 0.5 under
-    "auto" or at f = 1). Nothing is trained and the model is left as it was. Prints the verdict (`verbose`) and
-    returns an `UnbiasednessReport`; a failure means: do not train this setup at f < 1, and please report it.
+    its training data), for its model, loss and arguments, at `control_fraction` (default: the trainer's, 0.5 at f = 1
+    unless `weight_gradient_keep` < 1: every sampled backward also draws the weight gradients' token rows, at f = 1
+    too). Nothing is trained and the model is left as it was. Prints the verdict (`verbose`) and returns an
+    `UnbiasednessReport`; a failure means: do not train this setup at f < 1, and please report it.
 
     Cost: two forwards, one full backward and `draws` sampled backwards. Power: a bias along one of the directions of
     about `report.threshold / sqrt(draws)` standard deviations of a single draw is found half the time.
@@ -202,8 +203,11 @@ def verify_unbiased(
     if draws < 5:
         raise ValueError(f"draws: {draws!r} is not allowed; use an integer >= 5 (the z-test needs a spread of draws).")
     fraction = trainer.sampling_fraction() if control_fraction is None else control_fraction
-    if not 0 < fraction < 1:
-        raise ValueError(f"control_fraction: {fraction!r} is not allowed; use a number in (0, 1): at 1 nothing is sampled.")
+    tokens = getattr(trainer, "token_sampler", None) is not None  # at f = 1 the weight gradients' tokens are sampled
+    if not (0 < fraction < 1 or (tokens and fraction == 1)):
+        raise ValueError(
+            f"control_fraction: {fraction!r} is not allowed; use a number in (0, 1){' or 1' if tokens else ': at 1 nothing is sampled'}."
+        )
     start = time.perf_counter()
     if batch is None:
         with torch.random.fork_rng():  # the training data's shuffling stays as it would have been

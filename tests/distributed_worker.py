@@ -46,6 +46,9 @@ CONFIGS = {
     # the gradient predictor: its fitted sums averaged over ranks after each optimizer step, so that every rank
     # applies the same map, fitted on the same rows as the one process's
     "f0.5_ga2_predictor": (0.5, 2, {"gradient_predictor": "linear", "predictor_signal_dims": 4}),
+    # weight gradients from sampled token rows: each rank's token draws seeded by its micro-batch, as one process's
+    "f0.5_ga2_tokens": (0.5, 2, {"weight_gradient_keep": 0.5}),
+    "f1_ga2_tokens": (1.0, 2, {"weight_gradient_keep": 0.5}),
     # f chosen from measured timings: not comparable with one process, but every rank must choose the same f
     "auto_ga2": ("auto", 2, {"auto_observation_period": 1, "auto_decision_steps": 4, "unbiasedness_check": False}),
 }

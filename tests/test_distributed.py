@@ -74,6 +74,9 @@ def test_two_ranks_update_like_one_process(runs, name):
     if CONFIGS[name][0] < 1:  # rows were drawn, the same in both runs
         assert 0 < reference["summary"]["lgp_drawn_fraction"] < 1
         assert sum(r["summary"]["lgp_drawn_fraction"] for r in ddp[name]) / 2 == pytest.approx(reference["summary"]["lgp_drawn_fraction"])
+    if len(CONFIGS[name]) > 2 and CONFIGS[name][2].get("weight_gradient_keep", 1) < 1:  # token rows were drawn, alike
+        shares = [r["summary"]["lgp_weight_gradient_tokens_computed"] for r in ddp[name]]
+        assert 0 < reference["summary"]["lgp_weight_gradient_tokens_computed"] < 1 and all(0 < share < 1 for share in shares)
     if reference["predictor"] is not None:  # the same map and coefficients on both ranks as in the one process
         maps = lambda state: [predictor_map(c, s, 0.1) for c, s in zip(state["correlations"], state["covariances"])]  # noqa: E731
         coefficients = lambda state: state["alignment"][:, 0] / state["alignment"][:, 1]  # noqa: E731
