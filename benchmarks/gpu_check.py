@@ -10,14 +10,16 @@ Sized for about 6 minutes on an H100 at the defaults (an estimate: not yet timed
                     example's ViT (batch `--check_batch` 64 of the shipped CIFAR-10 subset) and on a small GPT-2
                     (`GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4))`, vocabulary `--gpt2_vocab` 50257,
                     tied embeddings, dropout 0 so that its blocks are replayed rather than run dense, batch 16 x 128
-                    random tokens), each in fp32 and under bf16 autocast: prints each report and the blocks replayed
-                    and dense. Fails on a report that is not "unbiased".
+                    random tokens), the GPT-2 also with its weight gradients from half its token rows
+                    (`weight_gradient_keep=0.5`), each in fp32 and under bf16 autocast: prints each report and the
+                    blocks replayed and dense. Fails on a report that is not "unbiased".
   (b) f1_identical  control_fraction=1 against transformers.Trainer: `--identity_steps` 5 steps of the example's
                     ViT (AdamW, batch 32, the library's defaults, unbiasedness check included), fp32 and bf16; the
                     weights must be bit-identical (torch.equal) after every step. Trainer is first run twice: if it
                     does not reproduce itself (non-deterministic kernels), the comparison is undetermined, not failed.
                     cuDNN runs deterministic algorithms during (b).
-  (c) step cost     `step_cost.py` at batch `--batch_size` 128 under bf16: Trainer, lgp_f0.5 and lgp_f0.25, with
+  (c) step cost     `step_cost.py` at batch `--batch_size` 128 under bf16: Trainer, lgp_f0.5 and lgp_f0.25 (each also
+                    with `_keep0.5`: token-sampled weight gradients), lgp_f0.25_linear (the gradient predictor), with
                     each run's share of trunk rows backpropagated (f_eff, `lgp_trunk_rows_computed`), the floor
                     f_eff + (1 - f_eff) c and ratio - floor (goal: at most 0.05); `--step_rounds` 6 rounds of 4 steps.
   (d) race          `time_to_accuracy.py --subset --bf16`, one seed, `--race_seconds` 45 s of training per run:
@@ -94,7 +96,7 @@ def check_unbiased(cli, cuda: bool, data: common.ImageData, tmp: str) -> int:
     tokens = torch.randint(0, cli.gpt2_vocab, GPT2_BATCH, generator=torch.Generator().manual_seed(0))
     gpt2_batch = {"input_ids": tokens, "labels": tokens}
     failures = 0
-    for model_name in ("vit", "gpt2"):
+    for model_name, keep in (("vit", 1.0), ("gpt2", 1.0), ("gpt2_keep0.5", 0.5)):
         for bf16 in (False, True):
             name = f"unbiased_{model_name}_{'bf16' if bf16 else 'fp32'}"
             set_seed(0)
@@ -105,7 +107,8 @@ def check_unbiased(cli, cuda: bool, data: common.ImageData, tmp: str) -> int:
             else:
                 model, batch = small_gpt2(cli.gpt2_vocab), gpt2_batch
                 args = PredictedGradientArguments(
-                    output_dir=f"{tmp}/{name}", report_to="none", control_fraction=FRACTION, **precision_settings(bf16, cuda)
+                    output_dir=f"{tmp}/{name}", report_to="none", control_fraction=FRACTION, weight_gradient_keep=keep,
+                    **precision_settings(bf16, cuda),
                 )
             trainer = PredictedGradientTrainer(model=model, args=args)
             print(f"{name}: ", end="", flush=True)
@@ -190,7 +193,8 @@ def step_cost(cli, cuda: bool) -> None:
     import step_cost as step_cost_script  # benchmarks/, next to this script
 
     step_cost_script.main([
-        "--batch_size", str(cli.batch_size), "--fractions", "0.5", "0.25", "--rounds", str(cli.step_rounds),
+        "--batch_size", str(cli.batch_size), "--fractions", "0.5", "0.25", "--weight_gradient_keep", "1.0", "0.5",
+        "--runs", "lgp_f0.25_linear", "--rounds", str(cli.step_rounds),
         "--steps_per_turn", "4", "--output_dir", tempfile.mkdtemp(prefix="gpu_step_cost_"), *(["--bf16"] if cuda else []),
     ])
 
