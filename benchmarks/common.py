@@ -219,13 +219,15 @@ def lgp_run_name(fraction: float | str) -> str:
     return f"lgp_f{fraction if fraction == 'auto' else format(fraction, 'g')}"
 
 
-def training_arguments(spec: RunSpec, output_dir: str, seed: int, **overrides) -> PredictedGradientArguments:
-    """The example's TrainingArguments defaults (AdamW, lr 1e-3, weight decay 0.05, ...) for `spec`, with no
-    evaluation, saving, progress bar or reporting unless `overrides` say otherwise. Every run gets
+def training_arguments(
+    spec: RunSpec, output_dir: str, seed: int, defaults: dict = run_vit.TRAINING_DEFAULTS, **overrides
+) -> PredictedGradientArguments:
+    """An example's TrainingArguments `defaults` (the ViT's: AdamW, lr 1e-3, weight decay 0.05, ...) for `spec`,
+    with no evaluation, saving, progress bar or reporting unless `overrides` say otherwise. Every run gets
     PredictedGradientArguments (transformers.Trainer ignores its sampling fields); the sampling settings are the
     library's defaults (unbiasedness check included) unless the run name's options or `overrides` set them."""
     settings = {
-        **run_vit.TRAINING_DEFAULTS,
+        **defaults,
         "do_train": True,
         "do_eval": False,
         "eval_strategy": "no",
@@ -244,17 +246,21 @@ def accuracy(prediction) -> dict[str, float]:
     return {"accuracy": float((np.argmax(prediction.predictions, axis=1) == prediction.label_ids).mean())}
 
 
-def make_trainer(spec: RunSpec, model, args, train_dataset, eval_dataset=None, callbacks=()) -> Trainer:
-    """PredictedGradientTrainer for lgp runs, transformers.Trainer otherwise, with the example's collator; the
-    printing of every log entry is turned off (the benchmarks print their own tables)."""
+def make_trainer(
+    spec: RunSpec, model, args, train_dataset, eval_dataset=None, callbacks=(), data_collator=run_vit.collate_fn,
+    compute_metrics=accuracy,
+) -> Trainer:
+    """PredictedGradientTrainer for lgp runs, transformers.Trainer otherwise, with the example's collator and
+    accuracy (other tasks pass theirs; `compute_metrics` None: the eval loss alone); the printing of every log entry
+    is turned off (the benchmarks print their own tables)."""
     trainer_class = PredictedGradientTrainer if spec.is_lgp else Trainer
     trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=run_vit.collate_fn,
-        compute_metrics=accuracy if eval_dataset is not None else None,
+        data_collator=data_collator,
+        compute_metrics=compute_metrics if eval_dataset is not None else None,
         callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)

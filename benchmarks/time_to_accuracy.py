@@ -66,6 +66,14 @@ MAX_STEPS = 10**7
 
 
 def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
+    parser = race_parser(description)
+    parser.set_defaults(output_dir=common.RESULTS_DIR / "time_to_accuracy")
+    common.add_data_arguments(parser, subset_default=False)
+    return parser
+
+
+def race_parser(description: str) -> argparse.ArgumentParser:
+    """The options of an equal-time race (runs, seeds, budget, turns, evaluation, optimizer), any task's."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=128, help="Per-device batch size of `trainer` and lgp runs.")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5], help="Fixed control fractions of the default runs.")
@@ -81,13 +89,12 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
     parser.add_argument("--budget_seconds", type=float, default=90.0, help="Training seconds per run (evaluation excluded).")
     parser.add_argument("--eval_every_seconds", type=float, default=30.0, help="Training seconds between evaluations.")
     parser.add_argument("--seconds_per_turn", type=float, default=10.0, help="Training seconds of a run per turn of the rotation.")
-    parser.add_argument("--eval_samples", type=int, default=2000, help="Test images per evaluation (a fixed random subset).")
+    parser.add_argument("--eval_samples", type=int, default=2000, help="Test examples per evaluation (a fixed random subset).")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--warmup_steps", type=int, default=20, help="Linear warm-up steps, then a constant rate.")
     parser.add_argument("--logging_steps", type=int, default=10, help="Steps between log entries (and lgp/* statistics).")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every run (TrainingArguments.bf16; for a GPU).")
-    parser.add_argument("--output_dir", type=Path, default=common.RESULTS_DIR / "time_to_accuracy")
-    common.add_data_arguments(parser, subset_default=False)
+    parser.add_argument("--output_dir", type=Path)
     return parser
 
 
@@ -131,21 +138,32 @@ def run_one(spec: common.RunSpec, seed: int, data: common.ImageData, args, model
     `rotation` when given; returns the record."""
     set_seed(seed)
     model = model_factory()
+    training_args = common.training_arguments(spec, str(args.output_dir / "trainer_output"), seed, **budget_settings(args))
+
+    def make_trainer(callbacks):
+        return common.make_trainer(spec, model, training_args, data.train, data.eval, callbacks=callbacks)
+
+    record = train_for_budget(spec, seed, args, make_trainer, ("accuracy", "loss"), index, rotation)
+    return {**record, "final_accuracy": record["evaluations"][-1]["accuracy"]}
+
+
+def budget_settings(args) -> dict:
+    """TrainingArguments of a run stopped by its time budget: a constant learning rate after the warm-up (a schedule
+    over a fixed number of steps would differ between runs that reach different step counts in the same time)."""
+    return {
+        "max_steps": MAX_STEPS, "learning_rate": args.learning_rate, "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": args.warmup_steps, "logging_steps": args.logging_steps, "bf16": args.bf16,
+    }
+
+
+def train_for_budget(spec: common.RunSpec, seed: int, args, make_trainer, metrics: tuple[str, ...], index=None, rotation=None) -> dict:
+    """Trains `make_trainer(callbacks)` for `args.budget_seconds` of training time, evaluating every
+    `args.eval_every_seconds` and at the end, taking turns in `rotation` when given; returns the record (each
+    evaluation's `metrics`, and final_loss)."""
     budget = common.TrainingBudget(args.budget_seconds, args.eval_every_seconds)
-    training_args = common.training_arguments(
-        spec,
-        str(args.output_dir / "trainer_output"),
-        seed,
-        max_steps=MAX_STEPS,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=args.warmup_steps,
-        logging_steps=args.logging_steps,
-        bf16=args.bf16,
-    )
     timer = common.StepTimer()
     turns = [] if rotation is None else [TurnTaker(index, rotation, args.seconds_per_turn, budget, timer)]
-    trainer = common.make_trainer(spec, model, training_args, data.train, data.eval, callbacks=[*turns, budget, timer])
+    trainer = make_trainer([*turns, budget, timer])
     trainer.train()
     steps = trainer.state.global_step
     slowest = max(range(len(timer.steps)), key=lambda i: timer.steps[i]["seconds"])
@@ -164,92 +182,120 @@ def run_one(spec: common.RunSpec, seed: int, data: common.ImageData, args, model
         "seconds_per_step": budget.training_seconds / steps,
         "median_step_seconds": statistics.median(step["seconds"] for step in timer.steps),
         "slowest_step": {"step": slowest + 1, "seconds": timer.steps[slowest]["seconds"]},  # where a check ran
-        "evaluations": [{key: entry[key] for key in ("seconds", "step", "accuracy", "loss")} for entry in budget.evaluations],
-        "final_accuracy": budget.evaluations[-1]["accuracy"],
+        "evaluations": [{key: entry[key] for key in ("seconds", "step", *metrics)} for entry in budget.evaluations],
         "final_loss": budget.evaluations[-1]["loss"],
         "lgp_summary": trainer.lgp_summary() if spec.is_lgp else None,
         "log": log,
     }
 
 
-def participant(index: int, spec: common.RunSpec, seed: int, args, data_loader, model_factory, rotation: common.Rotation) -> None:
-    """One process of a seed's rotation: loads the data, trains `spec`, reports its record."""
+def participant(index: int, spec: common.RunSpec, seed: int, args, data_loader, model_factory, run, rotation: common.Rotation) -> None:
+    """One process of a seed's rotation: loads the data, trains `spec` with `run` (`run_one`'s signature), reports
+    its record."""
     try:
-        record = run_one(spec, seed, data_loader(), args, model_factory, index, rotation)
+        record = run(spec, seed, data_loader(), args, model_factory, index, rotation)
         rotation.messages.put(("result", index, record))
     except BaseException:  # noqa: BLE001 - reported to the parent, which stops the rotation
         rotation.messages.put(("error", index, traceback.format_exc()))
         rotation.abort()
 
 
-def run_suite(args, data_loader, model_factory, results_path: Path, extra: dict | None = None) -> list[dict]:
+def run_suite(args, data_loader, model_factory, results_path: Path, extra: dict | None = None, run=run_one) -> list[dict]:
     """Every run of `run_specs(args)` for every seed: per seed, all runs at once in their own processes, taking
     turns of `--seconds_per_turn` training seconds (`common.run_interleaved`), so that the machine's slow and fast
     phases (steps 25 % slower or faster from one minute to the next were seen here) hit every run alike; results.json
-    is rewritten after each seed. `data_loader` and `model_factory` are picklable callables (functools.partial)."""
+    is rewritten after each seed. `data_loader`, `model_factory` and `run` (`run_one` or a function of its signature
+    for another task) are picklable callables (functools.partial, module-level functions)."""
     specs = run_specs(args)
     results = []
     for seed in range(args.seeds):
         print(f"seed {seed}: {', '.join(spec.name for spec in specs)}, interleaved in turns of {args.seconds_per_turn:g} s", flush=True)
-        jobs = [(spec, seed, args, data_loader, model_factory) for spec in specs]
+        jobs = [(spec, seed, args, data_loader, model_factory, run) for spec in specs]
         records = common.run_interleaved(participant, jobs, [spec.name for spec in specs], "time_to_accuracy")
         for spec in specs:
             record = records[spec.name]
             results.append(record)
+            accuracy = f"test accuracy {record['final_accuracy']:.4f}, " if "final_accuracy" in record else ""
             print(f"    {spec.name}: {record['steps']} steps, {record['seconds_per_step']:.3f} s/step, "
-                  f"test accuracy {record['final_accuracy']:.4f}, eval loss {record['final_loss']:.4f}", flush=True)
+                  f"{accuracy}eval loss {record['final_loss']:.4f}", flush=True)
         common.write_json(results_path, {"settings": vars(args), **(extra or {}), "results": results})
     return results
 
 
 def summarize(results: list[dict]) -> tuple[float | None, list[dict]]:
     """(target accuracy, one row per run)."""
-    by_run: dict[str, list[dict]] = {}
-    for record in results:
-        by_run.setdefault(record["run"], []).append(record)
+    by_run = group_by_run(results)
     finals = {name: statistics.fmean(r["final_accuracy"] for r in records) for name, records in by_run.items()}
     baselines = [name for name, records in by_run.items() if records[0]["lgp_summary"] is None]
     target = max((finals[name] for name in baselines), default=None)
-    # the measured cost: seconds per step over the `trainer` run's of the same seed
-    reference = {r["seed"]: r["seconds_per_step"] for r in by_run.get("trainer", [])}
     rows = []
     for name, records in by_run.items():
         reach = [time_to_reach(record, target) for record in records] if target is not None else []
-        lgp = [record["lgp_summary"] for record in records if record["lgp_summary"] is not None]
-        measured = [r["seconds_per_step"] / reference[r["seed"]] if r["seed"] in reference else None for r in records]
-        factors = [None if s is None else s["lgp_variance_factor"] for s in (r["lgp_summary"] for r in records)]
         rows.append({
-            "run": name,
-            "batch": records[0]["batch_size"],
-            "steps": statistics.fmean(r["steps"] for r in records),
-            "s_per_step": statistics.fmean(r["seconds_per_step"] for r in records),
-            "slowest_step_s": statistics.fmean(r["slowest_step"]["seconds"] for r in records),
+            **run_columns(records),
             "final_acc": finals[name],
             "final_acc_per_seed": " / ".join(f"{r['final_accuracy']:.4f}" for r in records),
             "final_loss": statistics.fmean(r["final_loss"] for r in records),
             "final_loss_per_seed": " / ".join(f"{r['final_loss']:.4f}" for r in records),
             "time_to_target_s": statistics.fmean(reach) if reach and None not in reach else None,
             "time_to_target_per_seed": " / ".join("not reached" if t is None else f"{t:.0f}" for t in reach) or None,
-            "final_f": mean_of(lgp, "lgp_control_fraction"),
-            "rows_computed": mean_of(lgp, "lgp_trunk_rows_computed"),
-            "F": mean_of(lgp, "lgp_variance_factor"),
-            "step_cost": mean_of(lgp, "lgp_step_cost"),
-            "F_x_cost": mean_or_none([s["lgp_variance_factor"] * s["lgp_step_cost"] for s in lgp
-                                      if s["lgp_variance_factor"] is not None and s["lgp_step_cost"] is not None]),
-            "cost_vs_trainer": mean_or_none([m for m in measured if m is not None]),
-            "F_x_cost_vs_trainer": mean_or_none([f * m for f, m in zip(factors, measured) if f is not None and m is not None]),
-            "F_cv_over_F_is": mean_of(lgp, "lgp_predictor_variance_ratio"),
-            "predictor_cost": mean_of(lgp, "lgp_predictor_cost"),
-            "auto_predicted_F_x_cost": mean_of(lgp, "lgp_predicted_efficiency"),
-            "auto_best_f": mean_of(lgp, "lgp_best_fraction"),
-            "check": " / ".join(s["lgp_unbiasedness_check"] for s in lgp) or None,
+            **lgp_columns(records, trainer_seconds_per_step(results)),
         })
     return target, rows
 
 
-def time_to_reach(record: dict, target: float) -> float | None:
-    """Training seconds of the first evaluation at or above `target`, None if none was."""
-    return next((e["seconds"] for e in record["evaluations"] if e["accuracy"] >= target), None)
+def group_by_run(results: list[dict]) -> dict[str, list[dict]]:
+    """run name -> its records (one per seed), in the order the runs first appear."""
+    by_run: dict[str, list[dict]] = {}
+    for record in results:
+        by_run.setdefault(record["run"], []).append(record)
+    return by_run
+
+
+def trainer_seconds_per_step(results: list[dict]) -> dict[int, float]:
+    """seed -> seconds per step of the `trainer` run: the reference of the measured cost."""
+    return {r["seed"]: r["seconds_per_step"] for r in results if r["run"] == "trainer"}
+
+
+def run_columns(records: list[dict]) -> dict:
+    """The columns every run has, from one run's records (one per seed): name, batch, steps, seconds per step."""
+    return {
+        "run": records[0]["run"],
+        "batch": records[0]["batch_size"],
+        "steps": statistics.fmean(r["steps"] for r in records),
+        "s_per_step": statistics.fmean(r["seconds_per_step"] for r in records),
+        "slowest_step_s": statistics.fmean(r["slowest_step"]["seconds"] for r in records),
+    }
+
+
+def lgp_columns(records: list[dict], reference: dict[int, float]) -> dict:
+    """The sampling statistics of one run's records (means over seeds; None for Trainer runs): from
+    `lgp_summary()`, and the cost measured here (seconds per step over `reference[seed]`, the trainer run's)."""
+    lgp = [record["lgp_summary"] for record in records if record["lgp_summary"] is not None]
+    measured = [r["seconds_per_step"] / reference[r["seed"]] if r["seed"] in reference else None for r in records]
+    factors = [None if s is None else s["lgp_variance_factor"] for s in (r["lgp_summary"] for r in records)]
+    return {
+        "final_f": mean_of(lgp, "lgp_control_fraction"),
+        "rows_computed": mean_of(lgp, "lgp_trunk_rows_computed"),
+        "tokens_computed": mean_of(lgp, "lgp_trunk_tokens_computed"),
+        "F": mean_of(lgp, "lgp_variance_factor"),
+        "step_cost": mean_of(lgp, "lgp_step_cost"),
+        "F_x_cost": mean_or_none([s["lgp_variance_factor"] * s["lgp_step_cost"] for s in lgp
+                                  if s["lgp_variance_factor"] is not None and s["lgp_step_cost"] is not None]),
+        "cost_vs_trainer": mean_or_none([m for m in measured if m is not None]),
+        "F_x_cost_vs_trainer": mean_or_none([f * m for f, m in zip(factors, measured) if f is not None and m is not None]),
+        "F_cv_over_F_is": mean_of(lgp, "lgp_predictor_variance_ratio"),
+        "predictor_cost": mean_of(lgp, "lgp_predictor_cost"),
+        "weight_tokens_computed": mean_of(lgp, "lgp_weight_gradient_tokens_computed"),
+        "auto_predicted_F_x_cost": mean_of(lgp, "lgp_predicted_efficiency"),
+        "auto_best_f": mean_of(lgp, "lgp_best_fraction"),
+        "check": " / ".join(s["lgp_unbiasedness_check"] for s in lgp) or None,
+    }
+
+
+def time_to_reach(record: dict, target: float, key: str = "accuracy", higher_is_better: bool = True) -> float | None:
+    """Training seconds of the first evaluation whose `key` is at `target` or better, None if none was."""
+    return next((e["seconds"] for e in record["evaluations"] if (e[key] >= target if higher_is_better else e[key] <= target)), None)
 
 
 def mean_of(summaries: list[dict], key: str) -> float | None:
@@ -288,21 +334,22 @@ def run_colors(results: list[dict]) -> dict[str, str]:
     return {name: f"C{i % 10}" for i, name in enumerate(names)}
 
 
-def plot_accuracy(results: list[dict], target: float | None, path: Path, title: str) -> None:
+def plot_accuracy(results: list[dict], target: float | None, path: Path, title: str, key: str = "accuracy") -> None:
+    """Each run's evaluations of `key` (test accuracy; "loss" for eval loss) against training seconds."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(8, 5), layout="tight")
     axes = figure.subplots()
     colors, labelled = run_colors(results), set()
     for record in results:
-        points = [(e["seconds"], e["accuracy"]) for e in record["evaluations"]]
+        points = [(e["seconds"], e[key]) for e in record["evaluations"]]
         label = None if record["run"] in labelled else record["run"]
         labelled.add(record["run"])
         axes.plot(*zip(*points), marker="o", ms=3, color=colors[record["run"]], alpha=0.8, label=label,
                   ls="-" if record["lgp_summary"] is not None else "--")
     if target is not None:
         axes.axhline(target, color="black", lw=0.8, ls=":", label="target (best Trainer run, final)")
-    axes.set(xlabel="training seconds (evaluation excluded)", ylabel="test accuracy", title=title)
+    axes.set(xlabel="training seconds (evaluation excluded)", ylabel="test accuracy" if key == "accuracy" else f"eval {key}", title=title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.savefig(path, dpi=120)

@@ -249,6 +249,14 @@ def _cpu_flash_attention(query, key, value, attn_mask, dropout_p, is_causal, sca
     )
 
 
+def _additive_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask as `F.scaled_dot_product_attention` hands it to its kernels (the flash kernel takes no other):
+    0 where attended, -inf elsewhere, in the query's dtype (a padding mask, as transformers passes it)."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros_like(attn_mask, dtype=dtype).masked_fill_(~attn_mask, float("-inf"))
+
+
 class _Tape(TorchFunctionMode):
     """What a block's replay on a subset of rows must neither compute again nor draw anew, recorded in its forward
     without autograd and replayed in order:
@@ -365,6 +373,7 @@ class _Tape(TorchFunctionMode):
         return _TapedOp.apply(_elementwise_backward(kernel, self.sparse), self._rows(recorded_output), x)
 
     def _flash_attention(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        attn_mask = _additive_mask(attn_mask, query.dtype)
         if not self.replaying_now:
             output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale

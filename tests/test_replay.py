@@ -55,9 +55,17 @@ def checkpointed_gpt2():
     return model
 
 
+def padded_gpt2_batch():
+    """Right padding to 8 positions (5 to 8 tokens), with its attention mask: SDPA gets a boolean mask."""
+    batch = FAMILIES["gpt2-lm-tied"][1]()[:8]
+    mask = (torch.arange(batch["input_ids"].shape[1])[None] < (torch.arange(8) % 4 + 5)[:, None]).long()
+    return {**batch, "attention_mask": mask, "labels": batch["labels"].masked_fill(mask == 0, -100)}
+
+
 CASES = {"vit": (tiny_vit, lambda: image_dataset(8)[:8]), **{name: (m, lambda d=d: d()[:8]) for name, (m, d) in FAMILIES.items()},
          "lora-gpt2": (lora(gpt2, target_modules=["c_attn"], fan_in_fan_out=True), lambda: FAMILIES["gpt2-lm-tied"][1]()[:8]),
-         "gpt2-checkpointed": (checkpointed_gpt2, lambda: FAMILIES["gpt2-lm-tied"][1]()[:8])}
+         "gpt2-checkpointed": (checkpointed_gpt2, lambda: FAMILIES["gpt2-lm-tied"][1]()[:8]),
+         "gpt2-padded": (gpt2, padded_gpt2_batch)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
