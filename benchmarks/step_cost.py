@@ -2,7 +2,8 @@
 """Time per optimizer step of PredictedGradientTrainer against transformers.Trainer, and against its floor.
 
 Model and data: the ViT of `examples/run_vit.py` (its default sizes, CIFAR-10 at 32x32) on real images (the
-embedded CIFAR-10 subset by default), batch size `--batch_size`, the example's optimizer settings (`--bf16`:
+embedded CIFAR-10 subset by default), or with `--model gpt2_small` GPT-2 small from its config (124 M parameters) on
+fixed random tokens, `--sequence_length` each; batch size `--batch_size`, the example's optimizer settings (`--bf16`:
 bf16 autocast, for a GPU).
 
 Configurations: Trainer; `lgp_f<f>` (PredictedGradientTrainer at control_fraction f) for each of `--fractions`
@@ -71,6 +72,7 @@ Trainer against f_eff with the floor; memory); with --profile also profile.txt.
 
     python benchmarks/step_cost.py                  # defaults: about 5 minutes on 2 CPU cores (6 with --profile)
     python benchmarks/step_cost.py --fractions 0.25 1.0 auto --profile
+    python benchmarks/step_cost.py --model gpt2_small --batch_size 4 --fractions auto --rounds 6 --steps_per_turn 5
     python benchmarks/step_cost.py --rounds 2 --steps_per_turn 1 --batch_size 16 --fractions 0.5 1.0   # smoke test
     python benchmarks/step_cost.py --fractions 0.25 0.5 1.0 --weight_gradient_keep 1.0 0.5 0.25   # with token sampling
 """
@@ -87,9 +89,11 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import set_seed
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, default_data_collator, set_seed
 
 import common
+import run_vit
 PASSES = "passes"
 #: Share of the backward taken as the linear layers' weight gradients, for the keep floor (dW = dY^T X and dX = dY W
 #: are products of the same size).
@@ -101,6 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--batch_size", type=int, default=128, help="Per-device batch size n of every trainer.")
+    parser.add_argument(
+        "--model", choices=["vit", "gpt2_small"], default="vit",
+        help="The example's ViT on CIFAR-10, or GPT-2 small from its config on random tokens (--sequence_length each).",
+    )
+    parser.add_argument("--sequence_length", type=int, default=128, help="Tokens per example of --model gpt2_small.")
     parser.add_argument(
         "--fractions", type=fraction_argument, nargs="+", default=[0.125, 0.25, 0.5, 1.0],
         help="Control fractions f, or 'auto' (control_fraction='auto', reported at the f it ended with).",
@@ -229,19 +238,33 @@ def memory_now(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else common.peak_rss_mib()
 
 
+def model_and_data(args):
+    """(model, training set, collator) of `--model`, the model built from its config with `--seed`: the example's ViT
+    on CIFAR-10, or GPT-2 small (124 M parameters, `GPT2Config()`) on fixed random tokens, `--sequence_length` per
+    example, labels = inputs."""
+    if args.model == "vit":
+        data = common.load_data(args)
+        set_seed(args.seed)
+        return common.build_model(data.labels)[0], data.train, run_vit.collate_fn
+    tokens = torch.randint(0, GPT2Config().vocab_size, (args.batch_size * args.rounds * args.steps_per_turn, args.sequence_length),
+                           generator=torch.Generator().manual_seed(args.seed))
+    set_seed(args.seed)
+    train = Dataset.from_dict({"input_ids": tokens, "labels": tokens}).with_format("torch")
+    return GPT2LMHeadModel(GPT2Config()), train, default_data_collator
+
+
 def participant(index: int, spec: common.RunSpec | None, args, rotation: common.Rotation) -> None:
     """One process of the rotation: the trainer of `spec`, or the pass measurements when `spec` is None. Every
     process builds the same initial model (same seed)."""
     try:
-        data = common.load_data(args)
-        set_seed(args.seed)
-        model, _ = common.build_model(data.labels)
+        model, train, collator = model_and_data(args)
         if spec is None:
-            result = {"passes": measure_passes(model, common.first_batch(data.train, args.batch_size), index, rotation, args)}
+            result = {"passes": measure_passes(model, collator([train[i] for i in range(args.batch_size)]), index, rotation, args)}
         else:
             timer = TurnTimer(index, rotation, args.steps_per_turn)
             trainer = common.make_trainer(
-                spec, model, trainer_arguments(spec, args, args.rounds * args.steps_per_turn), data.train, callbacks=[timer]
+                spec, model, trainer_arguments(spec, args, args.rounds * args.steps_per_turn), train, callbacks=[timer],
+                data_collator=collator,
             )
             device = trainer.args.device
             before = memory_now(device)
@@ -273,10 +296,8 @@ def run_rotation(specs: list[common.RunSpec], args) -> tuple[dict[str, dict], li
 def profile_training_step(args) -> str:
     """cProfile statistics of PredictedGradientTrainer.training_step over `--profile_steps` steps."""
     spec = lgp_spec(args.goal_fraction, args)
-    data = common.load_data(args)
-    set_seed(args.seed)
-    model, _ = common.build_model(data.labels)
-    trainer = common.make_trainer(spec, model, trainer_arguments(spec, args, args.profile_steps), data.train)
+    model, train, collator = model_and_data(args)
+    trainer = common.make_trainer(spec, model, trainer_arguments(spec, args, args.profile_steps), train, data_collator=collator)
     profiler = cProfile.Profile()
     training_step = trainer.training_step
 
