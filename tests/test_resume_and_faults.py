@@ -56,6 +56,20 @@ def auto_settings(quiet_args, **overrides):
     return {**settings, **overrides}
 
 
+def straight_and_resumed(trainer_class, settings: dict, dataset):
+    """The run of `settings` trained straight through, and the same run stopped after STEPS steps and resumed from
+    that checkpoint by a new trainer whose model starts from other weights (only the checkpoint can make the two equal):
+    (straight, resumed)."""
+    straight = trainer_class(model=tiny_vit(seed=2), args=PredictedGradientArguments(**settings), train_dataset=dataset)
+    straight.train()
+    resumed = dict(settings, output_dir=settings["output_dir"] + "-resumed")
+    first = trainer_class(model=tiny_vit(seed=2), args=PredictedGradientArguments(**resumed), train_dataset=dataset, callbacks=[StopAt(STEPS)])
+    first.train()
+    second = trainer_class(model=tiny_vit(seed=9), args=PredictedGradientArguments(**resumed), train_dataset=dataset)
+    second.train(resume_from_checkpoint=f"{resumed['output_dir']}/checkpoint-{STEPS}")
+    return straight, second
+
+
 @pytest.mark.parametrize("mode", ["fixed", "auto", "predictor"])
 def test_resume_is_bit_identical(mode, quiet_args, monkeypatch):
     """Weights, statistics and the decisions of "auto" (which lowers f mid-run here, after its check); the gradient
@@ -69,16 +83,9 @@ def test_resume_is_bit_identical(mode, quiet_args, monkeypatch):
     dataset = image_dataset(80)
     # every row carries loss with the predictor (rows drawn with pi = 1 or without a gradient give it nothing to fit)
     trainer_class = PredictedGradientTrainer if mode == "predictor" else FewExamplesLossTrainer
-    straight = trainer_class(model=tiny_vit(seed=2), args=PredictedGradientArguments(**settings), train_dataset=dataset)
-    straight.train()
+    straight, second = straight_and_resumed(trainer_class, settings, dataset)
     if mode == "auto":
         assert straight.lgp_summary()["lgp_control_fraction"] < 1  # the resumed half starts from a lowered f
-
-    resumed = dict(settings, output_dir=settings["output_dir"] + "-resumed")
-    first = trainer_class(model=tiny_vit(seed=2), args=PredictedGradientArguments(**resumed), train_dataset=dataset, callbacks=[StopAt(STEPS)])
-    first.train()
-    second = trainer_class(model=tiny_vit(seed=9), args=PredictedGradientArguments(**resumed), train_dataset=dataset)
-    second.train(resume_from_checkpoint=f"{resumed['output_dir']}/checkpoint-{STEPS}")
 
     for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), name

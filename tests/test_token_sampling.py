@@ -252,22 +252,14 @@ def test_variance_factor_counts_the_token_draws_variance(quiet_args, monkeypatch
 @pytest.mark.parametrize("mode", ["fixed", "auto"])
 def test_resume_with_sampled_weight_gradients_is_bit_identical(mode, quiet_args, monkeypatch):
     """At f = 0.5, and under "auto" (tokens sampled from the start, f lowered mid-run after its second check)."""
-    from test_resume_and_faults import STEPS, FewExamplesLossTrainer, StopAt, auto_settings, prior_costs
+    from test_resume_and_faults import STEPS, FewExamplesLossTrainer, auto_settings, prior_costs, straight_and_resumed
 
     prior_costs(monkeypatch)
     # 20 steps: the check at f = 1 (a full backward per draw) fits the budget of "auto"
     settings = auto_settings(quiet_args, save_strategy="steps", save_steps=STEPS, weight_gradient_keep=0.5, max_steps=20)
     if mode == "fixed":
         settings.update(control_fraction="0.5", auto_observation_period=2)
-    dataset = image_dataset(80)
-    straight = FewExamplesLossTrainer(model=tiny_vit(seed=2), args=PredictedGradientArguments(**settings), train_dataset=dataset)
-    straight.train()
-    resumed = dict(settings, output_dir=settings["output_dir"] + "-resumed")
-    first = FewExamplesLossTrainer(model=tiny_vit(seed=2), args=PredictedGradientArguments(**resumed), train_dataset=dataset,
-                                   callbacks=[StopAt(STEPS)])
-    first.train()
-    second = FewExamplesLossTrainer(model=tiny_vit(seed=9), args=PredictedGradientArguments(**resumed), train_dataset=dataset)
-    second.train(resume_from_checkpoint=f"{resumed['output_dir']}/checkpoint-{STEPS}")
+    straight, second = straight_and_resumed(FewExamplesLossTrainer, settings, image_dataset(80))
     for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), name
     summary, expected = second.lgp_summary(), straight.lgp_summary()
