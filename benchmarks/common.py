@@ -172,7 +172,7 @@ class RunSpec:
     (transformers.Trainer at batch size n), `lgp_f<fraction>` (PredictedGradientTrainer at a fixed control
     fraction in (0, 1]) and `lgp_fauto` (at `control_fraction="auto"`, the library's default); an lgp name may end
     in options (`RUN_OPTIONS`, `RUN_FLAGS`), e.g. `lgp_f0.25_mix0.3`: sampling_uniform_mix 0.3, `lgp_f0.5_keep0.5`:
-    weight_gradient_keep 0.5, `lgp_f0.25_mix1_linear`: the paper's configuration (uniform draws and the linear gradient
+    weight_gradient_keep 0.5, `lgp_fauto_keepauto`: both chosen by "auto", `lgp_f0.25_mix1_linear`: the paper's configuration (uniform draws and the linear gradient
     predictor)."""
 
     name: str
@@ -186,7 +186,7 @@ class RunSpec:
 
 
 #: option of an lgp run name -> (the PredictedGradientArguments field it sets, its type)
-RUN_OPTIONS = {"mix": ("sampling_uniform_mix", float), "keep": ("weight_gradient_keep", float)}
+RUN_OPTIONS = {"mix": ("sampling_uniform_mix", float), "keep": ("weight_gradient_keep", lambda value: value if value == "auto" else float(value))}
 #: flag of an lgp run name -> (the PredictedGradientArguments field it sets, its value)
 RUN_FLAGS = {"linear": ("gradient_predictor", "linear")}
 
@@ -196,7 +196,7 @@ def parse_run(name: str, batch_size: int) -> RunSpec:
         return RunSpec(name, batch_size)
     if match := re.fullmatch(r"trainer_b(\d+)", name):
         return RunSpec(name, int(match.group(1)))
-    option = "_(" + "|".join(RUN_OPTIONS) + r")([0-9.]+)"
+    option = "_(" + "|".join(RUN_OPTIONS) + r")(auto|[0-9.]+)"
     flag = "_(" + "|".join(RUN_FLAGS) + ")"
     if match := re.fullmatch(r"lgp_f(auto|[0-9.]+)((?:" + option + ")*)((?:" + flag + ")*)", name):
         try:

@@ -341,7 +341,7 @@ def summarize(specs, runs: dict[str, dict], passes: list[dict], args) -> tuple[l
         run = runs[spec.name]
         steps = run["steps"][skip:]
         summary = run["lgp_summary"] or {}
-        # "auto" is reported at the f it ended with; Trainer and f = 1 sample nothing
+        # "auto" is reported at the f (and keep) it ended with; Trainer and f = 1 sample nothing
         fraction = summary.get("lgp_control_fraction", 1.0)
         computed = summary.get("lgp_trunk_rows_computed")
         effective = 1.0 if computed is None else computed
@@ -361,7 +361,7 @@ def summarize(specs, runs: dict[str, dict], passes: list[dict], args) -> tuple[l
             "floor": effective + (1 - effective) * cost_ratio,
             "f_tok": effective_tokens,
             "token_floor": token_floor,
-            "keep": dict(spec.settings).get("weight_gradient_keep", 1.0),
+            "keep": summary.get("lgp_weight_gradient_keep", 1.0),
             "k_eff": effective_keep,
             "keep_floor": token_floor - effective_tokens * backward_share * WEIGHT_GRADIENT_SHARE * (1 - effective_keep),
             "lgp_step_cost": summary.get("lgp_step_cost"),

@@ -42,7 +42,7 @@ class PredictedGradientSettings:
             a in [0, 1]: inclusion probabilities proportional to (1 - a) s_i / sum s + a / n, s_i the norm of row i's
             gradient at the head's input. 0 is pure importance sampling; 1 is uniform sampling. A mix bounds the
             weight 1 / pi_i <= 1 / (a f) of a row whose score underrates its trunk gradient.
-        weight_gradient_keep (`float`, defaults to `1.0`):
+        weight_gradient_keep (`float` or `"auto"`, defaults to `1.0`):
             k in (0, 1]: the expected share of token rows (batch x positions) whose term of the weight gradient
             dW = sum_t dy_t x_t^T is computed, per call of a trunk linear layer (`nn.Linear`, LoRA's adapters included,
             and transformers' `Conv1D`, in the trunk's blocks; frozen weights and the head stay exact). Token rows are
@@ -54,7 +54,14 @@ class PredictedGradientSettings:
             down), ends at the layer, so sampling it leaves every other gradient exact. 1 (the default) computes dW
             exactly; below 1 every step samples its tokens, at f = 1 too, after the unbiasedness check (under "auto",
             which chooses f with k fixed: checked at f = 1 first, and again at the f it first lowers to; a failed or
-            skipped check there keeps every gradient exact).
+            skipped check there keeps every gradient exact). `"auto"`: k is chosen with f (or, at an explicit f, alone)
+            at each decision of "auto", among 1, 0.5 and 0.25, by the same predicted time to a given loss, with F
+            measured at each k and the time each k saves measured on the run: on an observed step, each layer shape's
+            exact weight gradient is timed once against the sampled one at each k (`costs.WeightGradientCalibration`),
+            and a layer is sampled at k only where that saves time (its passes over the token rows grow with
+            d_in + d_out, the saved products with d_in x d_out: wide layers pay, narrow ones do not). It starts at 1,
+            and checks unbiasedness before it first samples tokens. On the command line:
+            `--weight_gradient_keep 0.5`, `--weight_gradient_keep auto`.
         auto_min_control_fraction (`float`, defaults to `0.1`):
             The smallest f that `control_fraction="auto"` may choose.
         auto_decision_steps (`int`, defaults to `25`):
@@ -111,9 +118,9 @@ class PredictedGradientSettings:
     sampling_uniform_mix: float = field(
         default=0.1, metadata={"help": "Share of the uniform distribution in the inclusion probabilities, in [0, 1]."}
     )
-    weight_gradient_keep: float = field(
+    weight_gradient_keep: str = field(
         default=1.0,
-        metadata={"help": "Expected share of token rows whose weight gradient term is computed in the trunk's linear layers, in (0, 1]; 1: exact."},
+        metadata={"help": "Expected share of token rows whose weight gradient term is computed in the trunk's linear layers, in (0, 1] (1: exact), or 'auto'."},
     )
     auto_min_control_fraction: float = field(
         default=0.1, metadata={"help": "Smallest control fraction that control_fraction='auto' may choose."}
@@ -141,10 +148,10 @@ class PredictedGradientSettings:
     def __post_init__(self):
         if hasattr(super(), "__post_init__"):
             super().__post_init__()
-        self.control_fraction = parse_control_fraction(self.control_fraction)
+        self.control_fraction = parse_share_or_auto("control_fraction", self.control_fraction)
+        self.weight_gradient_keep = parse_share_or_auto("weight_gradient_keep", self.weight_gradient_keep)
         for name, low, high, low_open in (
             ("sampling_uniform_mix", 0.0, 1.0, False),
-            ("weight_gradient_keep", 0.0, 1.0, True),
             ("auto_min_control_fraction", 0.0, 1.0, True),
             ("unbiasedness_check_budget", 0.0, 1.0, True),
         ):
@@ -189,16 +196,16 @@ class PredictedGradientArguments(PredictedGradientSettings, TrainingArguments):
     """
 
 
-def parse_control_fraction(value) -> float | str:
-    """`"auto"`, or a float in (0, 1] (given as a number or a string)."""
+def parse_share_or_auto(name: str, value) -> float | str:
+    """`"auto"`, or a float in (0, 1] (given as a number or a string), for the setting `name`."""
     if value == "auto":
         return value
     if isinstance(value, bool):
-        raise ValueError(f"control_fraction: {value!r} is not allowed; use a number in (0, 1] or 'auto' (booleans are refused).")
+        raise ValueError(f"{name}: {value!r} is not allowed; use a number in (0, 1] or 'auto' (booleans are refused).")
     try:
-        fraction = float(value)
+        share = float(value)
     except (TypeError, ValueError):
-        fraction = None
-    if fraction is None or not 0 < fraction <= 1:
-        raise ValueError(f"control_fraction: {value!r} is not allowed; use a number in (0, 1] or 'auto'.")
-    return fraction
+        share = None
+    if share is None or not 0 < share <= 1:
+        raise ValueError(f"{name}: {value!r} is not allowed; use a number in (0, 1] or 'auto'.")
+    return share

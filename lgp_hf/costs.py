@@ -1,4 +1,5 @@
-"""What a step costs at each control fraction, from the step times the run measures."""
+"""What a step costs at each control fraction and weight gradient keep, from the step times the run measures, and
+what sampling a layer's weight gradient saves, from timing it on the run's own tensors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import time
 import torch
 from transformers import TrainerCallback
 
+from .sampling import poisson_draw
+from .token_sampling import sampled_weight_gradient, token_norms, token_probabilities
+
 #: cost(f) = intercept + f before a sampled step has been timed: a forward without autograd is about a third of a
 #: forward and backward, and each drawn row then costs its block's forward and backward again (`replay`).
 PRIOR_INTERCEPT = 1 / 3
@@ -18,19 +22,28 @@ REFERENCE_WINDOW = 5
 MIN_REFERENCES = 3
 #: Timed sampled steps whose median gives the intercept and the step cost: one slow step in many moves neither.
 SAMPLED_WINDOW = 25
+#: Timings of each layer shape's weight gradient, exact and sampled at each keep, in its calibration: the median counts.
+CALIBRATION_REPEATS = 3
 
 
 class StepCostModel:
-    """cost(f) = step time at control fraction f over a `Trainer` step (f = 1), as intercept + f, from medians.
+    """cost(f, k) = step time at control fraction f and weight gradient keep k over a `Trainer` step (f = k = 1).
 
     The reference time is the median of the last REFERENCE_WINDOW timed plain steps. A timed sampled step that
-    backpropagated a share q of its trunk rows (`replay`) in t seconds costs c = t / reference, against the current
-    median reference; the intercept is the median of c - q over the last SAMPLED_WINDOW sampled steps: the work
-    that does not shrink with f (the forward, the head, the checks). The slope 1 is what a drawn row costs in
-    replayed blocks (their forward and backward), slightly more than the rest of the step's per-row work, so the
-    model errs towards plain backprop for fractions below the ones measured. Medians, not averages: a step slowed
-    by something else (an evaluation, a checkpoint, a data-loader stall, another process) is an outlier of a
-    window, and must not make sampling look dearer than it is, nor a fast reference make it look cheaper.
+    backpropagated a share q < 1 of its trunk rows (`replay`) in t seconds costs c = t / reference, against the current
+    median reference; the intercept is the median of c - q over the last SAMPLED_WINDOW such steps: the work that does
+    not shrink with f (the forward, the head, the checks), and cost(f) = intercept + f. The slope 1 is what a drawn row
+    costs in replayed blocks (their forward and backward), slightly more than the rest of the step's per-row work, so
+    the model errs towards plain backprop for fractions below the ones measured. Medians, not averages: a step slowed
+    by something else (an evaluation, a checkpoint, a data-loader stall, another process) is an outlier of a window,
+    and must not make sampling look dearer than it is, nor a fast reference make it look cheaper.
+
+    Sampled weight gradients (`token_sampling`): a step at f = 1 that samples them is timed in its own window (its
+    median over the reference is cost(1) with them; it would not fit the line of the replayed steps). Under
+    `weight_gradient_keep="auto"` what each keep saves per step is measured apart (`observe_keep_savings`, from
+    `WeightGradientCalibration`, as a share of the reference: s(k)); the sampled steps are then recorded with what their
+    keep saved added back (`saved_seconds`), so that the windows hold the step without token sampling, and
+    cost(f, k) = cost(f) - min(f, 1) s(k): the weight gradients of a share f of the rows are computed.
 
     The gradient predictor's own work (`predictor`, timed apart) is left out of the sampled steps' times and kept as
     its own share of a `Trainer` step (`predictor_cost`): cost(f) is the step without it, cost(f) + predictor_cost
@@ -39,8 +52,10 @@ class StepCostModel:
 
     def __init__(self):
         self.references: list[float] = []  # seconds of the last timed plain steps
-        self.sampled: list[tuple[float, float]] = []  # (computed share q, seconds without the predictor) of the last timed sampled steps
+        self.sampled: list[tuple[float, float]] = []  # (computed share q < 1, seconds without the predictor) of the last timed sampled steps
+        self.full: list[float] = []  # seconds (without the predictor) of the last timed steps at f = 1 with token sampling
         self.predictor: list[float] = []  # the predictor's share of the median reference, last timed steps that ran it
+        self.keep_savings: list[list[float]] = []  # seconds saved per step at each candidate keep, last observed steps
 
     @property
     def reference_seconds(self) -> float | None:
@@ -50,13 +65,19 @@ class StepCostModel:
     def observe_plain(self, seconds: float) -> None:
         self.references = (self.references + [seconds])[-REFERENCE_WINDOW:]
 
-    def observe_sampled(self, computed_share: float, seconds: float, predictor_seconds: float = 0.0) -> float | None:
-        """Records a sampled step, `predictor_seconds` of its `seconds` spent in the predictor; returns its cost against
-        the median reference (None before any reference, and then it is not kept: its cost cannot be told)."""
+    def observe_sampled(self, computed_share: float, seconds: float, predictor_seconds: float = 0.0, saved_seconds: float = 0.0) -> float | None:
+        """Records a sampled step (at f = 1 when `computed_share` is 1: token sampling alone), `predictor_seconds` of its
+        `seconds` spent in the predictor, `saved_seconds` saved by its token sampling as calibrated (0 when not known);
+        returns its cost against the median reference (None before any reference, and then it is not kept: its cost
+        cannot be told)."""
         reference = self.reference_seconds
         if not reference:
             return None
-        self.sampled = (self.sampled + [(computed_share, seconds - predictor_seconds)])[-SAMPLED_WINDOW:]
+        untokened = seconds - predictor_seconds + saved_seconds
+        if computed_share >= 1:
+            self.full = (self.full + [untokened])[-SAMPLED_WINDOW:]
+        else:
+            self.sampled = (self.sampled + [(computed_share, untokened)])[-SAMPLED_WINDOW:]
         if predictor_seconds > 0:
             self.observe_predictor(predictor_seconds)
         return seconds / reference
@@ -67,6 +88,17 @@ class StepCostModel:
         if reference:
             self.predictor = (self.predictor + [seconds / reference])[-SAMPLED_WINDOW:]
 
+    def observe_keep_savings(self, seconds: list[float]) -> None:
+        """The seconds an observed step would have saved at each candidate keep (`WeightGradientCalibration`)."""
+        self.keep_savings = (self.keep_savings + [list(seconds)])[-SAMPLED_WINDOW:]
+
+    def keep_saving(self, index: int) -> float:
+        """s(k) of the `index`-th candidate keep: the median of its recent savings over the reference (0 before any)."""
+        reference = self.reference_seconds
+        if not self.keep_savings or not reference:
+            return 0.0
+        return statistics.median(saving[index] for saving in self.keep_savings) / reference
+
     def predictor_cost(self) -> float | None:
         """The predictor's work per step, as a share of a `Trainer` step: the median of recent timed steps; None
         before any."""
@@ -74,40 +106,99 @@ class StepCostModel:
 
     @property
     def intercept(self) -> float | None:
-        """median(t / reference - q) over the recent sampled steps; None before any."""
+        """median(t / reference - q) over the recent sampled steps at f < 1; None before any."""
         reference = self.reference_seconds
         if not self.sampled or not reference:
             return None
         return statistics.median(seconds / reference - share for share, seconds in self.sampled)
 
     def step_cost(self) -> float | None:
-        """What a recent sampled step cost, robustly: median(t) / reference over the recent sampled steps (what
-        `lgp_step_cost` reports); None before any."""
+        """What a recent sampled step cost, robustly: median(t) / reference over the recent sampled steps at f < 1, else
+        at f = 1 (what `lgp_step_cost` reports; with token sampling under "auto", without what it saved); None before
+        any."""
         reference = self.reference_seconds
-        if not self.sampled or not reference:
+        if not (self.sampled or self.full) or not reference:
             return None
-        return statistics.median(seconds for _, seconds in self.sampled) / reference
+        return statistics.median([seconds for _, seconds in self.sampled] or self.full) / reference
 
-    def cost(self, fraction: float) -> float:
-        """Relative cost of a step at `fraction` (1 at f = 1: `Trainer`'s own step)."""
+    def cost(self, fraction: float, saving: float = 0.0, tokens: bool = False) -> float:
+        """Relative cost of a step at `fraction`, less min(f, 1) `saving` (s(k)); at f = 1 `Trainer`'s own step (1)
+        unless it samples weight gradients (`tokens`): then its measured median, 1 before any."""
         if fraction >= 1:
-            return 1.0
-        intercept = self.intercept
-        return (PRIOR_INTERCEPT if intercept is None else intercept) + fraction
+            base = statistics.median(self.full) / self.reference_seconds if tokens and self.full and self.reference_seconds else 1.0
+        else:
+            intercept = self.intercept
+            base = (PRIOR_INTERCEPT if intercept is None else intercept) + fraction
+        return base - min(fraction, 1.0) * saving
 
     @property
     def measured(self) -> bool:
         return self.intercept is not None
 
     def state_dict(self) -> dict:
-        return {"references": list(self.references), "sampled": [list(entry) for entry in self.sampled], "predictor": list(self.predictor)}
+        return {"references": list(self.references), "sampled": [list(entry) for entry in self.sampled], "full": list(self.full),
+                "predictor": list(self.predictor), "keep_savings": [list(entry) for entry in self.keep_savings]}
 
     def load_state_dict(self, state: dict) -> None:
         """The windows of a checkpoint (one from before the windows, with averages only, leaves them empty: the
         cost is measured again)."""
         self.references = list(state.get("references", []))
         self.sampled = [tuple(entry) for entry in state.get("sampled", [])]
+        self.full = list(state.get("full", []))
         self.predictor = list(state.get("predictor", []))
+        self.keep_savings = [list(entry) for entry in state.get("keep_savings", [])]
+
+
+class WeightGradientCalibration:
+    """What sampling a layer's weight gradient saves, per token row, at each keep of `keeps`: timed once per layer shape
+    (d_in, d_out, layout, dtype, device) on the run's own tensors, the first time an observed step reads them.
+
+    The exact product dY^T X against the whole sampled path (`token_sampling`: both norms, the probabilities, the draw,
+    the gathers and the product on the drawn rows), the median of CALIBRATION_REPEATS timings each, divided by the token
+    rows: negative where the path costs more than it saves (narrow layers: its passes over the rows grow with
+    d_in + d_out, the saved products with d_in x d_out). Kept in checkpoints, so that a resumed run decides alike.
+    """
+
+    def __init__(self, keeps: tuple[float, ...], uniform_mix: float):
+        self.keeps, self.uniform_mix = tuple(keeps), uniform_mix
+        self.savings: dict[str, list[float]] = {}  # per layer shape: seconds saved per token row at each keep
+
+    def token_savings(self, errors: torch.Tensor, inputs: torch.Tensor, transposed: bool) -> list[float]:
+        """Seconds saved per token row at each keep, for a layer call's 2-D `errors` and `inputs` (timed if new)."""
+        key = f"{inputs.shape[-1]}x{errors.shape[-1]}{'t' if transposed else ''} {str(errors.dtype).removeprefix('torch.')} {errors.device.type}"
+        if key not in self.savings:
+            errors, inputs = errors.detach(), inputs.detach().to(errors.dtype)
+            exact = self._seconds(lambda: inputs.mT @ errors if transposed else errors.mT @ inputs, errors.device)
+            generator = torch.Generator(errors.device).manual_seed(0)
+
+            def sampled(keep):
+                probabilities = token_probabilities(token_norms(errors) * token_norms(inputs), keep, self.uniform_mix)
+                return sampled_weight_gradient(errors, inputs, probabilities, poisson_draw(probabilities, generator), transposed)
+
+            rows = max(errors.shape[0], 1)
+            self.savings[key] = [(exact - self._seconds(lambda: sampled(keep), errors.device)) / rows for keep in self.keeps]
+        return self.savings[key]
+
+    @staticmethod
+    def _seconds(work, device: torch.device) -> float:
+        """The median time of `work()` over CALIBRATION_REPEATS runs after one to warm up (waiting for CUDA)."""
+        times = []
+        for repeat in range(CALIBRATION_REPEATS + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            work()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if repeat:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def state_dict(self) -> dict:
+        return {"savings": {key: list(values) for key, values in self.savings.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.savings = {key: list(values) for key, values in state.get("savings", {}).items()}
 
 
 def affordable_check_draws(budget: float, row_share: float, fraction: float, cost: float) -> int:

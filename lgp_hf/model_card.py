@@ -31,6 +31,8 @@ TRAINER_TAG = "generated_from_trainer"
 _PERCENT, _NUMBER, _INTEGER, _DURATION, _TEXT = "percent", "number", "integer", "duration", "text"
 STATISTICS_ROWS = (
     ("lgp_control_fraction", "Control fraction (final)", _NUMBER),
+    ("lgp_weight_gradient_keep", "Weight gradient keep (final): expected share of token rows whose weight gradient term is computed", _NUMBER),
+    ("lgp_weight_gradient_tokens_computed", "Token rows whose weight gradient term was computed, in the sampled layer calls", _PERCENT),
     ("lgp_drawn_fraction", "Rows drawn for the trunk's backward", _PERCENT),
     ("lgp_trunk_rows_computed", "Rows backpropagated through the trunk's blocks", _PERCENT),
     ("lgp_trunk_tokens_computed", "Token positions with a gradient in the trunk's blocks (their taped backwards skip the others)", _PERCENT),
@@ -42,6 +44,7 @@ STATISTICS_ROWS = (
     ("lgp_noise_scale", "Gradient noise scale B_noise (examples, over the observed steps)", _NUMBER),
     ("lgp_batch_size", "Batch of an optimizer step (examples, over accumulation and processes)", _INTEGER),
     ("lgp_best_fraction", "Control fraction with the lowest predicted time at the last decision of auto", _NUMBER),
+    ("lgp_best_keep", "Weight gradient keep of the setting with the lowest predicted time at the last decision of auto", _NUMBER),
     ("lgp_predicted_efficiency", "Its predicted time to a given loss against Trainer's", _NUMBER),
     ("lgp_unbiasedness_check", "Unbiasedness check", _TEXT),
     ("lgp_blocks", "Trunk blocks (backward replayed on the drawn rows)", _INTEGER),
@@ -52,6 +55,8 @@ STATISTICS_ROWS = (
 )
 #: Statistics that only `control_fraction="auto"` measures (left out of the card of a run at a fixed fraction).
 AUTO_STATISTICS = ("lgp_best_fraction", "lgp_predicted_efficiency")
+#: Statistics of the token draws (left out of the card of a run with exact weight gradients: weight_gradient_keep=1).
+KEEP_STATISTICS = ("lgp_weight_gradient_keep", "lgp_weight_gradient_tokens_computed", "lgp_best_keep")
 #: Statistics of the gradient predictor (left out of the card of a run without one).
 PREDICTOR_STATISTICS = ("lgp_predictor_applied", "lgp_predictor_variance_ratio", "lgp_predictor_cost")
 # Keys of an evaluation log entry that are not results.
@@ -353,7 +358,9 @@ def lgp_hyperparameters_from_trainer(trainer) -> dict[str, Any]:
     else:
         settings["control_fraction"] = args.control_fraction
     settings["sampling_uniform_mix"] = args.sampling_uniform_mix
-    if args.weight_gradient_keep < 1:
+    if args.weight_gradient_keep == "auto":
+        settings["weight_gradient_keep"] = f"auto (final {format_number(trainer.lgp_summary()['lgp_weight_gradient_keep'])})"
+    elif args.weight_gradient_keep < 1:
         settings["weight_gradient_keep"] = args.weight_gradient_keep
     settings["auto_observation_period"] = args.auto_observation_period  # observed steps (for F) at any fraction
     settings["auto_observation_budget"] = args.auto_observation_budget
@@ -505,6 +512,11 @@ def model_card_from_trainer(
     if trainer.lgp_settings.control_fraction != "auto":
         for key in AUTO_STATISTICS:
             statistics.pop(key, None)
+    if trainer.lgp_settings.weight_gradient_keep != "auto":
+        statistics.pop("lgp_best_keep", None)
+        if trainer.lgp_settings.weight_gradient_keep == 1:
+            for key in KEEP_STATISTICS:
+                statistics.pop(key, None)
     if statistics.get("lgp_predictor_applied") is None:
         for key in PREDICTOR_STATISTICS:
             statistics.pop(key, None)

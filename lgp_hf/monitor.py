@@ -14,6 +14,10 @@ residuals while the predictor is applied (`predicting`), without them while it i
 from sampled token rows (`token_sampling`) each observed row also reports the variance its token draws add: it joins
 every numerator (`token_sampling.token_variance_sums`), so that F = 1 + (row sampling variance + token sampling
 variance) / sum_i ||g_i||^2, and its share of the current design's numerator is logged (`lgp/token_variance_share`).
+The sums are kept per keep of `keeps` (a column each: the set one, or under `weight_gradient_keep="auto"` 1 and each
+candidate), and per fraction: the current one, each candidate, and f = 1 (every row kept: the token draws' variance
+alone), so that "auto" sees F(f, k) of every setting it chooses from; the F logged is that of the current keep
+(`keep_index`).
 """
 
 from __future__ import annotations
@@ -43,43 +47,53 @@ MIN_OBSERVED_ROWS = 64
 
 
 class _FactorSums:
-    """Summed numerators (current fraction first, then each candidate) and denominator of F, the rows behind them, and
-    the token sampling variance in the current fraction's numerator (`token`)."""
+    """Summed numerators of F (a row per fraction: the current one, each candidate, then f = 1; a column per keep) and
+    its denominator, the rows behind them, and the token sampling variance in the current fraction's numerator per
+    keep (`token`)."""
 
-    def __init__(self):
-        self.numerators = torch.zeros(1 + len(CANDIDATE_FRACTIONS), dtype=torch.float64)
+    def __init__(self, keeps: int = 1):
+        self.numerators = torch.zeros(2 + len(CANDIDATE_FRACTIONS), keeps, dtype=torch.float64)
         self.denominator = 0.0
         self.rows = 0
-        self.token = 0.0
+        self.token = torch.zeros(keeps, dtype=torch.float64)
 
-    def add(self, numerators: torch.Tensor, denominator: float, rows: int, token: float = 0.0) -> None:
+    def add(self, numerators: torch.Tensor, denominator: float, rows: int, token: torch.Tensor | None = None) -> None:
         self.numerators += numerators
         self.denominator += denominator
         self.rows += rows
-        self.token += token
+        if token is not None:
+            self.token += token
 
-    def factors(self) -> list[float] | None:
-        """1 + numerator / denominator for the current fraction and each candidate; None before any gradient."""
+    def factors(self) -> list[list[float]] | None:
+        """1 + numerator / denominator, per fraction (current, candidates, 1) and keep; None before any gradient."""
         if self.denominator <= 0:
             return None
         return (1 + self.numerators / self.denominator).tolist()
 
+    def token_share(self, keep: int) -> float | None:
+        """The token draws' share of the current design's numerator at the `keep`-th keep; None without token draws."""
+        return float(self.token[keep] / self.numerators[0, keep]) if self.token[keep] > 0 else None
+
     def state_dict(self) -> dict:
-        return {"numerators": self.numerators.clone(), "denominator": self.denominator, "rows": self.rows, "token": self.token}
+        return {"numerators": self.numerators.clone(), "denominator": self.denominator, "rows": self.rows, "token": self.token.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        """The sums of a checkpoint; those of another layout (an earlier version, other keeps) start fresh."""
+        if state["numerators"].shape != self.numerators.shape:
+            return
         self.numerators.copy_(state["numerators"])
-        self.denominator, self.rows, self.token = state["denominator"], state["rows"], state.get("token", 0.0)
+        self.denominator, self.rows = state["denominator"], state["rows"]
+        self.token.copy_(state["token"])
 
 
 class SamplingMonitor:
-    def __init__(self, uniform_mix: float):
-        self.uniform_mix = uniform_mix
+    def __init__(self, uniform_mix: float, keeps: tuple[float, ...] = (1.0,)):
+        self.uniform_mix, self.keeps = uniform_mix, tuple(keeps)
+        self.keep_index = 0  # the column of the keep in use (set by the trainer)
         self.totals = {"rows": 0, "drawn_rows": 0, "uniform_draws": 0, **dict.fromkeys(BACKWARD_WORK, 0)}
         self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BACKWARD_WORK, 0), "costs": []}
-        self.log_factors, self.decision_factors, self.run_factors = _FactorSums(), _FactorSums(), _FactorSums()
-        # F without the predictor, from the same rows (only while one is fitted): the ratio's denominator
-        self.log_unpredicted, self.decision_unpredicted, self.run_unpredicted = _FactorSums(), _FactorSums(), _FactorSums()
+        for name in FACTOR_SUMS:  # `*_unpredicted`: F without the predictor, from the same rows (only while one is fitted)
+            setattr(self, name, self._sums())
         self.predicting = False  # the predictor's correction is in the update (set by the trainer)
         self.noise = NoiseScaleAverages()
 
@@ -91,7 +105,7 @@ class SamplingMonitor:
         the squared norm of their summed gradient as read below the boundary when it was observed (one draw only:
         rows are attributed to it), the trunk's backward work (`BACKWARD_WORK`), with a predictor each row's
         ||g_i - beta p_i||^2 - ||g_i||^2 (unweighted: `predictor.LinearGradientPredictor.finish_micro_batch`), and with
-        token sampling each row's token variance as read (`token_sampling.row_token_variances`)."""
+        token sampling each row's token variance as read at each keep (rows x keeps: `row_norms`)."""
         for draw in draws:
             for sums in (self.totals, self.log):
                 sums["rows"] += draw.drawn.numel()
@@ -106,19 +120,22 @@ class SamplingMonitor:
         # the hooks read the gradient below the boundary, where a drawn row's was weighted 1 / pi_i: ||g_i||^2 is
         # pi_i^2 times what they read (at f = 1, pi_i = 1)
         squared_norms = squared_norms * draw.probabilities.double() ** 2
-        candidates = torch.stack([draw.probabilities] + [inclusion_probabilities(draw.scores, f, self.uniform_mix) for f in CANDIDATE_FRACTIONS])
+        candidates = torch.stack([draw.probabilities] + [inclusion_probabilities(draw.scores, f, self.uniform_mix) for f in CANDIDATE_FRACTIONS]
+                                 + [torch.ones_like(draw.probabilities)])
         # the current design's own F: the probabilities it drew with (all 1 at f = 1)
         numerators, denominator = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms)
-        # the token draws' variance adds to the rows' (independent draws given the rows)
-        tokens = torch.zeros_like(numerators) if token_variances is None else token_variance_sums(candidates, draw.probabilities, draw.drawn, token_variances)
-        factors = numerators + tokens
+        # the token draws' variance adds to the rows' (independent draws given the rows), per keep
+        tokens = torch.zeros(len(candidates), len(self.keeps), dtype=torch.float64)
+        if token_variances is not None:
+            tokens = token_variance_sums(candidates, draw.probabilities, draw.drawn, token_variances.reshape(len(draw.drawn), -1))
+        factors = numerators[:, None] + tokens
         if predicted_change is not None:
             for sums in (self.log_unpredicted, self.decision_unpredicted, self.run_unpredicted):
-                sums.add(factors, denominator, int(draw.drawn.sum()), float(tokens[0]))
+                sums.add(factors, denominator, int(draw.drawn.sum()), tokens[0])
             # the update's variance: the residuals g_i - beta p_i in the numerators, against the same sum of ||g_i||^2
-            factors = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms + predicted_change)[0] + tokens
+            factors = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms + predicted_change)[0][:, None] + tokens
         for sums in (self.log_factors, self.decision_factors, self.run_factors):
-            sums.add(factors, denominator, int(draw.drawn.sum()), float(tokens[0]))
+            sums.add(factors, denominator, int(draw.drawn.sum()), tokens[0])
         # S and G2 of the batch, estimated from the drawn rows: the read sum of g_i / pi_i has the sampling
         # variance (the current design's numerator) on top of G2
         if draw.drawn.numel() > 1:
@@ -128,22 +145,25 @@ class SamplingMonitor:
         """A timed sampled step's cost against the median `Trainer` step (`costs.StepCostModel`)."""
         self.log["costs"].append(cost)
 
-    def take_decision_factors(self) -> tuple[list[float] | None, list[float] | None]:
-        """F at the current fraction, then at each candidate fraction (`CANDIDATE_FRACTIONS` order), from the rows
-        observed since the last call, once there are `MIN_OBSERVED_ROWS` of them (then the sums restart): (without the
-        predictor, with it); None for what was not measured, both None before."""
+    def _sums(self) -> _FactorSums:
+        return _FactorSums(len(self.keeps))
+
+    def take_decision_factors(self) -> tuple[list[list[float]] | None, list[list[float]] | None]:
+        """F at the current fraction, at each candidate fraction (`CANDIDATE_FRACTIONS` order) and at f = 1, each at
+        every keep of `keeps`, from the rows observed since the last call, once there are `MIN_OBSERVED_ROWS` of them
+        (then the sums restart): (without the predictor, with it); None for what was not measured, both None before."""
         if self.decision_factors.rows < MIN_OBSERVED_ROWS:
             return None, None
         predicted, plain = self.decision_factors.factors(), self.decision_unpredicted.factors()
-        self.decision_factors, self.decision_unpredicted = _FactorSums(), _FactorSums()
+        self.decision_factors, self.decision_unpredicted = self._sums(), self._sums()
         if plain is None:  # no predictor: the sums are the plain estimator's
             predicted, plain = None, predicted
         return plain, predicted
 
-    def _update_factor(self, factors: list[float] | None, unpredicted: list[float] | None) -> float | None:
-        """F of the update at the current fraction: with the predictor's residuals only while it is applied."""
+    def _update_factor(self, factors: list[list[float]] | None, unpredicted: list[list[float]] | None) -> float | None:
+        """F of the update at the current fraction and keep: with the predictor's residuals only while it is applied."""
         chosen = factors if unpredicted is None or self.predicting else unpredicted
-        return None if chosen is None else chosen[0]
+        return None if chosen is None else chosen[0][self.keep_index]
 
     def take_log_values(self) -> dict[str, float]:
         """Since the last log: the share of rows drawn, of trunk block rows backpropagated, F at the current fraction
@@ -161,16 +181,17 @@ class SamplingMonitor:
         factors, unpredicted = self.log_factors.factors(), self.log_unpredicted.factors()
         if factors is not None:
             logs["lgp/variance_factor"] = self._update_factor(factors, unpredicted)
-        if self.log_factors.token > 0:
-            logs["lgp/token_variance_share"] = self.log_factors.token / float(self.log_factors.numerators[0])
+        share = self.log_factors.token_share(self.keep_index)
+        if share is not None:
+            logs["lgp/token_variance_share"] = share
         if factors is not None and unpredicted is not None:
-            logs["lgp/predictor_variance_ratio"] = factors[0] / unpredicted[0]
+            logs["lgp/predictor_variance_ratio"] = factors[0][self.keep_index] / unpredicted[0][self.keep_index]
         if log["costs"]:
             logs["lgp/step_cost"] = statistics.median(log["costs"])
         if self.noise.value() is not None:
             logs["lgp/noise_scale"] = self.noise.value()
         self.log = {"rows": 0, "drawn_rows": 0, **dict.fromkeys(BACKWARD_WORK, 0), "costs": []}
-        self.log_factors, self.log_unpredicted = _FactorSums(), _FactorSums()
+        self.log_factors, self.log_unpredicted = self._sums(), self._sums()
         return logs
 
     def summary(self) -> dict[str, float | None]:
@@ -182,9 +203,10 @@ class SamplingMonitor:
             "lgp_trunk_tokens_computed": totals["computed_tokens"] / totals["block_tokens"] if totals["block_tokens"] else None,
             "lgp_weight_gradient_tokens_computed": (
                 totals["weight_gradient_tokens"] / totals["weight_gradient_token_rows"] if totals["weight_gradient_token_rows"] else None),
-            "lgp_token_variance_share": self.run_factors.token / float(self.run_factors.numerators[0]) if self.run_factors.token > 0 else None,
+            "lgp_token_variance_share": self.run_factors.token_share(self.keep_index),
             "lgp_variance_factor": None if factors is None else self._update_factor(factors, unpredicted),
-            "lgp_predictor_variance_ratio": None if factors is None or unpredicted is None else factors[0] / unpredicted[0],
+            "lgp_predictor_variance_ratio": (
+                None if factors is None or unpredicted is None else factors[0][self.keep_index] / unpredicted[0][self.keep_index]),
             "lgp_uniform_draws": totals["uniform_draws"],
             "lgp_noise_scale": self.noise.value(),
         }
@@ -193,7 +215,7 @@ class SamplingMonitor:
         return {
             "totals": dict(self.totals), "log": {**self.log, "costs": list(self.log["costs"])},
             "factors": {name: getattr(self, name).state_dict() for name in FACTOR_SUMS},
-            "noise": self.noise.state_dict(),
+            "noise": self.noise.state_dict(), "keep_index": self.keep_index,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -201,5 +223,6 @@ class SamplingMonitor:
         self.log = {**dict.fromkeys(BACKWARD_WORK, 0), **state["log"], "costs": list(state["log"]["costs"])}
         for name, sums in state["factors"].items():
             getattr(self, name).load_state_dict(sums)
+        self.keep_index = state.get("keep_index", 0)
         if "noise" in state:  # written before the noise scale: it starts fresh
             self.noise.load_state_dict(state["noise"])

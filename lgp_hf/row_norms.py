@@ -9,7 +9,9 @@ and transformers' `Conv1D` inside the trunk's blocks, which hold most of a trans
 gradient; the F estimated from them stands for the whole trunk's. The same hooks sum the rows' gradients of each
 layer (`linear_batch_gradient`), whose squared norm with the rows' gives the gradient noise scale (`noise_scale`),
 and, with weight gradients from sampled token rows, the variance each row's token draws add
-(`token_sampling.row_token_variances`: a function of the same inputs and output errors).
+(`token_sampling.row_token_variances`: a function of the same inputs and output errors), at each keep "auto" may
+choose, in the layers whose sampling pays there (`costs.WeightGradientCalibration`, timed on the same tensors), with
+the seconds that keep would save.
 """
 
 from __future__ import annotations
@@ -59,8 +61,11 @@ def trunk_linear_layers(modules: list[nn.Module]) -> list[nn.Module]:
 
 class RowGradientNorms:
     """Hooks on the linear layers of `modules` that add each row's squared gradient norm into `squared_norms`, and
-    the rows' summed gradient of each layer into `batch_gradients` (`batch_squared_norm`: its squared norm); with
-    `token_keep` < 1 (`weight_gradient_keep`), each row's token sampling variance into `token_variances`.
+    the rows' summed gradient of each layer into `batch_gradients` (`batch_squared_norm`: its squared norm); with a
+    keep below 1 in `token_keeps` (`weight_gradient_keep`), each row's token sampling variance at each keep into
+    `token_variances` (rows x keeps; 0 at keep 1). With a `calibration` (`weight_gradient_keep="auto"`), only layers
+    whose sampling saves time at a keep are counted there, and `keep_savings` adds up the seconds they would save
+    (scaled to all rows where the layer ran on a subset of them).
 
     Active only inside `recording(row_count, row_index)`. `row_count()` is the number of rows at the boundary (known
     once its backward has drawn, before any trunk backward: None when it drew nothing); `row_index()` returns, when a
@@ -68,12 +73,35 @@ class RowGradientNorms:
     layer call whose input does not have that many rows is skipped (its rows are not the batch's).
     """
 
-    def __init__(self, modules: list[nn.Module], token_keep: float = 1.0, uniform_mix: float = 0.0):
+    def __init__(self, modules: list[nn.Module], token_keeps: tuple[float, ...] = (1.0,), uniform_mix: float = 0.0, calibration=None):
         self.layers = trunk_linear_layers(modules)
-        self.token_keep, self.uniform_mix = token_keep, uniform_mix
+        self.token_keeps, self.uniform_mix, self.calibration = tuple(token_keeps), uniform_mix, calibration
         self.squared_norms: torch.Tensor | None = None
         self.token_variances: torch.Tensor | None = None
         self.batch_gradients: dict[nn.Parameter, torch.Tensor] = {}  # by weight
+        self.keep_savings = [0.0] * len(self.token_keeps)
+
+    def take_keep_savings(self) -> list[float]:
+        """The seconds each keep would have saved in the recorded backwards since the last call."""
+        savings, self.keep_savings = self.keep_savings, [0.0] * len(self.token_keeps)
+        return savings
+
+    def _token_terms(self, module, inputs, errors, index, rows: int) -> torch.Tensor:
+        """Per row (rows x keeps), the token variance of this layer call at each keep where it is sampled; adds the
+        seconds saved there to `keep_savings`."""
+        variances = torch.zeros(inputs.shape[0], len(self.token_keeps), dtype=torch.float64)
+        savings = None
+        if self.calibration is not None:
+            flat_errors, flat_inputs = errors.reshape(-1, errors.shape[-1]), inputs.reshape(-1, inputs.shape[-1])
+            savings = dict(zip(self.calibration.keeps, self.calibration.token_savings(flat_errors, flat_inputs, isinstance(module, Conv1D))))
+            scale = 1.0 if index is None else rows / max(index.numel(), 1)
+        for column, keep in enumerate(self.token_keeps):
+            if keep >= 1 or (savings is not None and savings[keep] <= 0):
+                continue
+            variances[:, column] = row_token_variances(inputs, errors, keep, self.uniform_mix)
+            if savings is not None:
+                self.keep_savings[column] += savings[keep] * (errors.numel() // errors.shape[-1]) * scale
+        return variances
 
     def batch_squared_norm(self) -> float:
         """||sum_i g_i||^2 over the layers, for the rows `squared_norms` holds (0 before any)."""
@@ -94,14 +122,15 @@ class RowGradientNorms:
                     return
                 if self.squared_norms is None:
                     self.squared_norms = torch.zeros(rows, dtype=torch.float64)
-                    self.token_variances = torch.zeros(rows, dtype=torch.float64) if self.token_keep < 1 else None
+                    sampled = any(keep < 1 for keep in self.token_keeps)
+                    self.token_variances = torch.zeros(rows, len(self.token_keeps), dtype=torch.float64) if sampled else None
                 bias = module.bias is not None and module.bias.requires_grad
                 squares = linear_row_squared_norms(inputs, errors, bias).double().cpu()
                 gradient, key = linear_batch_gradient(inputs, errors, bias), module.weight  # a shared weight: one sum
                 self.batch_gradients[key] = self.batch_gradients[key] + gradient if key in self.batch_gradients else gradient
                 sums = [(self.squared_norms, squares)]
                 if self.token_variances is not None:
-                    sums.append((self.token_variances, row_token_variances(inputs, errors, self.token_keep, self.uniform_mix)))
+                    sums.append((self.token_variances, self._token_terms(module, inputs, errors, index, rows)))
                 for total, values in sums:
                     if index is None:
                         total.add_(values)

@@ -28,29 +28,37 @@ import torch
 
 
 def inclusion_probabilities(scores: torch.Tensor, fraction: float, uniform_mix: float = 0.0) -> torch.Tensor:
-    """pi_i = min(1, lam q_i), q_i = (1 - a) s_i / sum s + a / n (a = `uniform_mix`), lam such that sum pi = f n.
+    """pi_i = min(1, lam q_i), q_i = (1 - a) s_i / sum s + a / n (a = `uniform_mix`), lam such that sum pi = f n
+    (`capped_probabilities`).
 
-    Rows whose share would exceed 1 are kept with probability 1 and the rest share f n minus their count in
-    proportion to q, repeated until no new row is capped. Scores must be finite and >= 0; when they sum to 0 the
-    draw is uniform. Without a mix, rows with a zero score (a zero gradient at the boundary: nothing to compute)
-    get pi = 0, and when fewer than f n rows have a score the others all get 1 (then sum pi < f n). Returns float64
-    (probabilities are divided by, and the exact tests enumerate them).
+    Scores must be finite and >= 0; when they sum to 0 the draw is uniform. Without a mix, rows with a zero score (a
+    zero gradient at the boundary: nothing to compute) get pi = 0, and when fewer than f n rows have a score the others
+    all get 1 (then sum pi < f n). Returns float64 on the CPU (probabilities are divided by, and the exact tests
+    enumerate them).
     """
     scores = scores.detach().double().cpu()
     count = scores.numel()
-    target = fraction * count
-    if target >= count:
+    if fraction * count >= count:
         return torch.ones(count, dtype=torch.float64)
     total = float(scores.sum())
     uniform = torch.full((count,), 1.0 / count, dtype=torch.float64)
     weights = uniform if total <= 0 else (1 - uniform_mix) * scores / total + uniform_mix * uniform
-    capped = torch.zeros(count, dtype=torch.bool)
+    return capped_probabilities(weights, fraction * count)
+
+
+def capped_probabilities(weights: torch.Tensor, target: float | torch.Tensor) -> torch.Tensor:
+    """min(1, lam w_i) with lam such that they sum to `target`, for weights w_i >= 0 (float64, on their device).
+
+    Units whose share would exceed 1 are kept with probability 1 and the rest share the target minus their count in
+    proportion to w, repeated until no new unit is capped; when no weight is left uncapped, the capped units get 1 and
+    the others 0 (the sum is then below the target)."""
+    capped = torch.zeros_like(weights, dtype=torch.bool)
     while True:
         free = weights.masked_fill(capped, 0.0)
-        if float(free.sum()) <= 0:
+        free_sum = free.sum()
+        if not bool(free_sum > 0):
             return capped.double()
-        scale = (target - float(capped.sum())) / float(free.sum())
-        probabilities = torch.where(capped, torch.ones_like(weights), scale * weights)
+        probabilities = torch.where(capped, 1.0, (target - capped.sum(dtype=weights.dtype)) / free_sum * weights)
         newly = (probabilities >= 1) & ~capped
         if not bool(newly.any()):
             return probabilities.clamp_(max=1.0)
@@ -59,7 +67,7 @@ def inclusion_probabilities(scores: torch.Tensor, fraction: float, uniform_mix: 
 
 def poisson_draw(probabilities: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Row i drawn independently with probability pi_i (a bool mask): Poisson sampling."""
-    return torch.rand(probabilities.shape, generator=generator, dtype=torch.float64) < probabilities
+    return torch.rand(probabilities.shape, generator=generator, dtype=torch.float64, device=probabilities.device) < probabilities
 
 
 def horvitz_thompson_weights(drawn: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:

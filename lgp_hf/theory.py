@@ -44,26 +44,27 @@ def relative_time(variance_factor: float, step_cost: float, noise_ratio: float |
     return step_cost * (1 + variance_factor * noise_ratio) / (1 + noise_ratio)
 
 
-def best_control_fraction(fractions, variance_factors, step_costs, margin: float = 0.0, noise_ratio: float | None = None) -> tuple[float, float]:
-    """The fraction f < 1 with the smallest `relative_time` (F cost without `noise_ratio` = B_noise / B), and that
-    time, when it is below 1 - `margin`; else (1.0, 1.0), plain backprop (F = cost = 1). Candidates whose F is
-    unknown (None or not finite) are skipped."""
-    best = (1.0, 1.0)
-    for fraction, factor, cost in zip(fractions, variance_factors, step_costs):
-        if factor is None or not math.isfinite(factor) or fraction >= 1:
+def best_setting(settings, variance_factors, step_costs, margin: float = 0.0, noise_ratio: float | None = None, baseline=(1.0, 1.0)):
+    """The setting (a control fraction, or a tuple such as (f, keep, predictor)) with the smallest `relative_time` (F
+    cost without `noise_ratio` = B_noise / B), and that time, when it is below (1 - `margin`) x the time of `baseline`
+    (setting, time); else `baseline`: by default plain backprop (f = 1, F = cost = 1). Candidates whose F is unknown
+    (None or not finite) are skipped."""
+    best = baseline
+    for setting, factor, cost in zip(settings, variance_factors, step_costs):
+        if factor is None or not math.isfinite(factor):
             continue
         time = relative_time(factor, cost, noise_ratio)
-        if time < 1 - margin and time < best[1]:
-            best = (fraction, time)
+        if time < baseline[1] * (1 - margin) and time < best[1]:
+            best = (setting, time)
     return best
 
 
-def decision_margin(current_fraction: float, margin: float) -> float:
-    """How far below 1 the predicted time (`relative_time`) must be for "auto" to sample: `margin` to start (f = 1
-    now), 0 to go on (f < 1 now). Hysteresis: with one threshold, estimates that scatter around 1 - margin switch f
-    between 1 and the best fraction from one decision to the next; once sampling, only an estimate that it loses
-    (a time >= 1) ends it."""
-    return margin if current_fraction >= 1 else 0.0
+def decision_margin(at_baseline: bool, margin: float) -> float:
+    """How far below the baseline's the predicted time (`relative_time`) must be for "auto" to leave it: `margin` to
+    start (at the baseline now: f = 1, `Trainer`'s own step), 0 to go on. Hysteresis: with one threshold, estimates
+    that scatter around 1 - margin switch f between 1 and the best fraction from one decision to the next; once
+    sampling, only an estimate that it loses (a time >= 1) ends it."""
+    return margin if at_baseline else 0.0
 
 
 def batch_size_advice(batch_size: int | None, noise_scale: float | None) -> str | None:

@@ -27,33 +27,44 @@ Replayed blocks take the draws in their taped linear layers (`replay._TapedLinea
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .replay import _TapedLinear, linear_call
-from .sampling import inclusion_probabilities, poisson_draw, skip_odds
+from .sampling import capped_probabilities, poisson_draw, skip_odds
+
+#: The keeps below 1 that `weight_gradient_keep="auto"` chooses from (with 1: every weight gradient exact).
+KEEP_CANDIDATES = (0.5, 0.25)
 
 
 def token_scores(errors: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """s_t = ||dy_t|| ||x_t||, the norm of token row t's term of dW, for 2-D `errors` (T x d_out) and `inputs`
-    (T x d_in), computed in float32 at least: float64 on the CPU (probabilities are divided by)."""
-    dtype = torch.promote_types(errors.dtype, torch.float32)
-    return (errors.detach().to(dtype).norm(dim=1) * inputs.detach().to(dtype).norm(dim=1)).double().cpu()
+    (T x d_in): float64 (probabilities are divided by), on their device."""
+    return token_norms(errors) * token_norms(inputs)
+
+
+def token_norms(inputs: torch.Tensor) -> torch.Tensor:
+    """The norm of each token row of a 2-D `inputs` (x_t, or dy_t): computed in float32 at least (a float64 reduction is many times slower
+    on a CPU), returned in float64."""
+    return inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32)).norm(dim=1).double()
 
 
 def token_probabilities(scores: torch.Tensor, keep: float, uniform_mix: float) -> torch.Tensor:
     """p_t: `sampling.inclusion_probabilities` at share `keep` and `uniform_mix` among the token rows with a positive
-    score (sum p_t = keep x their count), 0 on the others; 1 everywhere when a score is not finite (an overflow: the
-    weight gradient is then computed exactly)."""
-    if not bool(torch.isfinite(scores).all()):
+    score (sum p_t = keep x their count), 0 on the others, on the scores' device; 1 everywhere when a score is not
+    finite (an overflow: the weight gradient is then computed exactly)."""
+    total = float(scores.sum())
+    if not math.isfinite(total):
         return torch.ones_like(scores, dtype=torch.float64)
-    probabilities = torch.zeros_like(scores, dtype=torch.float64)
+    if total <= 0:
+        return torch.zeros_like(scores, dtype=torch.float64)
     active = scores > 0
-    if bool(active.any()):
-        probabilities[active] = inclusion_probabilities(scores[active], keep, uniform_mix)
-    return probabilities
+    count = active.sum(dtype=torch.float64)
+    weights = (1 - uniform_mix) * scores.double() / total + uniform_mix * active.double() / count
+    return capped_probabilities(weights, keep * count)
 
 
 def token_variances(probabilities: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -65,14 +76,16 @@ def sampled_weight_gradient(
     errors: torch.Tensor, inputs: torch.Tensor, probabilities: torch.Tensor, drawn: torch.Tensor, transposed: bool = False
 ) -> torch.Tensor:
     """dW_hat = sum over the drawn token rows of dy_t x_t^T / p_t (d_out x d_in; d_in x d_out when `transposed`, as
-    `Conv1D` keeps its weight), in the dtype of `errors`. The weights multiply in float32 at least: rounding 1 / p_t to
-    bf16 would bias it."""
+    `Conv1D` keeps its weight), in the dtype of `errors`. The weights 1 / p_t scale the narrower of the two factors
+    (fewer products), in float32 at least: rounding 1 / p_t to bf16 would bias it."""
     index = drawn.nonzero().squeeze(1)
-    weights = (1 / probabilities[index]).to(errors.device, torch.promote_types(errors.dtype, torch.float32))
-    index = index.to(errors.device)
-    scaled = (errors.index_select(0, index) * weights[:, None]).to(errors.dtype)
-    taken = inputs.index_select(0, index)
-    return taken.mT @ scaled if transposed else scaled.mT @ taken
+    weights = (1 / probabilities[index]).to(torch.promote_types(errors.dtype, torch.float32))[:, None]
+    errors, inputs = errors.index_select(0, index), inputs.index_select(0, index)
+    if errors.shape[1] <= inputs.shape[1]:
+        errors = (errors * weights).to(errors.dtype)
+    else:
+        inputs = (inputs * weights).to(inputs.dtype)
+    return inputs.mT @ errors if transposed else errors.mT @ inputs
 
 
 def row_token_variances(inputs: torch.Tensor, errors: torch.Tensor, keep: float, uniform_mix: float) -> torch.Tensor:
@@ -81,22 +94,24 @@ def row_token_variances(inputs: torch.Tensor, errors: torch.Tensor, keep: float,
     (float64, CPU). The probabilities are those the call's backward draws with (the same token rows and scores)."""
     rows = inputs.shape[0]
     scores = token_scores(errors.reshape(-1, errors.shape[-1]), inputs.reshape(-1, inputs.shape[-1]))
-    return token_variances(token_probabilities(scores, keep, uniform_mix), scores).reshape(rows, -1).sum(1)
+    return token_variances(token_probabilities(scores, keep, uniform_mix), scores).reshape(rows, -1).sum(1).cpu()
 
 
 def token_variance_sums(
     candidates: torch.Tensor, probabilities: torch.Tensor, drawn: torch.Tensor, row_variances: torch.Tensor
 ) -> torch.Tensor:
     """Horvitz-Thompson estimates, from the rows drawn at `probabilities`, of the token variance of the update under
-    each row design of `candidates` (k x n inclusion probabilities): sum over the drawn rows of V_i pi_i / q_i.
+    each row design of `candidates` (k x n inclusion probabilities): sum over the drawn rows of V_i pi_i / q_i; per
+    column of `row_variances` when it has two (n x keeps: k x keeps sums).
 
     V_i (`row_token_variances`) is read with row i's gradient weighted 1 / pi_i; the token variance scales with the
     gradient squared, so at weight 1 / q_i it is T_i / q_i^2 with T_i = pi_i^2 V_i (the token probabilities taken as
     unchanged), and the row is drawn with probability q_i: sum_i T_i / q_i in expectation, each drawn row counting
     1 / pi_i. At the drawn design itself this is sum V_i, the variance the step's token draws added."""
-    values = torch.where(drawn, row_variances.double() * probabilities, 0.0)
+    weighted = torch.where(drawn, probabilities, 0.0).double()
+    values = row_variances.double() * (weighted if row_variances.dim() == 1 else weighted[:, None])
     positive = candidates > 0
-    return torch.where(positive, values / candidates.where(positive, 1.0), 0.0).sum(-1)
+    return torch.where(positive, 1 / candidates.double().where(positive, 1.0), 0.0) @ values
 
 
 def token_seed(seed: int, call: int) -> int:
@@ -108,41 +123,56 @@ class WeightGradientSampler:
     """The token draws of the weights in `weights` (the trunk's trainable linear weights): share `keep`, `uniform_mix`.
 
     `start(seed)` begins a micro-batch (or the unbiasedness check's backwards of one forward): its layer calls draw in
-    turn with generators seeded by (seed, call index). `computed_tokens` / `total_tokens`: token rows whose term was
-    computed, and token rows with a term, since `take_counts`.
+    turn with generators on the layer's device seeded by (seed, call index). `computed_tokens` / `total_tokens`: token
+    rows whose term was computed, and token rows with a term, since `take_counts` (tensors on the device until then:
+    no wait for it per call). Layers that read the same input in turn (q, k, v) take its norms once. With a
+    `calibration` (`costs.WeightGradientCalibration`, under `weight_gradient_keep="auto"`), a layer call whose sampling
+    does not save time at `keep` computes its weight gradient exactly.
     """
 
-    def __init__(self, weights: list[nn.Parameter], keep: float, uniform_mix: float):
+    def __init__(self, weights: list[nn.Parameter], keep: float, uniform_mix: float, calibration=None):
         self.weight_ids = {id(weight) for weight in weights}
-        self.keep, self.uniform_mix = keep, uniform_mix
+        self.keep, self.uniform_mix, self.calibration = keep, uniform_mix, calibration
         self.seed = self.calls = 0
         self.computed_tokens = self.total_tokens = 0
+        self._last_input: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # (input, `_tensor_key`, its norms)
 
     def samples(self, weight: torch.Tensor) -> bool:
         return id(weight) in self.weight_ids
 
     def start(self, seed: int) -> None:
-        self.seed, self.calls = seed, 0
+        self.seed, self.calls, self._last_input = seed, 0, None
 
     def weight_gradient(self, errors: torch.Tensor, inputs: torch.Tensor, transposed: bool) -> torch.Tensor:
         """dW_hat of one layer call from its 2-D `errors` and `inputs` (`sampled_weight_gradient`)."""
-        scores = token_scores(errors, inputs)
+        if self.calibration is not None and self.calibration.token_savings(errors, inputs, transposed)[self.calibration.keeps.index(self.keep)] <= 0:
+            return inputs.mT @ errors if transposed else errors.mT @ inputs
+        scores = token_norms(errors) * self._input_norms(inputs)
         probabilities = token_probabilities(scores, self.keep, self.uniform_mix)
-        generator = torch.Generator().manual_seed(token_seed(self.seed, self.calls))
+        generator = torch.Generator(errors.device).manual_seed(token_seed(self.seed, self.calls))
         self.calls += 1
         drawn = poisson_draw(probabilities, generator)
-        self.computed_tokens += int(drawn.sum())
-        self.total_tokens += int((probabilities > 0).sum())
+        self.computed_tokens += drawn.sum()
+        self.total_tokens += (probabilities > 0).sum()
         return sampled_weight_gradient(errors, inputs, probabilities, drawn, transposed)
+
+    def _input_norms(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`token_norms` of an input, reused while the layers read the same values: the same memory, layout and version (each
+        call's input is its own view; the last one is held, so that its memory cannot be taken by another tensor)."""
+        key = (inputs.data_ptr(), inputs.shape, inputs.stride(), inputs.dtype, inputs.device, inputs._version)
+        if self._last_input is None or self._last_input[1] != key:
+            self._last_input = (inputs, key, token_norms(inputs))
+        return self._last_input[2]
 
     def sampling(self) -> "SampledWeightGradients":
         """The function mode that routes the sampled weights' linear calls here (for a block's replay)."""
         return SampledWeightGradients(self)
 
     def take_counts(self) -> tuple[int, int]:
-        """(token rows whose term was computed, token rows with a term) since the last call."""
-        counts = (self.computed_tokens, self.total_tokens)
+        """(token rows whose term was computed, token rows with a term) since the last call; forgets the held input."""
+        counts = (int(self.computed_tokens), int(self.total_tokens))
         self.computed_tokens = self.total_tokens = 0
+        self._last_input = None
         return counts
 
 

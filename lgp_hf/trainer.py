@@ -18,7 +18,7 @@ from transformers.utils import logging
 from .arguments import PredictedGradientArguments, PredictedGradientSettings
 from .boundary import HEAD_ATTRIBUTE_NAMES, BoundarySampler, find_head_module_names, sampled_boundary
 from .checkpoints import reload_renamed_weights
-from .costs import MIN_REFERENCES, StepClock, StepCostModel, affordable_check_draws
+from .costs import MIN_REFERENCES, StepClock, StepCostModel, WeightGradientCalibration, affordable_check_draws
 from .model_card import write_model_card
 from .monitor import CANDIDATE_FRACTIONS, MIN_OBSERVED_ROWS, SamplingMonitor
 from .noise_scale import noise_scale
@@ -26,8 +26,8 @@ from .predictor import LinearGradientPredictor
 from .replay import BlockReplay, find_blocks
 from .row_norms import RowGradientNorms, trunk_linear_layers
 from .sampling import draw_generator, inclusion_probabilities
-from .token_sampling import WeightGradientSampler, sampled_weight_gradients
-from .theory import batch_size_advice, best_control_fraction, decision_margin, relative_time
+from .token_sampling import KEEP_CANDIDATES, WeightGradientSampler, sampled_weight_gradients
+from .theory import batch_size_advice, best_setting, decision_margin, relative_time
 from .verification import gradient_error_statistics, report_from_statistics
 
 logger = logging.get_logger(__name__)
@@ -120,12 +120,15 @@ class PredictedGradientMixin:
         settings = self.lgp_settings
         self._auto = settings.control_fraction == "auto"
         self._control_fraction = 1.0 if self._auto else settings.control_fraction
-        self._pending_fraction: float | None = None  # chosen by "auto", waiting for the unbiasedness check
+        self._keep_auto = settings.weight_gradient_keep == "auto"
+        self._keeps = (1.0, *KEEP_CANDIDATES) if self._keep_auto else (settings.weight_gradient_keep,)  # F is estimated at each
+        self._keep = self._keeps[0]
+        self._pending: tuple[float, float] | None = None  # (f, keep) chosen by "auto", waiting for the unbiasedness check
         self._first_rows_observed = False  # every rank observed MIN_OBSERVED_ROWS rows for the first decision
         self._last_decision: dict | None = None
         self._batch_advice: str | None = None  # logged once, when the batch is first measured well above the noise scale
         self.sampler = BoundarySampler(uniform_mix=settings.sampling_uniform_mix)
-        self.monitor = SamplingMonitor(settings.sampling_uniform_mix)
+        self.monitor = SamplingMonitor(settings.sampling_uniform_mix, self._keeps)
         self.cost_model = StepCostModel()
         self.unbiasedness: dict = {"status": "not run"}
         self._observation_overhead: float | None = None
@@ -156,23 +159,34 @@ class PredictedGradientMixin:
                         f"{type(unwrapped).__name__} has no transformers GradientCheckpointingLayer below its head: sampled rows "
                         "stay unbiased, but the trunk's backward is not made cheaper, so control_fraction='auto' stays at 1."
                     )
-        keep = settings.weight_gradient_keep
-        self.row_norms = RowGradientNorms(self.replay.blocks, keep, settings.sampling_uniform_mix)
-        self.token_sampler = None
-        if keep < 1 and self.disabled_reason is None:
-            weights = [layer.weight for layer in trunk_linear_layers(self.replay.blocks)]
-            self.token_sampler = WeightGradientSampler(weights, keep, settings.sampling_uniform_mix)
-        self.replay.weight_sampler = self.token_sampler
+        self.calibration = WeightGradientCalibration(KEEP_CANDIDATES, settings.sampling_uniform_mix) if self._keep_auto else None
+        self.row_norms = RowGradientNorms(self.replay.blocks, self._keeps, settings.sampling_uniform_mix, self.calibration)
+        self._set_keep(self._keep)
         self.predictor = None
         if settings.gradient_predictor != "none" and self.disabled_reason is None:
             self.predictor = LinearGradientPredictor(self.replay.blocks, settings.predictor_signal_dims, settings.predictor_ridge, settings.predictor_decay)
         self._set_predicting(settings.gradient_predictor == "linear")
         if self.disabled_reason is not None:
             self._disable(self.disabled_reason)
-        elif (self._auto or self._samples()) and not hasattr(self, "_step_clock"):
+        elif (self._choosing() or self._samples()) and not hasattr(self, "_step_clock"):
             self._step_clock = StepClock(self.args.device, self._times_step, self._end_optimizer_step)
             self.add_callback(self._step_clock.start)  # last to begin a step, first to end it: others' work is not timed
             self.callback_handler.callbacks.insert(0, self._step_clock.stop)
+
+    def _set_keep(self, keep: float) -> None:
+        """The weight gradient keep of the steps from now on (one of `_keeps`): below 1, a token sampler on the trunk's
+        trainable linear weights (under "auto", those whose sampling saves time: `calibration`)."""
+        self._keep = keep
+        self.monitor.keep_index = self._keeps.index(keep)
+        self.token_sampler = None
+        if keep < 1 and self.disabled_reason is None:
+            weights = [layer.weight for layer in trunk_linear_layers(self.replay.blocks)]
+            self.token_sampler = WeightGradientSampler(weights, keep, self.lgp_settings.sampling_uniform_mix, self.calibration)
+        self.replay.weight_sampler = self.token_sampler
+
+    def _choosing(self) -> bool:
+        """Whether decisions of "auto" choose f or the weight gradient keep."""
+        return self._auto or self._keep_auto
 
     def _set_predicting(self, on: bool) -> None:
         """Whether the predictor's correction is in the update (`gradient_predictor="linear"`, or chosen by "auto")."""
@@ -279,9 +293,13 @@ class PredictedGradientMixin:
     def _record_step_time(self, seconds: float | None) -> None:
         """A timed optimizer step (its training steps, clipping, optimizer step and zero_grad: what a user pays): the
         base class's own steps give the reference, sampled ones the step cost at the share of trunk rows they
-        backpropagated, observed steps at f = 1 the overhead of observing."""
+        backpropagated, observed steps at f = 1 the overhead of observing; under `weight_gradient_keep="auto"` observed
+        steps also give what each keep would save (`costs.WeightGradientCalibration`), and sampled ones are recorded
+        with what their keep saved added back (`costs.StepCostModel`)."""
         fraction, observe = self._plan
         predictor_seconds = self.predictor.take_seconds() if self.predictor is not None else 0.0
+        if observe and self.calibration is not None:
+            self.cost_model.observe_keep_savings(self.row_norms.take_keep_savings())
         if seconds is None or self._checked_in_step:
             return
         if fraction is None:
@@ -295,7 +313,9 @@ class PredictedGradientMixin:
                 self.cost_model.observe_predictor(predictor_seconds)
         else:
             computed, total = self._step_rows
-            cost = self.cost_model.observe_sampled(computed / total if total else 1.0, seconds, predictor_seconds)
+            share = computed / total if total else 1.0
+            saved = share * self.cost_model.keep_saving(self._keeps.index(self._keep)) * self.cost_model.reference_seconds if self.calibration else 0.0
+            cost = self.cost_model.observe_sampled(share, seconds, predictor_seconds, saved)
             if cost is not None:
                 self.monitor.record_cost(cost)
 
@@ -341,7 +361,7 @@ class PredictedGradientMixin:
             return None, False
         settings = self.lgp_settings
         explicit = self._samples() and (not self._auto or self.token_sampler is not None)  # keep < 1 is explicit
-        if self._pending_fraction is not None or (explicit and self.unbiasedness["status"] == "not run" and settings.unbiasedness_check):
+        if self._pending is not None or (explicit and self.unbiasedness["status"] == "not run" and settings.unbiasedness_check):
             self._check_unbiasedness(model, inputs, num_items_in_batch)
             self._checked_in_step = True
         step = self.state.global_step
@@ -354,10 +374,10 @@ class PredictedGradientMixin:
             if self._reference_step(step):
                 return None, False
             return self._control_fraction, observe
-        return (1.0, True) if self._auto and observe else (None, False)
+        return (1.0, True) if self._choosing() and observe else (None, False)
 
     def _before_first_decision(self) -> bool:
-        return self._auto and self._last_decision is None
+        return self._choosing() and self._last_decision is None
 
     def _observation_due(self, step: int) -> bool:
         """Whether optimizer step `step` is observed: under "auto" before its first decision, every step until
@@ -390,64 +410,81 @@ class PredictedGradientMixin:
                 self._first_rows_observed = float(self._all_ranks_mean(torch.tensor([enough], device=self.args.device))) == 1.0
             first = self._first_rows_observed and len(self.cost_model.references) >= MIN_REFERENCES
         predictor_choice = settings.gradient_predictor == "auto" and self._control_fraction < 1
-        if (self._auto or predictor_choice) and (first or step % settings.auto_decision_steps == 0):
+        if (self._choosing() or predictor_choice) and (first or step % settings.auto_decision_steps == 0):
             self._decide_control_fraction()
 
     def _decide_control_fraction(self) -> None:
-        """`control_fraction="auto"`: the candidate f with the smallest predicted time to a given loss (`theory.
-        relative_time`, F(f) cost(f) before the noise scale is known), from the rows observed since the last decision
-        (`monitor`), the measured step cost (`costs`) and the run's noise scale, averaged over ranks; 1 unless that time
-        is below 1 - AUTO_MARGIN (below 1 when f < 1 already: `theory.decision_margin`). Changed only between
-        optimizer steps. Lowering f from 1 waits for the check. With `gradient_predictor="auto"` (also at an explicit
-        f) the same comparison with the predictor's F and its measured cost added decides whether it is applied."""
+        """The decision of "auto": the setting (f, weight gradient keep k, predictor applied) with the smallest predicted
+        time to a given loss (`theory.relative_time`, F(f, k) cost(f, k) before the noise scale is known), from the rows
+        observed since the last decision (`monitor`), the measured step cost and savings (`costs`) and the run's noise
+        scale, averaged over ranks. f is chosen under `control_fraction="auto"` (else it stays), k under
+        `weight_gradient_keep="auto"`, and with `gradient_predictor="auto"` whether the predictor is applied (its F and its
+        measured cost). The baseline is f = 1 (the explicit f), k = 1 (the explicit k), without the predictor (with it
+        under "linear"); another setting is taken when its time is below (1 - AUTO_MARGIN) x the baseline's (below the
+        baseline's once away from it: `theory.decision_margin`). Changed only between optimizer steps. Drawing rows or
+        tokens for the first time waits for the check."""
+        settings = self.lgp_settings
         plain, predicted = self.monitor.take_decision_factors()
-        if self._auto:
-            fractions = [f for f in CANDIDATE_FRACTIONS if f >= self.lgp_settings.auto_min_control_fraction]
-            offset = 1 + len(CANDIDATE_FRACTIONS) - len(fractions)  # the sums hold the current fraction, then candidates
+        if self._auto:  # the monitor's sums: the current fraction, the candidates, then f = 1
+            fractions = [f for f in CANDIDATE_FRACTIONS if f >= settings.auto_min_control_fraction] + [1.0]
+            rows = [1 + CANDIDATE_FRACTIONS.index(f) for f in fractions[:-1]] + [1 + len(CANDIDATE_FRACTIONS)]
         else:
-            fractions, offset = [self._control_fraction], 0
-        count = len(fractions)
+            fractions, rows = [self._control_fraction], [0]
+        keeps = self._keeps if self._keep_auto else (self._keep,)
+        columns = [self._keeps.index(keep) for keep in keeps]
+        grid = [(fraction, keep) for fraction in fractions for keep in keeps]
+        count = len(grid)
         # every rank joins the average, a rank without enough observed rows (or predictions) with NaN: then no rank
         # decides (or none uses the predictor)
-        candidates = lambda factors: [math.nan] * count if factors is None else factors[offset : offset + count]  # noqa: E731
+        pick = lambda factors: [math.nan] * count if factors is None else [factors[r][c] for r in rows for c in columns]  # noqa: E731
+        savings = {keep: self.cost_model.keep_saving(self._keeps.index(keep)) if self.calibration is not None else 0.0 for keep in keeps}
         predictor_cost = self.cost_model.predictor_cost()
-        local = candidates(plain) + candidates(predicted) + [self.cost_model.cost(f) for f in fractions]
+        local = pick(plain) + pick(predicted) + [self.cost_model.cost(f, savings[k], tokens=k < 1) for f, k in grid]
         local.append(math.nan if predictor_cost is None else predictor_cost)
         values = self._all_ranks_mean(torch.tensor(local, dtype=torch.float64, device=self.args.device)).tolist()
         plain, predicted, costs, predictor_cost = values[:count], values[count : 2 * count], values[2 * count : 3 * count], values[-1]
         if not all(map(math.isfinite, plain)):
             return
         ratio = self._noise_ratio()
-        margin = decision_margin(self._control_fraction, AUTO_MARGIN)
-        predictor = self.lgp_settings.gradient_predictor
-        # the estimators to choose from: (predictor applied, F per fraction, cost per fraction)
-        options = [] if predictor == "linear" else [(False, plain, costs)]
+        predictor = settings.gradient_predictor
+        # the estimators to choose from: (predictor applied, F per setting); the predictor's cost where rows are drawn
+        estimators = [] if predictor == "linear" else [(False, plain)]
         if self.predictor is not None and all(map(math.isfinite, predicted)) and (predictor == "linear" or math.isfinite(predictor_cost)):
-            extra = predictor_cost if math.isfinite(predictor_cost) else 0.0  # "auto" waits for its cost
-            options.append((True, predicted, [cost + extra for cost in costs]))
-        if not options:  # "linear" before its first observed step: F without it
-            options = [(True, plain, costs)]
-        if not self._auto:  # an explicit f: only whether the predictor is applied
-            predicting = min(options, key=lambda option: relative_time(option[1][0], option[2][0], ratio))[0]
-            self._set_predicting(predicting)
-            return
-        predicting, factors, costs = min(options, key=lambda option: best_control_fraction(fractions, option[1], option[2], margin, ratio)[1])
-        fraction, efficiency = best_control_fraction(fractions, factors, costs, margin, ratio)
+            estimators.append((True, predicted))
+        if not estimators:  # "linear" before its first observed step: F without it
+            estimators = [(True, plain)]
+        extra = predictor_cost if math.isfinite(predictor_cost) else 0.0  # "auto" waits for its cost
+        options, factors, option_costs = [], [], []
+        for predicting, estimates in estimators:
+            for (fraction, keep), factor, cost in zip(grid, estimates, costs):
+                options.append((fraction, keep, predicting))
+                factors.append(factor)
+                option_costs.append(cost + (extra if predicting and fraction < 1 else 0.0))
+        times = [relative_time(factor, cost, ratio) for factor, cost in zip(factors, option_costs)]
+        base = options.index((fractions[-1] if self._auto else self._control_fraction, keeps[0], predictor == "linear"))
+        at_base = (self._control_fraction, self._keep, self._predicting) == options[base]
+        margin = decision_margin(at_base, AUTO_MARGIN)
+        (fraction, keep, predicting), _ = best_setting(options, factors, option_costs, margin, ratio, (options[base], times[base]))
+        others = [i for i in range(len(options)) if i != base] or [base]  # the best setting besides the baseline, for the logs
+        best = min(others, key=times.__getitem__)
+        self._last_decision = {"fraction": fraction, "keep": keep, "best_fraction": options[best][0], "best_keep": options[best][1],
+                               "variance_factor": factors[best], "step_cost": option_costs[best], "efficiency": times[best],
+                               "predictor": predicting}
         if predictor == "auto":
             self._set_predicting(predicting and fraction < 1)
-        times = [relative_time(factor, cost, ratio) for factor, cost in zip(factors, costs)]
-        best = min(range(count), key=times.__getitem__)
-        self._last_decision = {"fraction": fraction, "best_fraction": fractions[best], "variance_factor": factors[best],
-                               "step_cost": costs[best], "efficiency": times[best], "predictor": predicting}
-        # a check passed at f = 1 (token sampling alone) did not draw rows: lowering f checks again
-        rows_checked = self.unbiasedness["status"] == "passed" and self.unbiasedness["fraction"] < 1
-        if fraction < 1 and self._control_fraction == 1 and not rows_checked:
-            if self.unbiasedness["status"] in ("not run", "passed") and self.lgp_settings.unbiasedness_check:
-                self._pending_fraction = fraction
+        # rows or tokens drawn for the first time: a passed check must have drawn them (one at f = 1 drew no rows)
+        status = self.unbiasedness["status"]
+        rows_checked = status == "passed" and self.unbiasedness["fraction"] < 1
+        tokens_checked = status == "passed" and self.unbiasedness.get("keep", 1.0) < 1
+        if (fraction < 1 and self._control_fraction == 1 and not rows_checked) or (keep < 1 and self._keep == 1 and not tokens_checked):
+            if status in ("not run", "passed") and settings.unbiasedness_check:
+                self._pending = (fraction, keep)
                 return
-            if self.unbiasedness["status"] in ("failed", "skipped"):
+            if status in ("failed", "skipped"):
                 return
         self._control_fraction = fraction
+        if keep != self._keep:
+            self._set_keep(keep)
 
     def _noise_ratio(self) -> float | None:
         """B_noise / B (`theory.relative_time`), B the optimizer step's batch, from the run's averages of tr(Sigma) and
@@ -473,17 +510,21 @@ class PredictedGradientMixin:
 
     def _check_unbiasedness(self, model, inputs, num_items_in_batch) -> None:
         """`verification` on this micro-batch, before sampling starts (under "auto" with `weight_gradient_keep` < 1: at
-        f = 1 first, then again at the f it first lowers to). An explicit f < 1 or keep < 1 raises on failure; "auto"
-        keeps f = 1, computing every gradient exactly, for the rest of the run on failure, or when the check does not
-        fit its budget: its draws (`costs.affordable_check_draws`) in `unbiasedness_check_budget` of the run's
+        f = 1 first, then again at the f it first lowers to), or before "auto" first draws rows or tokens (the setting
+        it chose, `_pending`, with its keep in place). An explicit f < 1 or keep < 1 raises on failure; "auto" keeps
+        f = 1 and every weight gradient exact for the rest of the run on failure, or when the check does not fit its
+        budget: its draws (`costs.affordable_check_draws`) in `unbiasedness_check_budget` of the run's
         `max_steps` micro-batches. The run is taken to be `max_steps` long (Trainer's, from max_steps or num_train_epochs): one stopped earlier by
         a callback (a time budget, with max_steps far out of reach, as in the benchmarks) gets the full check,
         which costs its 32 rows' share of 1 + cost + 32 f micro-batches (about 3.2 steps at batch 128, f = 0.35)."""
         settings = self.lgp_settings
-        fraction = self._control_fraction if self._pending_fraction is None else self._pending_fraction
-        self._pending_fraction = None
+        automatic = self._auto or self._pending is not None
+        fraction, keep = self._pending if self._pending is not None else (self._control_fraction, self._keep)
+        self._pending = None
+        if keep != self._keep:
+            self._set_keep(keep)  # the check draws with it, and, once it passes, the steps
         draws = settings.unbiasedness_check_draws
-        if self._auto:
+        if automatic:
             budget = settings.unbiasedness_check_budget * max(self.state.max_steps, 1) * self.args.gradient_accumulation_steps
             share = min(1.0, CHECK_ROWS / _batch_size(inputs))  # of a micro-batch's compute, per pass of the check
             affordable = affordable_check_draws(budget, share, fraction, self.cost_model.cost(fraction))
@@ -491,7 +532,7 @@ class PredictedGradientMixin:
                 self.unbiasedness = {"status": "skipped", "reason": (
                     f"the run ({self.state.max_steps} steps) is too short for the unbiasedness check ({MIN_CHECK_DRAWS} sampled "
                     f"backwards, a full step and a sampled forward) to fit in unbiasedness_check_budget={settings.unbiasedness_check_budget}")}
-                logger.warning(f"control_fraction='auto' stays at 1{self._exact_weight_gradients()}: {self.unbiasedness['reason']}.")
+                logger.warning(f"{self._auto_name()} stays at {self._control_fraction:g}{self._exact_weight_gradients()}: {self.unbiasedness['reason']}.")
                 return
             draws = min(draws, affordable)
         module = _without_ddp(model)
@@ -499,29 +540,39 @@ class PredictedGradientMixin:
         directions, sums, squares, names = gradient_error_statistics(
             self, module, _first_rows(self._prepare_inputs(inputs), CHECK_ROWS), num_items_in_batch, fraction, draws, seed=generator_seed
         )
+        self.replay.take_counts()  # the check's backwards are not the run's work
+        if self.token_sampler is not None:
+            self.token_sampler.take_counts()
         report = report_from_statistics(directions, sums, squares, draws, names, fraction, 1e-3, self.args, 0.0)
         passed = float(self._all_ranks_mean(torch.tensor([float(report.passed)], device=self.args.device))) == 1.0
         self.unbiasedness = {"status": "passed" if passed else "failed", "worst_z": report.worst_z, "threshold": report.threshold,
-                             "draws": draws, "fraction": fraction, "worst_tensors": report.worst_tensors()}
+                             "draws": draws, "fraction": fraction, "keep": keep, "worst_tensors": report.worst_tensors()}
         if passed:
             logger.info(str(report))
             if self._auto:
                 self._control_fraction = fraction
             return
-        if not self._auto:
+        if not automatic:
             keep = "" if self.token_sampler is None else f", weight_gradient_keep={self.token_sampler.keep}"
             raise ValueError(
                 f"control_fraction={fraction}{keep}: {report}. The sampled update is not an unbiased estimate of this model's "
                 f"gradient here; train with control_fraction=1{' and weight_gradient_keep=1' if keep else ''} or 'auto', and "
                 "please report this model and loss."
             )
-        logger.warning(f"control_fraction='auto' stays at 1{self._exact_weight_gradients()} for this run: {report}.")
+        logger.warning(f"{self._auto_name()} stays at {self._control_fraction:g}{self._exact_weight_gradients()} for this run: {report}.")
+
+    def _auto_name(self) -> str:
+        return "control_fraction='auto'" if self._auto else "weight_gradient_keep='auto' at control_fraction"
 
     def _exact_weight_gradients(self) -> str:
-        """Under "auto" once its check failed or was skipped: no token sampling either (the check covered it); the words
-        that say so in the warning."""
+        """Under "auto" once its check failed or was skipped: no token sampling either (the check covered it), and none
+        in F; the words that say so in the warning."""
         words = " with exact weight gradients (weight_gradient_keep is not used)" if self.token_sampler is not None else ""
-        self.token_sampler = self.replay.weight_sampler = None
+        if self._keep_auto:
+            self._set_keep(1.0)
+        else:
+            self.token_sampler = self.replay.weight_sampler = None
+            self.row_norms.token_keeps = (1.0,) * len(self._keeps)
         return words
 
     def _all_ranks_mean(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -536,6 +587,8 @@ class PredictedGradientMixin:
         if "loss" in logs and self.disabled_reason is None:
             values = self.monitor.take_log_values()
             values["lgp/control_fraction"] = self._control_fraction
+            if self._keep_auto or self._keep < 1:
+                values["lgp/weight_gradient_keep"] = self._keep if self.token_sampler is not None else 1.0
             if self.predictor is not None:
                 values["lgp/predictor_applied"] = float(self._predicting)
                 if self.cost_model.predictor_cost() is not None:
@@ -555,6 +608,7 @@ class PredictedGradientMixin:
         decision = self._last_decision or {}
         return {
             "lgp_control_fraction": self._control_fraction,
+            "lgp_weight_gradient_keep": self._keep if self.token_sampler is not None else 1.0,
             "lgp_disabled_reason": self.disabled_reason,
             **self.monitor.summary(),
             "lgp_step_cost": self.cost_model.step_cost(),
@@ -563,6 +617,7 @@ class PredictedGradientMixin:
             "lgp_batch_size": self._optimizer_batch_size(),
             "lgp_predicted_efficiency": decision.get("efficiency"),
             "lgp_best_fraction": decision.get("best_fraction"),
+            "lgp_best_keep": decision.get("best_keep"),
             "lgp_unbiasedness_check": self.unbiasedness["status"],
             "lgp_blocks": len(self.replay.blocks),
             "lgp_dense_blocks": len(self.replay.dense),
@@ -627,7 +682,9 @@ class PredictedGradientMixin:
     def _lgp_state(self) -> dict:
         return {
             "control_fraction": self._control_fraction,
-            "pending_fraction": self._pending_fraction,
+            "pending": self._pending,
+            "keep": self._keep,
+            "calibration": None if self.calibration is None else self.calibration.state_dict(),
             "first_rows_observed": self._first_rows_observed,
             "next_observation": self._next_observation,
             "last_reference": self._last_reference,
@@ -662,7 +719,12 @@ class PredictedGradientMixin:
             logger.warning(f"{path} was written by an lgp_hf before the sampled backward (0.1): the sampling statistics start fresh.")
             return
         self._control_fraction = state["control_fraction"]
-        self._pending_fraction = state["pending_fraction"]
+        pending = state.get("pending_fraction")  # written before keeps were chosen
+        self._pending = state.get("pending", None if pending is None else (pending, self._keep))
+        if self.calibration is not None and state.get("calibration") is not None:
+            self.calibration.load_state_dict(state["calibration"])
+        if state.get("keep", self._keep) in self._keeps:
+            self._set_keep(state.get("keep", self._keep))
         self._first_rows_observed = state.get("first_rows_observed", state["last_decision"] is not None)
         self._next_observation = state["next_observation"]
         self._last_reference = state["last_reference"]
@@ -670,7 +732,7 @@ class PredictedGradientMixin:
         self._last_decision = state["last_decision"]
         self._batch_advice = state.get("batch_advice")
         self.unbiasedness = state["unbiasedness"]
-        if self._auto and self.unbiasedness["status"] in ("failed", "skipped"):
+        if self._choosing() and self.unbiasedness["status"] in ("failed", "skipped"):
             self._exact_weight_gradients()
         self.cost_model.load_state_dict(state["costs"])
         self.monitor.load_state_dict(state["monitor"])

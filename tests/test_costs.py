@@ -1,8 +1,9 @@
 """What a step costs (`costs`): robust estimates from timed steps, and what the unbiasedness check can afford."""
 
 import pytest
+import torch
 
-from lgp_hf.costs import PRIOR_INTERCEPT, REFERENCE_WINDOW, SAMPLED_WINDOW, StepCostModel, affordable_check_draws
+from lgp_hf.costs import PRIOR_INTERCEPT, REFERENCE_WINDOW, SAMPLED_WINDOW, StepCostModel, WeightGradientCalibration, affordable_check_draws
 from lgp_hf.trainer import MIN_CHECK_DRAWS
 
 
@@ -65,3 +66,37 @@ def test_the_check_fits_a_run_of_200_steps_at_the_default_budget(batch, fits):
     draws = affordable_check_draws(0.02 * 200, min(1.0, 32 / batch), fraction, PRIOR_INTERCEPT + fraction)
     assert (draws >= MIN_CHECK_DRAWS) == fits
     assert affordable_check_draws(0.02 * 200, 0.25, 0.1, PRIOR_INTERCEPT + 0.1) > draws  # fewer rows drawn, cheaper draws
+
+
+def test_calibration_times_each_layer_shape_once_and_prices_each_keep(monkeypatch):
+    """Seconds saved per token row at each keep: (exact - sampled) / rows, timed on the first call of a shape only (the
+    rows' count aside), kept in its state; the timed work is the exact product and the sampled estimate of it."""
+    timings = iter([4.0, 3.0, 2.5, 8.0, 5.0, 9.0])  # exact, keep 0.5, keep 0.25; for two layer shapes
+    results = []
+    monkeypatch.setattr(WeightGradientCalibration, "_seconds", staticmethod(lambda work, device: results.append(work()) or next(timings)))
+    calibration = WeightGradientCalibration((0.5, 0.25), 0.1)
+    errors, inputs = torch.randn(10, 3), torch.randn(10, 4)
+    assert calibration.token_savings(errors, inputs, False) == pytest.approx([0.1, 0.15])
+    assert calibration.token_savings(errors[:5], inputs[:5] * 2, False) == pytest.approx([0.1, 0.15]) and len(results) == 3
+    assert calibration.token_savings(errors, inputs, True) == pytest.approx([0.3, -0.1])  # Conv1D's layout: timed apart
+    assert [tuple(result.shape) for result in results] == [(3, 4)] * 3 + [(4, 3)] * 3
+    restored = WeightGradientCalibration((0.5, 0.25), 0.1)
+    restored.load_state_dict(calibration.state_dict())
+    assert restored.token_savings(errors, inputs, True) == pytest.approx([0.3, -0.1]) and len(results) == 6
+
+
+def test_keep_savings_and_token_sampled_steps_at_f_one_price_each_setting():
+    """cost(f, k) = cost(f) - min(f, 1) s(k); steps at f = 1 with token sampling are their own window (not the line
+    of the replayed steps), recorded with what their keep saved added back."""
+    model = StepCostModel()
+    model.observe_plain(1.0)
+    model.observe_keep_savings([0.0, 0.2, 0.3])
+    assert model.keep_saving(1) == pytest.approx(0.2) and model.cost(1.0, model.keep_saving(1)) == pytest.approx(0.8)
+    assert model.observe_sampled(1.0, 0.85, saved_seconds=0.2) == pytest.approx(0.85)  # f = 1, keep 0.5: 1.05 without it
+    assert model.intercept is None and model.cost(1.0, 0.2, tokens=True) == pytest.approx(0.85)
+    model.observe_sampled(0.5, 0.6, saved_seconds=0.1)  # f = 0.5: 0.7 without its tokens' saving
+    assert model.intercept == pytest.approx(0.2) and model.cost(0.25, 0.3) == pytest.approx(0.45 - 0.25 * 0.3)
+    assert model.step_cost() == pytest.approx(0.7)
+    restored = StepCostModel()
+    restored.load_state_dict(model.state_dict())
+    assert restored.cost(1.0, 0.2, tokens=True) == model.cost(1.0, 0.2, tokens=True) and restored.keep_saving(2) == pytest.approx(0.3)

@@ -116,9 +116,11 @@ def test_ddp_all_reduces_once_per_step_on_the_sync_micro_batch(runs, name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_only_a_few_floats_are_communicated(runs, name):
     """Besides DDP's buckets: the check's verdict (1), the observation overhead (1) and, at a decision of "auto",
-    F without and with the predictor and the cost of each candidate fraction, and the predictor's cost; with the
-    predictor, its step sums once per optimizer step (its state's size, far below the parameters')."""
+    F without and with the predictor and the cost of each candidate fraction and of f = 1 (one keep: the runs' keep is
+    set), and the predictor's cost; with the predictor, its step sums once per optimizer step (its state's size, far
+    below the parameters')."""
     ddp, _ = runs
     for rank_result in ddp[name]:
         sizes = [numel for _, numel in rank_result["collectives"]]
-        assert max(sizes, default=0) <= max(3 * len(CANDIDATE_FRACTIONS) + 1, rank_result["predictor_state_size"]), rank_result["collectives"]
+        bound = max(3 * (len(CANDIDATE_FRACTIONS) + 1) + 1, rank_result["predictor_state_size"])
+        assert max(sizes, default=0) <= bound, rank_result["collectives"]

@@ -17,6 +17,7 @@ from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer
 from lgp_hf.theory import batch_size_advice
 from lgp_hf.model_card import (
     AUTO_STATISTICS,
+    KEEP_STATISTICS,
     PREDICTOR_STATISTICS,
     LGP_TAGS,
     NOT_MEASURED,
@@ -149,7 +150,7 @@ def test_create_model_card_records_the_run(quiet_args, no_network):
     # A fixed fraction: the settings and statistics of "auto", and the removed predictor, are not listed.
     for absent in ("auto_min_control_fraction", "auto_decision_steps", "unbiasedness_check_budget", "predictor", "alignment"):
         assert absent not in text, absent
-    assert not any(LABELS[key] in text for key in AUTO_STATISTICS)
+    assert not any(LABELS[key] in text for key in AUTO_STATISTICS + KEEP_STATISTICS)  # exact weight gradients: no keep rows
 
     summary = trainer.lgp_summary()
     assert summary["lgp_unbiasedness_check"] == "passed"
@@ -177,7 +178,7 @@ def test_create_model_card_records_the_run(quiet_args, no_network):
         text, re.MULTILINE,
     ), statistic_lines(text)["Unbiasedness check"]
     # "not measured" only where the run measured nothing.
-    unmeasured = {LABELS[key] for key in LABELS if key in summary and summary[key] is None and key not in AUTO_STATISTICS + PREDICTOR_STATISTICS}
+    unmeasured = {LABELS[key] for key in LABELS if key in summary and summary[key] is None and key not in AUTO_STATISTICS + PREDICTOR_STATISTICS + KEEP_STATISTICS}
     assert {label for label, value in statistic_lines(text).items() if value == NOT_MEASURED} == unmeasured
 
     factor, cost = summary["lgp_variance_factor"], summary["lgp_step_cost"]

@@ -224,8 +224,9 @@ def test_reported_variance_factor_equals_the_exact_one_with_the_predictor(tmp_pa
     trainer.monitor = SamplingMonitor(trainer.lgp_settings.sampling_uniform_mix)
     model.train()
     trainer._sampled_step(model, dict(batch), None, 1.0, True)
-    reported = trainer.monitor.run_factors.factors()[1:]
-    unpredicted = trainer.monitor.run_unpredicted.factors()[1:]
+    candidates = slice(1, 1 + len(CANDIDATE_FRACTIONS))  # the current fraction's row first, f = 1's last
+    reported = [row[0] for row in trainer.monitor.run_factors.factors()[candidates]]
+    unpredicted = [row[0] for row in trainer.monitor.run_unpredicted.factors()[candidates]]
     scores = boundary_gradient.norm(dim=1).double()
     for fraction, value, plain in zip(CANDIDATE_FRACTIONS, reported, unpredicted):
         pi = inclusion_probabilities(scores, fraction, trainer.lgp_settings.sampling_uniform_mix)

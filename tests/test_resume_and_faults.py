@@ -29,9 +29,10 @@ class StopAt(TrainerCallback):
 
 
 def prior_costs(monkeypatch):
-    """cost(f) = 1/3 + f, whatever the timings: toy models' timings say nothing about real ones, and decisions made
-    from them would not repeat."""
-    monkeypatch.setattr(lgp_hf.costs.StepCostModel, "cost", lambda self, f: 1.0 if f >= 1 else lgp_hf.costs.PRIOR_INTERCEPT + f)
+    """cost(f, k) = 1/3 + f (1 at f = 1), less the keep's saving, whatever the timings: toy models' timings say nothing
+    about real ones, and decisions made from them would not repeat."""
+    prior = lambda self, f, saving=0.0, tokens=False: (1.0 if f >= 1 else lgp_hf.costs.PRIOR_INTERCEPT + f) - min(f, 1.0) * saving  # noqa: E731
+    monkeypatch.setattr(lgp_hf.costs.StepCostModel, "cost", prior)
 
 
 class FewExamplesLossTrainer(PredictedGradientTrainer):

@@ -4,6 +4,7 @@ z-tested for unbiasedness through the training loop on several model families at
 resume."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ from transformers.pytorch_utils import Conv1D
 import lgp_hf.token_sampling
 import lgp_hf.trainer
 from lgp_hf import PredictedGradientArguments, PredictedGradientTrainer, verify_unbiased
+from lgp_hf.model_card import STATISTICS_ROWS, format_number
 from lgp_hf.row_norms import trunk_linear_layers
-from lgp_hf.sampling import inclusion_probabilities
+from lgp_hf.sampling import inclusion_probabilities, poisson_draw
 from lgp_hf.token_sampling import (
     SampledWeightGradients,
     WeightGradientSampler,
@@ -22,6 +24,7 @@ from lgp_hf.token_sampling import (
     sampled_weight_gradient,
     token_probabilities,
     token_scores,
+    token_seed,
     token_variance_sums,
     token_variances,
 )
@@ -76,6 +79,21 @@ def test_non_finite_scores_compute_the_weight_gradient_exactly():
     errors[0, 0] = float("inf")
     p = token_probabilities(token_scores(errors, inputs), 0.5, 0.1)
     assert bool((p == 1).all()) and float(token_variances(p, token_scores(errors, inputs)).sum()) == 0
+
+
+def test_sampler_reuses_an_inputs_norms_only_while_its_values_are_unchanged():
+    """Each call draws as from its own scores: a second layer reading the same input (a view of it, as q, k and v do)
+    and a call after the input was changed in place (its norms taken again) alike."""
+    errors, inputs = layer_terms(rows=40, zero=(3,))
+    sampler, seed = WeightGradientSampler([], 0.5, 0.1), 11
+    sampler.start(seed)
+    calls = [lambda: (errors, inputs), lambda: (errors.flip(0), inputs.view(40, 4)), lambda: (errors, inputs.mul_(torch.linspace(0.1, 9, 40, dtype=torch.float64)[:, None]))]
+    for call, terms in enumerate(calls):
+        call_errors, call_inputs = terms()
+        p = token_probabilities(token_scores(call_errors, call_inputs), 0.5, 0.1)
+        drawn = poisson_draw(p, torch.Generator().manual_seed(token_seed(seed, call)))
+        expected = sampled_weight_gradient(call_errors, call_inputs, p, drawn)
+        torch.testing.assert_close(sampler.weight_gradient(call_errors, call_inputs, False), expected, rtol=0, atol=0)
 
 
 def test_row_token_variances_sum_each_rows_token_rows():
@@ -242,9 +260,10 @@ def test_variance_factor_counts_the_token_draws_variance(quiet_args, monkeypatch
     positions = [i for i, p in enumerate(p for p in trainer.model.parameters() if p.requires_grad) if id(p) in weights]
     draws = torch.stack([torch.cat([step[i].reshape(-1) for i in positions]).double() for step in recorder.gradients])
     measured = float((draws - draws.mean(0)).pow(2).sum(1).mean()) * len(draws) / (len(draws) - 1)
-    print(f"token variance: measured {measured:.4g}, predicted {sums.token / 400:.4g}")
-    assert measured == pytest.approx(sums.token / 400, rel=0.2)
-    assert float(sums.numerators[0]) == pytest.approx(sums.token, rel=1e-9)  # f = 1: no row variance
+    token = float(sums.token[0])
+    print(f"token variance: measured {measured:.4g}, predicted {token / 400:.4g}")
+    assert measured == pytest.approx(token / 400, rel=0.2)
+    assert float(sums.numerators[0, 0]) == pytest.approx(token, rel=1e-9)  # f = 1: no row variance
     logged = [log for log in trainer.state.log_history if "lgp/token_variance_share" in log]
     assert logged and all(0 < log["lgp/weight_gradient_tokens_computed"] < 0.8 for log in logged)
 
@@ -319,3 +338,100 @@ def test_explicit_keep_with_a_failing_check_is_refused_naming_the_setting(quiet_
 def test_bad_weight_gradient_keep_names_the_argument_and_the_allowed_values(value, quiet_args):
     with pytest.raises(ValueError, match=r"weight_gradient_keep: .* is not allowed; use a number in \(0, 1\]"):
         PredictedGradientArguments(**quiet_args, weight_gradient_keep=value)
+
+
+# ------------------------------------------------------------------------------------- weight_gradient_keep="auto"
+
+
+def paying_keeps(monkeypatch, per_token_seconds, saving_shares=None):
+    """Every layer shape's calibration gives `per_token_seconds` saved per token row at each candidate keep (toy models'
+    timings say nothing about real ones), and, with `saving_shares`, each keep column's saving of a step is that share
+    (keep 1 first); the costs are the prior's."""
+    from test_resume_and_faults import prior_costs
+
+    prior_costs(monkeypatch)
+    monkeypatch.setattr(lgp_hf.costs.WeightGradientCalibration, "token_savings", lambda self, errors, inputs, transposed: list(per_token_seconds))
+    if saving_shares is not None:
+        monkeypatch.setattr(lgp_hf.costs.StepCostModel, "keep_saving", lambda self, index: saving_shares[index])
+
+
+def test_keep_auto_samples_tokens_where_they_pay_after_checking_them(quiet_args, monkeypatch):
+    """At an explicit f = 1: the first decision takes the keep with the smallest F x cost (saving 0.5 of a step at keep
+    0.5, 0.55 at 0.25), checks it with its token draws first (once: the other keep needs no check of its own), and
+    samples the weight gradients from then on."""
+    from test_resume_and_faults import auto_settings
+
+    paying_keeps(monkeypatch, [1e-6, 2e-6], saving_shares=[0.0, 0.5, 0.55])
+    checked = []
+    statistics = lgp_hf.trainer.gradient_error_statistics
+    monkeypatch.setattr(lgp_hf.trainer, "gradient_error_statistics",
+                        lambda trainer, *args, **kwargs: checked.append(trainer.token_sampler.keep) or statistics(trainer, *args, **kwargs))
+    args = PredictedGradientArguments(**auto_settings(quiet_args, max_steps=20, control_fraction=1.0, weight_gradient_keep="auto"))
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(16 * 20))
+    trainer.train()
+    decision, summary = trainer._last_decision, trainer.lgp_summary()
+    assert decision["keep"] < 1 and decision["fraction"] == 1.0 and summary["lgp_weight_gradient_keep"] == decision["keep"]
+    assert len(checked) == 1 and checked[0] < 1 and trainer.unbiasedness["keep"] == checked[0] and summary["lgp_unbiasedness_check"] == "passed"
+    assert 0 < summary["lgp_weight_gradient_tokens_computed"] < 0.8
+    kept = [log["lgp/weight_gradient_keep"] for log in trainer.state.log_history if "lgp/weight_gradient_keep" in log]
+    assert kept[0] == 1.0 and kept[-1] == decision["keep"]
+    assert decision["step_cost"] == pytest.approx(1 - {0.5: 0.5, 0.25: 0.55}[decision["keep"]]) and decision["variance_factor"] > 1
+    trainer.create_model_card()
+    LABELS = {key: label for key, label, _ in STATISTICS_ROWS}
+    card = (Path(args.output_dir) / "README.md").read_text(encoding="utf-8")
+    for line in (f"- weight_gradient_keep: auto (final {format_number(decision['keep'])})",
+                 f"- {LABELS['lgp_best_keep']}: {format_number(decision['best_keep'])}"):
+        assert line in card, line
+
+
+def test_keep_auto_where_sampling_does_not_pay_trains_as_trainer(quiet_args, monkeypatch):
+    """No layer's sampling saves time: no token variance in F, no saving, the keep stays 1 and the weights are
+    `Trainer`'s, bit for bit (observed steps only read)."""
+    from transformers import Trainer
+    from test_resume_and_faults import auto_settings
+
+    paying_keeps(monkeypatch, [-1e-6, -1e-6])
+    settings = auto_settings(quiet_args, max_steps=8, control_fraction=1.0)
+    ours = PredictedGradientTrainer(model=tiny_vit(), args=PredictedGradientArguments(**settings, weight_gradient_keep="auto"),
+                                    train_dataset=image_dataset(16 * 8))
+    ours.train()
+    theirs = Trainer(model=tiny_vit(), args=PredictedGradientArguments(**settings), train_dataset=image_dataset(16 * 8))
+    theirs.train()
+    assert ours._last_decision is not None and ours._last_decision["keep"] == 1.0 and ours.token_sampler is None
+    assert ours._last_decision["variance_factor"] == 1.0
+    for (name, a), b in zip(ours.model.state_dict().items(), theirs.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_with_keep_auto_is_bit_identical(quiet_args, monkeypatch):
+    """Under "auto" for f and k: the keep chosen before the save, and the calibration, travel with the checkpoint."""
+    from test_resume_and_faults import STEPS, FewExamplesLossTrainer, auto_settings, straight_and_resumed
+
+    paying_keeps(monkeypatch, [1e-6, 2e-6], saving_shares=[0.0, 0.5, 0.55])
+    settings = auto_settings(quiet_args, save_strategy="steps", save_steps=STEPS, weight_gradient_keep="auto", max_steps=20)
+    straight, second = straight_and_resumed(FewExamplesLossTrainer, settings, image_dataset(80))
+    for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    summary, expected = second.lgp_summary(), straight.lgp_summary()
+    for key in ("lgp_control_fraction", "lgp_weight_gradient_keep", "lgp_variance_factor", "lgp_token_variance_share",
+                "lgp_weight_gradient_tokens_computed", "lgp_unbiasedness_check"):
+        assert summary[key] == expected[key], key
+    assert expected["lgp_weight_gradient_keep"] < 1 and expected["lgp_unbiasedness_check"] == "passed"
+
+
+def test_keep_auto_whose_check_fails_keeps_every_weight_gradient_exact(quiet_args, monkeypatch, caplog):
+    from test_resume_and_faults import auto_settings
+
+    paying_keeps(monkeypatch, [1e-6, 2e-6], saving_shares=[0.0, 0.5, 0.55])
+
+    def unweighted(errors, inputs, probabilities, drawn, transposed=False):
+        return sampled_weight_gradient(errors, inputs, torch.ones_like(probabilities), drawn, transposed)
+
+    monkeypatch.setattr(lgp_hf.token_sampling, "sampled_weight_gradient", unweighted)
+    args = PredictedGradientArguments(**auto_settings(quiet_args, max_steps=20, control_fraction=1.0, weight_gradient_keep="auto"))
+    trainer = PredictedGradientTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(16 * 20))
+    with caplog.at_level("WARNING", logger="lgp_hf.trainer"):
+        trainer.train()  # not raised: "auto" chose the keep
+    assert trainer.lgp_summary()["lgp_unbiasedness_check"] == "failed" and trainer.token_sampler is None
+    assert trainer.lgp_summary()["lgp_weight_gradient_keep"] == 1.0
+    assert any("weight_gradient_keep='auto'" in r.getMessage() and "BIASED" in r.getMessage() for r in caplog.records)
