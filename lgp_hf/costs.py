@@ -150,34 +150,51 @@ class StepCostModel:
 
 
 class WeightGradientCalibration:
-    """What sampling a layer's weight gradient saves, per token row, at each keep of `keeps`: timed once per layer shape
-    (d_in, d_out, layout, dtype, device) on the run's own tensors, the first time an observed step reads them.
+    """What sampling a layer call's weight gradient saves at each keep of `keeps` (two or more): a model per layer shape
+    (d_in, d_out, layout, dtype, device), fitted to timings on the run's own tensors.
 
-    The exact product dY^T X against the whole sampled path (`token_sampling`: both norms, the probabilities, the draw,
-    the gathers and the product on the drawn rows), the median of CALIBRATION_REPEATS timings each, divided by the token
-    rows: negative where the path costs more than it saves (narrow layers: its passes over the rows grow with
-    d_in + d_out, the saved products with d_in x d_out). Kept in checkpoints, so that a resumed run decides alike.
+    Over a call's T token rows, A of them with a term (dy_t != 0), the exact product dY^T X takes e T seconds, and the
+    sampled path (`token_sampling`: both norms, the probabilities and the draw over the T rows, then the gathers and the
+    product on about k A drawn rows) p T + s k A: sampling saves (e - p) T - s k A (`savings`). A call whose rows mostly
+    have no term (a classifier's top block reads one position) saves nearly its whole product; one where all have a term
+    saves only where the products outweigh the passes over the rows (wide layers: the products grow with d_in x d_out,
+    the passes with d_in + d_out). e, p and s come from timing, on one call, the exact product and the path at the
+    first two keeps (the median of CALIBRATION_REPEATS timings each): on an observed step's first call of a shape, and
+    again on a call with over twice the rows with a term (s is then measured on more products). Kept in checkpoints, so
+    that a resumed run decides alike.
     """
 
     def __init__(self, keeps: tuple[float, ...], uniform_mix: float):
         self.keeps, self.uniform_mix = tuple(keeps), uniform_mix
-        self.savings: dict[str, list[float]] = {}  # per layer shape: seconds saved per token row at each keep
+        self.fits: dict[str, list[float]] = {}  # per layer shape: e, p, s (seconds per token row) and the A they were timed at
 
-    def token_savings(self, errors: torch.Tensor, inputs: torch.Tensor, transposed: bool) -> list[float]:
-        """Seconds saved per token row at each keep, for a layer call's 2-D `errors` and `inputs` (timed if new)."""
+    def savings(self, errors: torch.Tensor, inputs: torch.Tensor, transposed: bool, active: int, fit: bool = False) -> list[float] | None:
+        """Seconds that sampling this call's weight gradient would save at each keep, for its 2-D `errors` and `inputs`
+        with `active` token rows with a term; None for a shape not timed yet. With `fit`, the call is timed first where
+        its shape is new or it has over twice the rows with a term of the shape's last timing."""
         key = f"{inputs.shape[-1]}x{errors.shape[-1]}{'t' if transposed else ''} {str(errors.dtype).removeprefix('torch.')} {errors.device.type}"
-        if key not in self.savings:
-            errors, inputs = errors.detach(), inputs.detach().to(errors.dtype)
-            exact = self._seconds(lambda: inputs.mT @ errors if transposed else errors.mT @ inputs, errors.device)
-            generator = torch.Generator(errors.device).manual_seed(0)
+        fitted = self.fits.get(key)
+        if fit and active > 0 and (fitted is None or active > 2 * fitted[3]):
+            fitted = self.fits[key] = self._fit(errors.detach(), inputs.detach().to(errors.dtype), transposed, active)
+        if fitted is None:
+            return None
+        exact, passes, product, _ = fitted
+        return [(exact - passes) * errors.shape[0] - product * keep * active for keep in self.keeps]
 
-            def sampled(keep):
-                probabilities = token_probabilities(token_norms(errors) * token_norms(inputs), keep, self.uniform_mix)
-                return sampled_weight_gradient(errors, inputs, probabilities, poisson_draw(probabilities, generator), transposed)
+    def _fit(self, errors: torch.Tensor, inputs: torch.Tensor, transposed: bool, active: int) -> list[float]:
+        """[e, p, s, A] from timing this call (`savings`): t_k = p T + s k A at the first two keeps."""
+        rows = max(errors.shape[0], 1)
+        exact = self._seconds(lambda: inputs.mT @ errors if transposed else errors.mT @ inputs, errors.device)
+        generator = torch.Generator(errors.device).manual_seed(0)
 
-            rows = max(errors.shape[0], 1)
-            self.savings[key] = [(exact - self._seconds(lambda: sampled(keep), errors.device)) / rows for keep in self.keeps]
-        return self.savings[key]
+        def sampled(keep):
+            probabilities = token_probabilities(token_norms(errors) * token_norms(inputs), keep, self.uniform_mix)
+            return sampled_weight_gradient(errors, inputs, probabilities, poisson_draw(probabilities, generator), transposed)
+
+        (first, second), times = self.keeps[:2], [self._seconds(lambda: sampled(keep), errors.device) for keep in self.keeps[:2]]
+        product = max(0.0, (times[0] - times[1]) / ((first - second) * active))
+        passes = max(0.0, (times[0] - product * first * active) / rows)
+        return [exact / rows, passes, product, active]
 
     @staticmethod
     def _seconds(work, device: torch.device) -> float:
@@ -195,10 +212,10 @@ class WeightGradientCalibration:
         return statistics.median(times)
 
     def state_dict(self) -> dict:
-        return {"savings": {key: list(values) for key, values in self.savings.items()}}
+        return {"fits": {key: list(values) for key, values in self.fits.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.savings = {key: list(values) for key, values in state.get("savings", {}).items()}
+        self.fits = {key: list(values) for key, values in state.get("fits", {}).items()}
 
 
 def affordable_check_draws(budget: float, row_share: float, fraction: float, cost: float) -> int:

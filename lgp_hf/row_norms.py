@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .token_sampling import row_token_variances
+from .token_sampling import row_token_variances, token_scores
 
 
 def linear_row_squared_norms(inputs: torch.Tensor, errors: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -93,14 +93,16 @@ class RowGradientNorms:
         savings = None
         if self.calibration is not None:
             flat_errors, flat_inputs = errors.reshape(-1, errors.shape[-1]), inputs.reshape(-1, inputs.shape[-1])
-            savings = dict(zip(self.calibration.keeps, self.calibration.token_savings(flat_errors, flat_inputs, isinstance(module, Conv1D))))
+            active = int((token_scores(flat_errors, flat_inputs) > 0).sum())
+            seconds = self.calibration.savings(flat_errors, flat_inputs, isinstance(module, Conv1D), active, fit=True) or [0.0] * len(self.calibration.keeps)
+            savings = dict(zip(self.calibration.keeps, seconds))
             scale = 1.0 if index is None else rows / max(index.numel(), 1)
         for column, keep in enumerate(self.token_keeps):
             if keep >= 1 or (savings is not None and savings[keep] <= 0):
                 continue
             variances[:, column] = row_token_variances(inputs, errors, keep, self.uniform_mix)
             if savings is not None:
-                self.keep_savings[column] += savings[keep] * (errors.numel() // errors.shape[-1]) * scale
+                self.keep_savings[column] += savings[keep] * scale
         return variances
 
     def batch_squared_norm(self) -> float:

@@ -127,7 +127,7 @@ class WeightGradientSampler:
     rows whose term was computed, and token rows with a term, since `take_counts` (tensors on the device until then:
     no wait for it per call). Layers that read the same input in turn (q, k, v) take its norms once. With a
     `calibration` (`costs.WeightGradientCalibration`, under `weight_gradient_keep="auto"`), a layer call whose sampling
-    does not save time at `keep` computes its weight gradient exactly.
+    would not save time at `keep` (for its shape and its rows with a term) computes its weight gradient exactly.
     """
 
     def __init__(self, weights: list[nn.Parameter], keep: float, uniform_mix: float, calibration=None):
@@ -145,9 +145,11 @@ class WeightGradientSampler:
 
     def weight_gradient(self, errors: torch.Tensor, inputs: torch.Tensor, transposed: bool) -> torch.Tensor:
         """dW_hat of one layer call from its 2-D `errors` and `inputs` (`sampled_weight_gradient`)."""
-        if self.calibration is not None and self.calibration.token_savings(errors, inputs, transposed)[self.calibration.keeps.index(self.keep)] <= 0:
-            return inputs.mT @ errors if transposed else errors.mT @ inputs
         scores = token_norms(errors) * self._input_norms(inputs)
+        if self.calibration is not None:
+            savings = self.calibration.savings(errors, inputs, transposed, int((scores > 0).sum()))
+            if savings is None or savings[self.calibration.keeps.index(self.keep)] <= 0:
+                return inputs.mT @ errors if transposed else errors.mT @ inputs
         probabilities = token_probabilities(scores, self.keep, self.uniform_mix)
         generator = torch.Generator(errors.device).manual_seed(token_seed(self.seed, self.calls))
         self.calls += 1

@@ -68,21 +68,27 @@ def test_the_check_fits_a_run_of_200_steps_at_the_default_budget(batch, fits):
     assert affordable_check_draws(0.02 * 200, 0.25, 0.1, PRIOR_INTERCEPT + 0.1) > draws  # fewer rows drawn, cheaper draws
 
 
-def test_calibration_times_each_layer_shape_once_and_prices_each_keep(monkeypatch):
-    """Seconds saved per token row at each keep: (exact - sampled) / rows, timed on the first call of a shape only (the
-    rows' count aside), kept in its state; the timed work is the exact product and the sampled estimate of it."""
-    timings = iter([4.0, 3.0, 2.5, 8.0, 5.0, 9.0])  # exact, keep 0.5, keep 0.25; for two layer shapes
+def test_calibration_fits_each_layer_shape_and_prices_each_call(monkeypatch):
+    """Timed on one call of T = 10 rows, A = 4 with a term: exact 5 s, the sampled path 3 s at keep 0.5 and 2 s at 0.25,
+    so s = 1 / (0.25 x 4), p = (3 - 0.5 x 4 s) / 10, e = 0.5; every call of the shape is priced (e - p) T - s k A, timed
+    again only on a call with over twice the rows with a term; the fit travels in the state; the timed work is the
+    exact product and the sampled one."""
+    timings = iter([5.0, 3.0, 2.0, 8.0, 5.0, 3.0, 1.0, 1.0, 1.0])
     results = []
     monkeypatch.setattr(WeightGradientCalibration, "_seconds", staticmethod(lambda work, device: results.append(work()) or next(timings)))
     calibration = WeightGradientCalibration((0.5, 0.25), 0.1)
     errors, inputs = torch.randn(10, 3), torch.randn(10, 4)
-    assert calibration.token_savings(errors, inputs, False) == pytest.approx([0.1, 0.15])
-    assert calibration.token_savings(errors[:5], inputs[:5] * 2, False) == pytest.approx([0.1, 0.15]) and len(results) == 3
-    assert calibration.token_savings(errors, inputs, True) == pytest.approx([0.3, -0.1])  # Conv1D's layout: timed apart
-    assert [tuple(result.shape) for result in results] == [(3, 4)] * 3 + [(4, 3)] * 3
+    assert calibration.savings(errors, inputs, False, 4) is None  # not timed yet, and not timed without `fit`
+    e, p, s = 0.5, 0.1, 1.0
+    assert calibration.savings(errors, inputs, False, 4, fit=True) == pytest.approx([(e - p) * 10 - s * 0.5 * 4, (e - p) * 10 - s * 0.25 * 4])
+    assert calibration.savings(errors[:6], inputs[:6], False, 6, fit=True) == pytest.approx([(e - p) * 6 - s * 3, (e - p) * 6 - s * 1.5])
+    assert len(results) == 3 and [tuple(result.shape) for result in results] == [(3, 4)] * 3
+    calibration.savings(errors, inputs, False, 9, fit=True)  # over twice the rows with a term: timed again (8, 5, 3 s)
+    assert calibration.fits["4x3 float32 cpu"] == pytest.approx([0.8, (5 - 0.5 * 9 * 2 / 2.25) / 10, 2 / 2.25, 9])
+    assert calibration.savings(errors, inputs, True, 4, fit=True) is not None and len(results) == 9  # Conv1D's layout: its own fit
     restored = WeightGradientCalibration((0.5, 0.25), 0.1)
     restored.load_state_dict(calibration.state_dict())
-    assert restored.token_savings(errors, inputs, True) == pytest.approx([0.3, -0.1]) and len(results) == 6
+    assert restored.savings(errors, inputs, False, 4) == pytest.approx(calibration.savings(errors, inputs, False, 4))
 
 
 def test_keep_savings_and_token_sampled_steps_at_f_one_price_each_setting():

@@ -344,13 +344,14 @@ def test_bad_weight_gradient_keep_names_the_argument_and_the_allowed_values(valu
 
 
 def paying_keeps(monkeypatch, per_token_seconds, saving_shares=None):
-    """Every layer shape's calibration gives `per_token_seconds` saved per token row at each candidate keep (toy models'
+    """Every layer call's calibration gives `per_token_seconds` saved per token row at each candidate keep (toy models'
     timings say nothing about real ones), and, with `saving_shares`, each keep column's saving of a step is that share
     (keep 1 first); the costs are the prior's."""
     from test_resume_and_faults import prior_costs
 
     prior_costs(monkeypatch)
-    monkeypatch.setattr(lgp_hf.costs.WeightGradientCalibration, "token_savings", lambda self, errors, inputs, transposed: list(per_token_seconds))
+    savings = lambda self, errors, inputs, transposed, active, fit=False: [seconds * len(errors) for seconds in per_token_seconds]  # noqa: E731
+    monkeypatch.setattr(lgp_hf.costs.WeightGradientCalibration, "savings", savings)
     if saving_shares is not None:
         monkeypatch.setattr(lgp_hf.costs.StepCostModel, "keep_saving", lambda self, index: saving_shares[index])
 
