@@ -19,7 +19,8 @@ Sized for about 6 minutes on an H100 at the defaults (an estimate: not yet timed
                     does not reproduce itself (non-deterministic kernels), the comparison is undetermined, not failed.
                     cuDNN runs deterministic algorithms during (b).
   (c) step cost     `step_cost.py` at batch `--batch_size` 128 under bf16: Trainer, lgp_f0.5 and lgp_f0.25 (each also
-                    with `_keep0.5`: token-sampled weight gradients), lgp_f0.25_linear (the gradient predictor), with
+                    with `_keep0.5`: token-sampled weight gradients), lgp_f0.25_linear (the gradient predictor),
+                    lgp_f1_keepauto (the keep chosen by "auto" from the layers' timed savings on this GPU: k_eff), with
                     each run's share of trunk rows backpropagated (f_eff, `lgp_trunk_rows_computed`), the floor
                     f_eff + (1 - f_eff) c and ratio - floor (goal: at most 0.05); `--step_rounds` 6 rounds of 4 steps.
   (d) race          `time_to_accuracy.py --subset --bf16`, one seed, `--race_seconds` 45 s of training per run:
@@ -194,7 +195,7 @@ def step_cost(cli, cuda: bool) -> None:
 
     step_cost_script.main([
         "--batch_size", str(cli.batch_size), "--fractions", "0.5", "0.25", "--weight_gradient_keep", "1.0", "0.5",
-        "--runs", "lgp_f0.25_linear", "--rounds", str(cli.step_rounds),
+        "--runs", "lgp_f0.25_linear", "lgp_f1_keepauto", "--rounds", str(cli.step_rounds),
         "--steps_per_turn", "4", "--output_dir", tempfile.mkdtemp(prefix="gpu_step_cost_"), *(["--bf16"] if cuda else []),
     ])
 

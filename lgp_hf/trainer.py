@@ -71,13 +71,15 @@ class PredictedGradientMixin:
     - with `gradient_predictor="linear"`, the boundary's backward also adds beta sum_i (1 - w_i) p_i to the trunk's
       linear layers, a control variate fitted on earlier steps' drawn rows (`predictor`): still unbiased;
     - with `weight_gradient_keep` < 1, the trunk's linear layers compute their weight gradients from sampled token
-      rows (`token_sampling`), at every step (f = 1 too): still unbiased, dX exact.
+      rows (`token_sampling`), at every step (f = 1 too): still unbiased, dX exact; with "auto", at the keep "auto"
+      chose, in the layer calls where that saves time (`costs.WeightGradientCalibration`).
     Nothing is written into `.grad` by hand: DDP, the fp16 scaler, clipping and accumulation are the base class's.
 
     At f = 1 (`control_fraction=1`, and "auto" until it lowers f) every step is the base class's own, except
     observed steps under "auto", which run the same computation with read-only hooks (the rows' scores and
     gradient norms, for F): the weights stay bit-identical to the base class's. "auto" lowers f when the estimated
-    F(f) x cost(f) (`theory`) is below 1 - AUTO_MARGIN, after an unbiasedness check on the run (`verification`).
+    F(f) x cost(f) (`theory`) is below 1 - AUTO_MARGIN, after an unbiasedness check on the run (`verification`);
+    `weight_gradient_keep="auto"` chooses the keep with it.
     What cannot be sampled trains as the base class (a log line says why): no identifiable head, a compiled model,
     DeepSpeed, FSDP, `torch.nn.DataParallel`, `ddp_static_graph`.
 
