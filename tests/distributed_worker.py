@@ -51,6 +51,9 @@ CONFIGS = {
     "f1_ga2_tokens": (1.0, 2, {"weight_gradient_keep": 0.5}),
     # f chosen from measured timings: not comparable with one process, but every rank must choose the same f
     "auto_ga2": ("auto", 2, {"auto_observation_period": 1, "auto_decision_steps": 4, "unbiasedness_check": False}),
+    # and the weight gradient keep, from each rank's own timings of its layers (the savings averaged over ranks)
+    "auto_keep_ga2": ("auto", 2, {"auto_observation_period": 1, "auto_decision_steps": 4, "unbiasedness_check": False,
+                                  "weight_gradient_keep": "auto"}),
 }
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "all_to_all_single")
 

@@ -28,6 +28,7 @@ import torch
 import distributed_worker
 from lgp_hf.monitor import CANDIDATE_FRACTIONS
 from lgp_hf.predictor import predictor_map
+from lgp_hf.token_sampling import KEEP_CANDIDATES
 from distributed_worker import CONFIGS, run_config
 
 WORKER = Path(distributed_worker.__file__)
@@ -100,6 +101,7 @@ def test_ranks_hold_identical_state_and_weights(runs, name):
     assert first["control_fraction"] == second["control_fraction"]
     if CONFIGS[name][0] == "auto":  # decisions from rank-averaged estimates: the same on both ranks
         assert first["summary"]["lgp_predicted_efficiency"] == second["summary"]["lgp_predicted_efficiency"] is not None
+        assert first["summary"]["lgp_weight_gradient_keep"] == second["summary"]["lgp_weight_gradient_keep"]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -116,11 +118,12 @@ def test_ddp_all_reduces_once_per_step_on_the_sync_micro_batch(runs, name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_only_a_few_floats_are_communicated(runs, name):
     """Besides DDP's buckets: the check's verdict (1), the observation overhead (1) and, at a decision of "auto",
-    F without and with the predictor and the cost of each candidate fraction and of f = 1 (one keep: the runs' keep is
-    set), and the predictor's cost; with the predictor, its step sums once per optimizer step (its state's size, far
+    F without and with the predictor and the cost of each candidate fraction and of f = 1, at each keep "auto" may
+    choose, and the predictor's cost; with the predictor, its step sums once per optimizer step (its state's size, far
     below the parameters')."""
     ddp, _ = runs
+    keeps = 1 + len(KEEP_CANDIDATES) if len(CONFIGS[name]) > 2 and CONFIGS[name][2].get("weight_gradient_keep") == "auto" else 1
     for rank_result in ddp[name]:
         sizes = [numel for _, numel in rank_result["collectives"]]
-        bound = max(3 * (len(CANDIDATE_FRACTIONS) + 1) + 1, rank_result["predictor_state_size"])
+        bound = max(3 * (len(CANDIDATE_FRACTIONS) + 1) * keeps + 1, rank_result["predictor_state_size"])
         assert max(sizes, default=0) <= bound, rank_result["collectives"]
