@@ -21,7 +21,9 @@ expected token variance: F counts both (`row_token_variances`, `token_variance_s
 its own generator, seeded by the micro-batch's seed and the call's index (`WeightGradientSampler`): resumes draw alike.
 Replayed blocks take the draws in their taped linear layers (`replay._TapedLinear`); blocks run with plain autograd
 (f = 1, dense blocks, the user's gradient checkpointing) get the same function in place of their linear calls
-(`SampledWeightGradients`, active around every run of a trunk block: `sampled_weight_gradients`).
+(`SampledWeightGradients`, active around every run of a trunk block: `sampled_weight_gradients`). Under
+`weight_gradient_keep="auto"` the keep is one of 1 and `KEEP_CANDIDATES`, and a layer call is sampled only where
+`costs.WeightGradientCalibration` prices its sampling below its exact product.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def token_scores(errors: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def token_norms(inputs: torch.Tensor) -> torch.Tensor:
-    """The norm of each token row of a 2-D `inputs` (x_t, or dy_t): computed in float32 at least (a float64 reduction is many times slower
-    on a CPU), returned in float64."""
+    """The norm of each token row of a 2-D `inputs` (x_t, or dy_t): computed in float32 at least (a float64 reduction
+    is many times slower on a CPU), returned in float64."""
     return inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32)).norm(dim=1).double()
 
 
