@@ -10,8 +10,8 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from .sampling import poisson_draw
-from .token_sampling import sampled_weight_gradient, token_norms, token_probabilities
+from .replay import linear_weight_gradient
+from .token_sampling import WeightGradientSampler
 
 #: cost(f) = intercept + f before a sampled step has been timed: a forward without autograd is about a third of a
 #: forward and backward, and each drawn row then costs its block's forward and backward again (`replay`).
@@ -184,12 +184,12 @@ class WeightGradientCalibration:
     def _fit(self, errors: torch.Tensor, inputs: torch.Tensor, transposed: bool, active: int) -> list[float]:
         """[e, p, s, A] from timing this call (`savings`): t_k = p T + s k A at the first two keeps."""
         rows = max(errors.shape[0], 1)
-        exact = self._seconds(lambda: inputs.mT @ errors if transposed else errors.mT @ inputs, errors.device)
-        generator = torch.Generator(errors.device).manual_seed(0)
+        exact = self._seconds(lambda: linear_weight_gradient(errors, inputs, transposed), errors.device)
 
         def sampled(keep):
-            probabilities = token_probabilities(token_norms(errors) * token_norms(inputs), keep, self.uniform_mix)
-            return sampled_weight_gradient(errors, inputs, probabilities, poisson_draw(probabilities, generator), transposed)
+            sampler = WeightGradientSampler([], keep, self.uniform_mix)
+            sampler.start(0)  # each run takes the input's norms, as a layer that shares no input does
+            return sampler.weight_gradient(errors, inputs, transposed)
 
         (first, second), times = self.keeps[:2], [self._seconds(lambda: sampled(keep), errors.device) for keep in self.keeps[:2]]
         product = max(0.0, (times[0] - times[1]) / ((first - second) * active))

@@ -139,6 +139,12 @@ def linear_call(func, args, kwargs) -> tuple | None:
     return None
 
 
+def linear_weight_gradient(errors: torch.Tensor, inputs: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """dW = dY^T X of a linear layer from its 2-D output `errors` and `inputs` (X^T dY when `transposed`: `Conv1D`'s
+    weight is d_in x d_out)."""
+    return inputs.mT @ errors if transposed else errors.mT @ inputs
+
+
 class _TapedLinear(torch.autograd.Function):
     """y = x W^T + b (`F.linear`), or y = b + x W (`transposed`: `torch.addmm` as transformers' `Conv1D` calls it),
     whose forward returns the given output (the recorded output's rows, or one computed by the caller) instead of
@@ -173,7 +179,7 @@ class _TapedLinear(torch.autograd.Function):
             if ctx.sampler is not None:
                 grad_w = ctx.sampler.weight_gradient(flat, inputs, ctx.transposed)
             else:
-                grad_w = inputs.mT @ flat if ctx.transposed else flat.mT @ inputs
+                grad_w = linear_weight_gradient(flat, inputs, ctx.transposed)
             grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0).to(weight.dtype)

@@ -90,17 +90,18 @@ class RowGradientNorms:
         """Per row (rows x keeps), the token variance of this layer call at each keep where it is sampled; adds the
         seconds saved there to `keep_savings`."""
         variances = torch.zeros(inputs.shape[0], len(self.token_keeps), dtype=torch.float64)
+        flat_errors, flat_inputs = errors.reshape(-1, errors.shape[-1]), inputs.reshape(-1, inputs.shape[-1])
+        scores = token_scores(flat_errors, flat_inputs)  # once for every keep
         savings = None
         if self.calibration is not None:
-            flat_errors, flat_inputs = errors.reshape(-1, errors.shape[-1]), inputs.reshape(-1, inputs.shape[-1])
-            active = int((token_scores(flat_errors, flat_inputs) > 0).sum())
+            active = int((scores > 0).sum())
             seconds = self.calibration.savings(flat_errors, flat_inputs, isinstance(module, Conv1D), active, fit=True) or [0.0] * len(self.calibration.keeps)
             savings = dict(zip(self.calibration.keeps, seconds))
             scale = 1.0 if index is None else rows / max(index.numel(), 1)
         for column, keep in enumerate(self.token_keeps):
             if keep >= 1 or (savings is not None and savings[keep] <= 0):
                 continue
-            variances[:, column] = row_token_variances(inputs, errors, keep, self.uniform_mix)
+            variances[:, column] = row_token_variances(scores, inputs.shape[0], keep, self.uniform_mix)
             if savings is not None:
                 self.keep_savings[column] += savings[keep] * scale
         return variances

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .replay import _TapedLinear, linear_call
+from .replay import _TapedLinear, linear_call, linear_weight_gradient
 from .sampling import capped_probabilities, poisson_draw, skip_odds
 
 #: The keeps below 1 that `weight_gradient_keep="auto"` chooses from (with 1: every weight gradient exact).
@@ -87,15 +87,14 @@ def sampled_weight_gradient(
         errors = (errors * weights).to(errors.dtype)
     else:
         inputs = (inputs * weights).to(inputs.dtype)
-    return inputs.mT @ errors if transposed else errors.mT @ inputs
+    return linear_weight_gradient(errors, inputs, transposed)
 
 
-def row_token_variances(inputs: torch.Tensor, errors: torch.Tensor, keep: float, uniform_mix: float) -> torch.Tensor:
-    """Per row (dim 0) of one layer call's `inputs` (rows x ... x d_in) and output `errors` (rows x ... x d_out), the
-    `token_variances` of its token rows summed: the variance the call's token draw adds, attributed to the rows
-    (float64, CPU). The probabilities are those the call's backward draws with (the same token rows and scores)."""
-    rows = inputs.shape[0]
-    scores = token_scores(errors.reshape(-1, errors.shape[-1]), inputs.reshape(-1, inputs.shape[-1]))
+def row_token_variances(scores: torch.Tensor, rows: int, keep: float, uniform_mix: float) -> torch.Tensor:
+    """Per row of one layer call over `rows` rows, from its token rows' `scores` (`token_scores` of the call's inputs
+    and output errors, flattened rows x positions), the `token_variances` of its token rows summed: the variance the
+    call's token draw adds, attributed to the rows (float64, CPU). The probabilities are those the call's backward
+    draws with (the same token rows and scores)."""
     return token_variances(token_probabilities(scores, keep, uniform_mix), scores).reshape(rows, -1).sum(1).cpu()
 
 
@@ -137,7 +136,7 @@ class WeightGradientSampler:
         self.keep, self.uniform_mix, self.calibration = keep, uniform_mix, calibration
         self.seed = self.calls = 0
         self.computed_tokens = self.total_tokens = 0
-        self._last_input: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # (input, `_tensor_key`, its norms)
+        self._last_input: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # (input, its key, its norms)
 
     def samples(self, weight: torch.Tensor) -> bool:
         return id(weight) in self.weight_ids
@@ -151,7 +150,7 @@ class WeightGradientSampler:
         if self.calibration is not None:
             savings = self.calibration.savings(errors, inputs, transposed, int((scores > 0).sum()))
             if savings is None or savings[self.calibration.keeps.index(self.keep)] <= 0:
-                return inputs.mT @ errors if transposed else errors.mT @ inputs
+                return linear_weight_gradient(errors, inputs, transposed)
         probabilities = token_probabilities(scores, self.keep, self.uniform_mix)
         generator = torch.Generator(errors.device).manual_seed(token_seed(self.seed, self.calls))
         self.calls += 1
@@ -161,8 +160,9 @@ class WeightGradientSampler:
         return sampled_weight_gradient(errors, inputs, probabilities, drawn, transposed)
 
     def _input_norms(self, inputs: torch.Tensor) -> torch.Tensor:
-        """`token_norms` of an input, reused while the layers read the same values: the same memory, layout and version (each
-        call's input is its own view; the last one is held, so that its memory cannot be taken by another tensor)."""
+        """`token_norms` of an input, reused while the layers read the same values: the same memory, layout and
+        version (each call's input is its own view; the last one is held, so that its memory cannot be taken by another
+        tensor)."""
         key = (inputs.data_ptr(), inputs.shape, inputs.stride(), inputs.dtype, inputs.device, inputs._version)
         if self._last_input is None or self._last_input[1] != key:
             self._last_input = (inputs, key, token_norms(inputs))

@@ -102,7 +102,7 @@ def test_row_token_variances_sum_each_rows_token_rows():
     errors[1, 2:] = 0
     scores = token_scores(errors.reshape(15, 2), inputs.reshape(15, 4))
     per_token = token_variances(token_probabilities(scores, 0.5, 0.1), scores)
-    torch.testing.assert_close(row_token_variances(inputs, errors, 0.5, 0.1), per_token.reshape(3, 5).sum(1))
+    torch.testing.assert_close(row_token_variances(scores, 3, 0.5, 0.1), per_token.reshape(3, 5).sum(1))
 
 
 @pytest.mark.parametrize("case", ["skewed", "zeros"])
