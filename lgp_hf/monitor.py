@@ -4,8 +4,9 @@ Every sampled or observed micro-batch reports its boundary draw (`boundary.Bound
 squared trunk-gradient norm of each drawn row (`row_norms`). From those, the Horvitz-Thompson sums of
 `sampling.variance_factor_sums` estimate F at the current fraction and at every candidate fraction of "auto"
 (`CANDIDATE_FRACTIONS`), as the scores of the very same rows would have drawn them. Sums are kept since the last log
-(`lgp/*`), since the last decision of "auto" and over the run (`summary`). The rows' squared norms and that of their
-summed gradient also give the gradient noise scale (`noise_scale`), averaged over the run's observed micro-batches;
+(`lgp/*`), since the last decision of "auto" and over the run (`summary`). The rows' squared norms and that of the
+update, less its sampling variance, also give the gradient noise scale (`noise_scale`), averaged over the run's
+observed micro-batches;
 everything travels in checkpoints. With a gradient predictor (`predictor`) each observed row also reports the change of
 its squared norm under the control variate, ||g_i - beta p_i||^2 - ||g_i||^2: F with the predictor is then estimated
 with the residuals in the numerators, and F without it is kept beside it, for their ratio
@@ -101,9 +102,9 @@ class SamplingMonitor:
         self, draws: list[BoundaryDraw], fraction: float, squared_norms: torch.Tensor | None, batch_squared_norm: float | None,
         backward_work: tuple[int, ...], predicted_change: torch.Tensor | None = None, token_variances: torch.Tensor | None = None,
     ) -> None:
-        """One micro-batch: its draws, the fraction they were made at, its rows' squared trunk-gradient norms and
-        the squared norm of their summed gradient as read below the boundary when it was observed (one draw only:
-        rows are attributed to it), the trunk's backward work (`BACKWARD_WORK`), with a predictor each row's
+        """One micro-batch: its draws, the fraction they were made at, its rows' squared trunk-gradient norms as read
+        below the boundary and the squared norm of the update the trunk's linear layers received when it was observed
+        (one draw only: rows are attributed to it), the trunk's backward work (`BACKWARD_WORK`), with a predictor each row's
         ||g_i - beta p_i||^2 - ||g_i||^2 (unweighted: `predictor.LinearGradientPredictor.finish_micro_batch`), and with
         token sampling each row's token variance as read at each keep (rows x keeps: `row_norms`)."""
         for draw in draws:
@@ -128,18 +129,21 @@ class SamplingMonitor:
         tokens = torch.zeros(len(candidates), len(self.keeps), dtype=torch.float64)
         if token_variances is not None:
             tokens = token_variance_sums(candidates, draw.probabilities, draw.drawn, token_variances.reshape(len(draw.drawn), -1))
-        factors = numerators[:, None] + tokens
+        factors = update = numerators[:, None] + tokens
         if predicted_change is not None:
             for sums in (self.log_unpredicted, self.decision_unpredicted, self.run_unpredicted):
                 sums.add(factors, denominator, int(draw.drawn.sum()), tokens[0])
             # the update's variance: the residuals g_i - beta p_i in the numerators, against the same sum of ||g_i||^2
             factors = variance_factor_sums(candidates, draw.probabilities, draw.drawn, squared_norms + predicted_change)[0][:, None] + tokens
+            update = factors if self.predicting else update
         for sums in (self.log_factors, self.decision_factors, self.run_factors):
             sums.add(factors, denominator, int(draw.drawn.sum()), tokens[0])
-        # S and G2 of the batch, estimated from the drawn rows: the read sum of g_i / pi_i has the sampling
-        # variance (the current design's numerator) on top of G2
+        # S and G2 of the batch, estimated from the drawn rows: the squared norm of the update read (the drawn rows'
+        # g_i / pi_i, their sampled weight gradients, the predictor's correction while applied) has the update's
+        # variance (the current design's numerator at the keep in use) on top of G2
         if draw.drawn.numel() > 1:
-            self.noise.add(*noise_scale_estimates(denominator, batch_squared_norm - float(numerators[0]), draw.drawn.numel()))
+            variance = float(update[0, self.keep_index])
+            self.noise.add(*noise_scale_estimates(denominator, batch_squared_norm - variance, draw.drawn.numel()))
 
     def record_cost(self, cost: float) -> None:
         """A timed sampled step's cost against the median `Trainer` step (`costs.StepCostModel`)."""

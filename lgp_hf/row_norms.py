@@ -6,9 +6,10 @@ sum_t delta_it x_it^T (and sum_t delta_it for the bias), t over the row's positi
 layer's input x (kept by a forward hook: autograd keeps it anyway) and output error delta (a tensor hook), read
 during the backward the step runs anyway (`linear_row_squared_norms`). Covered: `nn.Linear` (LoRA's adapters too)
 and transformers' `Conv1D` inside the trunk's blocks, which hold most of a transformer's parameters and of its
-gradient; the F estimated from them stands for the whole trunk's. The same hooks sum the rows' gradients of each
-layer (`linear_batch_gradient`), whose squared norm with the rows' gives the gradient noise scale (`noise_scale`),
-and, with weight gradients from sampled token rows, the variance each row's token draws add
+gradient; the F estimated from them stands for the whole trunk's. The rows' summed gradient of those layers, whose
+squared norm with the rows' gives the gradient noise scale (`noise_scale`), is the one the backward hands their
+parameters (read where it is accumulated: no second product), and, with weight gradients from sampled token rows,
+the same hooks read the variance each row's token draws add
 (`token_sampling.row_token_variances`: a function of the same inputs and output errors), at each keep "auto" may
 choose, in the layers whose sampling pays there (`costs.WeightGradientCalibration`, timed on the same tensors), with
 the seconds that keep would save.
@@ -17,8 +18,10 @@ the seconds that keep would save.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -45,15 +48,6 @@ def linear_row_squared_norms(inputs: torch.Tensor, errors: torch.Tensor, bias: b
     return norms
 
 
-def linear_batch_gradient(inputs: torch.Tensor, errors: torch.Tensor, bias: bool) -> torch.Tensor:
-    """sum_rows sum_t delta_t x_t^T (b x a), with sum_rows sum_t delta_t as one more column with a bias: the
-    layer's gradient from these rows, in float32 (one product as large as the layer's own weight gradient)."""
-    x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-    delta = errors.detach().reshape(-1, errors.shape[-1]).float()
-    gradient = delta.mT @ x
-    return torch.cat([gradient, delta.sum(0)[:, None]], 1) if bias else gradient
-
-
 def trunk_linear_layers(modules: list[nn.Module]) -> list[nn.Module]:
     """The trainable linear layers (`nn.Linear`, LoRA's adapters included, and transformers' `Conv1D`) in `modules`."""
     return [m for module in modules for m in module.modules() if isinstance(m, (nn.Linear, Conv1D)) and m.weight.requires_grad]
@@ -61,7 +55,9 @@ def trunk_linear_layers(modules: list[nn.Module]) -> list[nn.Module]:
 
 class RowGradientNorms:
     """Hooks on the linear layers of `modules` that add each row's squared gradient norm into `squared_norms`, and
-    the rows' summed gradient of each layer into `batch_gradients` (`batch_squared_norm`: its squared norm); with a
+    on their parameters' gradient accumulation (`AccumulateGrad`, run once per backward with the parameter's whole
+    gradient there, not by the `torch.autograd.grad` of a block's replay) that hold the gradient each backward gives
+    them in `batch_gradients` (`batch_squared_norm`: its squared norm; the update's, with its sampling variance); with a
     keep below 1 in `token_keeps` (`weight_gradient_keep`), each row's token sampling variance at each keep into
     `token_variances` (rows x keeps; 0 at keep 1). With a `calibration` (`weight_gradient_keep="auto"`), only layers
     whose sampling saves time at a keep are counted there, and `keep_savings` adds up the seconds they would save
@@ -78,7 +74,7 @@ class RowGradientNorms:
         self.token_keeps, self.uniform_mix, self.calibration = tuple(token_keeps), uniform_mix, calibration
         self.squared_norms: torch.Tensor | None = None
         self.token_variances: torch.Tensor | None = None
-        self.batch_gradients: dict[nn.Parameter, torch.Tensor] = {}  # by weight
+        self.batch_gradients: dict[nn.Parameter, torch.Tensor] = {}  # by parameter
         self.keep_savings = [0.0] * len(self.token_keeps)
 
     def take_keep_savings(self) -> list[float]:
@@ -106,8 +102,14 @@ class RowGradientNorms:
                 self.keep_savings[column] += savings[keep] * scale
         return variances
 
+    def parameters(self) -> list[nn.Parameter]:
+        """The layers' trainable weights and biases, each once."""
+        return list({id(p): p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None and p.requires_grad}.values())
+
     def batch_squared_norm(self) -> float:
-        """||sum_i g_i||^2 over the layers, for the rows `squared_norms` holds (0 before any)."""
+        """The squared norm of the gradient the layers' parameters were given in the recorded backward: ||sum_i g_i||^2
+        at f = 1 without token draws; with them, that of the update, whose expectation adds their variance (0 before
+        any backward)."""
         return sum(float(gradient.double().pow(2).sum()) for gradient in self.batch_gradients.values())
 
     @contextlib.contextmanager
@@ -129,8 +131,6 @@ class RowGradientNorms:
                     self.token_variances = torch.zeros(rows, len(self.token_keeps), dtype=torch.float64) if sampled else None
                 bias = module.bias is not None and module.bias.requires_grad
                 squares = linear_row_squared_norms(inputs, errors, bias).double().cpu()
-                gradient, key = linear_batch_gradient(inputs, errors, bias), module.weight  # a shared weight: one sum
-                self.batch_gradients[key] = self.batch_gradients[key] + gradient if key in self.batch_gradients else gradient
                 sums = [(self.squared_norms, squares)]
                 if self.token_variances is not None:
                     sums.append((self.token_variances, self._token_terms(module, inputs, errors, index, rows)))
@@ -142,7 +142,16 @@ class RowGradientNorms:
 
             output.register_hook(read)
 
+        def accumulate(parameter, gradients):
+            if gradients[0] is not None:  # several calls under reentrant checkpointing (a weight shared by blocks): one sum
+                gradient, held = gradients[0].detach().float(), self.batch_gradients.get(parameter)
+                self.batch_gradients[parameter] = gradient if held is None else held + gradient
+
         handles = [layer.register_forward_hook(watch) for layer in self.layers]
+        # a parameter holds its node weakly: held here, it is the one the forwards inside link the parameter to
+        with torch.enable_grad():
+            nodes = [(parameter, get_gradient_edge(parameter).node) for parameter in self.parameters()]
+        handles += [node.register_prehook(functools.partial(accumulate, parameter)) for parameter, node in nodes]
         try:
             yield self
         finally:

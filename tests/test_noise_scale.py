@@ -16,6 +16,7 @@ from lgp_hf.noise_scale import NoiseScaleAverages, noise_scale, noise_scale_esti
 from lgp_hf.replay import find_blocks
 from lgp_hf.row_norms import RowGradientNorms
 from lgp_hf.sampling import inclusion_probabilities
+from lgp_hf.token_sampling import token_probabilities, token_variances
 from lgp_hf.trainer import ADVICE_OBSERVATIONS
 from test_resume_and_faults import auto_settings, prior_costs
 
@@ -65,6 +66,81 @@ def test_monitor_removes_the_sampling_variance_from_the_sampled_batch_gradient()
     expected = torch.tensor(weights, dtype=torch.float64) @ torch.tensor(monitor.noise.values, dtype=torch.float64)
     full = noise_scale_estimates(float(squared.sum()), float(contributions.sum(0).pow(2).sum()), 5)
     torch.testing.assert_close(expected, torch.tensor(full, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("predictor", ["none", "measured", "applied"])
+def test_monitor_removes_the_token_draws_and_the_predictors_variance_too(predictor):
+    """With weight gradients from sampled token rows the update read at the parameters is sum over the drawn rows and
+    tokens of u_it / (pi_i p_t) (u_it: token t's term of row i's gradient g_i = sum_t u_it), plus, with the predictor
+    applied, its correction sum_i (1 - w_i) q_i (q_i = beta p_i: the rows' predictions). Over every row draw and,
+    given it, every token draw (p_t from the weighted terms' norms, as the backward draws them), weighted by their
+    probabilities, the monitor's estimates average to those of the full batch, whether the predictor is off,
+    measured only (its residuals reported, not in the update) or applied."""
+    generator = torch.Generator().manual_seed(2)
+    terms = torch.randn(4, 2, 3, generator=generator, dtype=torch.float64) / 4 + 0.05  # rows x tokens x gradient
+    contributions = terms.sum(1)
+    squared = contributions.pow(2).sum(1)
+    scores = squared.sqrt() + torch.rand(4, generator=generator, dtype=torch.float64)
+    probabilities = inclusion_probabilities(scores, 0.5, 0.1)
+    predictions = contributions + torch.randn(4, 3, generator=generator, dtype=torch.float64) / 20
+    change = (contributions - predictions).pow(2).sum(1) - squared if predictor != "none" else None
+    monitor = SamplingMonitor(uniform_mix=0.1, keeps=(0.5,))
+    monitor.noise, monitor.predicting = _Recorded(), predictor == "applied"
+    weights = []
+    for pattern in itertools.product([False, True], repeat=4):
+        drawn = torch.tensor(pattern)
+        row_weights = torch.where(drawn, 1 / probabilities, torch.zeros_like(probabilities))
+        weighted = terms * row_weights[:, None, None]  # what reaches the layer below the boundary
+        token_scores = weighted.norm(dim=2).reshape(-1)
+        token_p = token_probabilities(token_scores, 0.5, 0.1)
+        variances = token_variances(token_p, token_scores).reshape(4, 2).sum(1)  # each row's, as the hooks read it
+        read = torch.where(drawn, squared / probabilities**2, torch.zeros_like(squared))
+        row_probability = float(torch.where(drawn, probabilities, 1 - probabilities).prod())
+        active = token_p > 0
+        for tokens in itertools.product([False, True], repeat=int(active.sum())):
+            token_drawn = torch.zeros(8, dtype=torch.bool)
+            token_drawn[active] = torch.tensor(tokens, dtype=torch.bool)
+            weights.append(row_probability * float(torch.where(token_drawn, token_p, 1 - token_p)[active].prod()))
+            token_weights = torch.where(token_drawn, 1 / token_p.where(active, 1.0), 0.0).reshape(4, 2)
+            update = (weighted * token_weights[:, :, None]).sum((0, 1))
+            if predictor == "applied":
+                update = update + ((1 - row_weights)[:, None] * predictions).sum(0)
+            monitor.record([BoundaryDraw(scores, probabilities, drawn, False)], 0.5, read, float(update.pow(2).sum()), (0, 0),
+                           change, token_variances=variances[:, None])
+    assert sum(weights) == pytest.approx(1.0)
+    expected = torch.tensor(weights, dtype=torch.float64) @ torch.tensor(monitor.noise.values, dtype=torch.float64)
+    full = noise_scale_estimates(float(squared.sum()), float(contributions.sum(0).pow(2).sum()), 4)
+    torch.testing.assert_close(expected, torch.tensor(full, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(control_fraction=0.5), dict(control_fraction=0.5, weight_gradient_keep=0.5, gradient_predictor="linear")],
+    ids=["replay", "replay-tokens-predictor"],
+)
+def test_observed_update_is_read_once_where_the_parameters_receive_it(quiet_args, settings, monkeypatch):
+    """G2 is read from the gradient the trunk layers' parameters receive: once per backward, not again where a
+    replayed block differentiates itself with torch.autograd.grad (f < 1), and with what token sampling and the
+    predictor's correction give them: on every observed step it is the squared norm of their .grad (one micro-batch
+    per step: .grad is that backward's)."""
+    args = PredictedGradientArguments(
+        **quiet_args, per_device_train_batch_size=8, max_steps=8, learning_rate=1e-3, seed=0,
+        auto_observation_period=1, auto_observation_budget=1e9, **settings,
+    )
+    trainer = PredictedGradientTrainer(model=tiny_vit(seed=4), args=args, train_dataset=image_dataset(64, seed=3))
+    record, seen = trainer.monitor.record, []
+
+    def checked(draws, fraction, squared_norms, batch_squared_norm, *rest, **kwargs):
+        if squared_norms is not None:
+            grads = [p.grad for p in trainer.row_norms.parameters() if p.grad is not None]
+            seen.append((batch_squared_norm, sum(float(g.double().pow(2).sum()) for g in grads)))
+        return record(draws, fraction, squared_norms, batch_squared_norm, *rest, **kwargs)
+
+    monkeypatch.setattr(trainer.monitor, "record", checked)
+    trainer.train()
+    assert len(seen) >= 4 and all(received > 0 for _, received in seen)
+    for read, received in seen:
+        assert read == pytest.approx(received, rel=1e-6)
 
 
 def test_averages_divide_smoothed_sums_and_wait_for_enough_observations():
