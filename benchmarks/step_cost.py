@@ -58,7 +58,8 @@ equal-cost smaller batch's.
 step's, both timed by the trainer itself on the steps it picks; "-" when it measured none in the run). At f < 1
 the trainer makes two plain Trainer steps every 200, the second timed as its cost reference (every 25 until it has
 timed 3: pairs at steps 3 and 4, with the defaults inside the discarded warm-up round, and 28 and 29); the medians
-are robust to those.
+are robust to those. `lgp_observation_overhead` is the trainer's own measure of an observed step at f = 1 under
+"auto" (its time over a plain Trainer step's, less 1).
 
 Memory. Each process holds one configuration, so its peaks do not mix with others': peak RSS (VmHWM) on CPU or
 peak CUDA memory allocated on a GPU over the whole run, and the part added by training (peak minus the value
@@ -366,6 +367,7 @@ def summarize(specs, runs: dict[str, dict], passes: list[dict], args) -> tuple[l
             "keep_floor": token_floor - effective_tokens * backward_share * WEIGHT_GRADIENT_SHARE * (1 - effective_keep),
             "lgp_step_cost": summary.get("lgp_step_cost"),
             "lgp_predictor_cost": summary.get("lgp_predictor_cost"),
+            "lgp_observation_overhead": summary.get("lgp_observation_overhead"),
             "steps_timed": len(steps),
             "peak_mib": run["memory_peak_mib"],
             "train_mib": run["memory_peak_mib"] - run["memory_before_mib"],
@@ -436,7 +438,7 @@ def plot(specs, rows, costs, args, path: Path) -> None:
 
 COLUMNS = [
     "run", "f", "f_eff", "f_tok", "k_eff", "median_step_s", "mean_step_s", "ratio", "ratio_mean", "ratio_with_gap", "floor",
-    "token_floor", "keep_floor", "ratio_minus_floor", "goal", "lgp_step_cost", "lgp_predictor_cost", "peak_mib", "train_mib",
+    "token_floor", "keep_floor", "ratio_minus_floor", "goal", "lgp_step_cost", "lgp_predictor_cost", "lgp_observation_overhead", "peak_mib", "train_mib",
     "peak_vs_trainer_mib",
 ]
 

@@ -41,6 +41,7 @@ STATISTICS_ROWS = (
     ("lgp_predictor_applied", "Gradient predictor (the paper's control variate)", _TEXT),
     ("lgp_predictor_variance_ratio", "F with the predictor over F without it (the same observed rows)", _NUMBER),
     ("lgp_predictor_cost", "The predictor's own work per step (share of a Trainer step)", _NUMBER),
+    ("lgp_observation_overhead", "Extra time of an observed step at control fraction 1 (share of a Trainer step; observed steps read the rows' gradient norms)", _NUMBER),
     ("lgp_noise_scale", "Gradient noise scale B_noise (examples, over the observed steps)", _NUMBER),
     ("lgp_batch_size", "Batch of an optimizer step (examples, over accumulation and processes)", _INTEGER),
     ("lgp_best_fraction", "Control fraction with the lowest predicted time at the last decision of auto", _NUMBER),
@@ -54,7 +55,7 @@ STATISTICS_ROWS = (
     ("train_runtime", "Wall-clock training time", _DURATION),
 )
 #: Statistics that only `control_fraction="auto"` measures (left out of the card of a run at a fixed fraction).
-AUTO_STATISTICS = ("lgp_best_fraction", "lgp_predicted_efficiency")
+AUTO_STATISTICS = ("lgp_best_fraction", "lgp_predicted_efficiency", "lgp_observation_overhead")
 #: Statistics of the token draws (left out of the card of a run with exact weight gradients: weight_gradient_keep=1).
 KEEP_STATISTICS = ("lgp_weight_gradient_keep", "lgp_weight_gradient_tokens_computed", "lgp_best_keep")
 #: Statistics of the gradient predictor (left out of the card of a run without one).

@@ -604,8 +604,8 @@ class PredictedGradientMixin:
 
     def lgp_summary(self) -> dict[str, float | str | None]:
         """Statistics of the run so far: control fraction, rows drawn and computed, the variance factor F, the step
-        cost (`costs.StepCostModel.step_cost`: medians of recent timed steps), the gradient noise scale and the
-        optimizer step's batch, the last decision of "auto" and the
+        cost (`costs.StepCostModel.step_cost`: medians of recent timed steps), the last observed step's extra time
+        at f = 1, the gradient noise scale and the optimizer step's batch, the last decision of "auto" and the
         unbiasedness check."""
         decision = self._last_decision or {}
         return {
@@ -616,6 +616,7 @@ class PredictedGradientMixin:
             "lgp_step_cost": self.cost_model.step_cost(),
             "lgp_predictor_applied": None if self.predictor is None else self._predicting,
             "lgp_predictor_cost": self.cost_model.predictor_cost(),
+            "lgp_observation_overhead": self._observation_overhead,
             "lgp_batch_size": self._optimizer_batch_size(),
             "lgp_predicted_efficiency": decision.get("efficiency"),
             "lgp_best_fraction": decision.get("best_fraction"),
