@@ -22,6 +22,8 @@ REFERENCE_WINDOW = 5
 MIN_REFERENCES = 3
 #: Timed sampled steps whose median gives the intercept and the step cost: one slow step in many moves neither.
 SAMPLED_WINDOW = 25
+#: Timed observed steps at f = 1 whose median gives the observation overhead: one slow step does not space them out.
+OBSERVED_WINDOW = 5
 #: Timings of each layer shape's weight gradient, exact and sampled at each keep, in its calibration: the median counts.
 CALIBRATION_REPEATS = 3
 
@@ -45,6 +47,9 @@ class StepCostModel:
     keep saved added back (`saved_seconds`), so that the windows hold the step without token sampling, and
     cost(f, k) = cost(f) - min(f, 1) s(k): the weight gradients of a share f of the rows are computed.
 
+    Observed steps at f = 1 (under "auto": the rows' gradient norms read in the backward) are timed in their own
+    window: `observation_overhead` is what observing adds to a `Trainer` step.
+
     The gradient predictor's own work (`predictor`, timed apart) is left out of the sampled steps' times and kept as
     its own share of a `Trainer` step (`predictor_cost`): cost(f) is the step without it, cost(f) + predictor_cost
     the step with it, whether the predictor is in use or only measured.
@@ -56,6 +61,7 @@ class StepCostModel:
         self.full: list[float] = []  # seconds (without the predictor) of the last timed steps at f = 1 with token sampling
         self.predictor: list[float] = []  # the predictor's share of the median reference, last timed steps that ran it
         self.keep_savings: list[list[float]] = []  # seconds saved per step at each candidate keep, last observed steps
+        self.observed: list[float] = []  # seconds of the last timed observed steps at f = 1
 
     @property
     def reference_seconds(self) -> float | None:
@@ -81,6 +87,17 @@ class StepCostModel:
         if predictor_seconds > 0:
             self.observe_predictor(predictor_seconds)
         return seconds / reference
+
+    def observe_observed(self, seconds: float) -> None:
+        """An observed step at f = 1 without token sampling (its predictor's work, if measured, included)."""
+        self.observed = (self.observed + [seconds])[-OBSERVED_WINDOW:]
+
+    def observation_overhead(self) -> float | None:
+        """max(0, median(observed step) / reference - 1): observing's share of a `Trainer` step; None before either."""
+        reference = self.reference_seconds
+        if not self.observed or not reference:
+            return None
+        return max(0.0, statistics.median(self.observed) / reference - 1)
 
     def observe_predictor(self, seconds: float) -> None:
         """The predictor's seconds in a timed step (sampled, or observed with the predictor measured only)."""
@@ -137,7 +154,8 @@ class StepCostModel:
 
     def state_dict(self) -> dict:
         return {"references": list(self.references), "sampled": [list(entry) for entry in self.sampled], "full": list(self.full),
-                "predictor": list(self.predictor), "keep_savings": [list(entry) for entry in self.keep_savings]}
+                "predictor": list(self.predictor), "keep_savings": [list(entry) for entry in self.keep_savings],
+                "observed": list(self.observed)}
 
     def load_state_dict(self, state: dict) -> None:
         """The windows of a checkpoint (one from before the windows, with averages only, leaves them empty: the
@@ -147,6 +165,7 @@ class StepCostModel:
         self.full = list(state.get("full", []))
         self.predictor = list(state.get("predictor", []))
         self.keep_savings = [list(entry) for entry in state.get("keep_savings", [])]
+        self.observed = list(state.get("observed", []))
 
 
 class WeightGradientCalibration:

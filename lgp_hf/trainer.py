@@ -133,7 +133,6 @@ class PredictedGradientMixin:
         self.monitor = SamplingMonitor(settings.sampling_uniform_mix, self._keeps)
         self.cost_model = StepCostModel()
         self.unbiasedness: dict = {"status": "not run"}
-        self._observation_overhead: float | None = None
         self._micro_step = 0
         self._next_observation = 0  # the optimizer step at which the next observed step is due
         self._last_reference: int | None = None  # the last optimizer step timed as the base class's own
@@ -310,7 +309,7 @@ class PredictedGradientMixin:
                 self.cost_model.observe_plain(seconds)
         elif observe:
             if fraction == 1 and self.token_sampler is None and self.cost_model.reference_seconds:
-                self._observation_overhead = max(0.0, seconds / self.cost_model.reference_seconds - 1)
+                self.cost_model.observe_observed(seconds)
             if predictor_seconds > 0:
                 self.cost_model.observe_predictor(predictor_seconds)
         else:
@@ -398,8 +397,9 @@ class PredictedGradientMixin:
         step = self.state.global_step
         if observed:
             spacing = settings.auto_observation_period
-            if self._observation_overhead is not None:
-                overhead = float(self._all_ranks_mean(torch.tensor([self._observation_overhead], dtype=torch.float64, device=self.args.device)))
+            overhead = self.cost_model.observation_overhead()
+            if overhead is not None:
+                overhead = float(self._all_ranks_mean(torch.tensor([overhead], dtype=torch.float64, device=self.args.device)))
                 spacing = max(spacing, math.ceil(overhead / settings.auto_observation_budget))
             self._next_observation = step - 1 + spacing
             self._advise_batch_size()
@@ -616,7 +616,7 @@ class PredictedGradientMixin:
             "lgp_step_cost": self.cost_model.step_cost(),
             "lgp_predictor_applied": None if self.predictor is None else self._predicting,
             "lgp_predictor_cost": self.cost_model.predictor_cost(),
-            "lgp_observation_overhead": self._observation_overhead,
+            "lgp_observation_overhead": self.cost_model.observation_overhead(),
             "lgp_batch_size": self._optimizer_batch_size(),
             "lgp_predicted_efficiency": decision.get("efficiency"),
             "lgp_best_fraction": decision.get("best_fraction"),
@@ -691,7 +691,6 @@ class PredictedGradientMixin:
             "first_rows_observed": self._first_rows_observed,
             "next_observation": self._next_observation,
             "last_reference": self._last_reference,
-            "observation_overhead": self._observation_overhead,
             "last_decision": self._last_decision,
             "batch_advice": self._batch_advice,
             "unbiasedness": dict(self.unbiasedness),
@@ -731,7 +730,6 @@ class PredictedGradientMixin:
         self._first_rows_observed = state.get("first_rows_observed", state["last_decision"] is not None)
         self._next_observation = state["next_observation"]
         self._last_reference = state["last_reference"]
-        self._observation_overhead = state["observation_overhead"]
         self._last_decision = state["last_decision"]
         self._batch_advice = state.get("batch_advice")
         self.unbiasedness = state["unbiasedness"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lgp_hf.costs import PRIOR_INTERCEPT, REFERENCE_WINDOW, SAMPLED_WINDOW, StepCostModel, WeightGradientCalibration, affordable_check_draws
+from lgp_hf.costs import OBSERVED_WINDOW, PRIOR_INTERCEPT, REFERENCE_WINDOW, SAMPLED_WINDOW, StepCostModel, WeightGradientCalibration, affordable_check_draws
 from lgp_hf.trainer import MIN_CHECK_DRAWS
 
 
@@ -51,6 +51,24 @@ def test_the_predictors_work_is_kept_apart_from_the_step_cost():
     restored = StepCostModel()
     restored.load_state_dict(model.state_dict())
     assert restored.predictor_cost() == model.predictor_cost() and restored.cost(0.25) == model.cost(0.25)
+
+
+def test_observation_overhead_is_the_median_observed_step_over_the_reference():
+    """Observed steps of 1.1 s against 1 s plain steps, one of them 3 s (a stall): observing adds 0.1 of a step, not
+    the stall's 2 (which would space observations 20 times further apart); never below 0 when noise makes it faster."""
+    model = StepCostModel()
+    model.observe_observed(1.1)
+    assert model.observation_overhead() is None  # no reference yet
+    model.observe_plain(1.0)
+    for seconds in [1.1, 3.0, 1.1, 1.1]:
+        model.observe_observed(seconds)
+    assert len(model.observed) == OBSERVED_WINDOW and model.observation_overhead() == pytest.approx(0.1)
+    restored = StepCostModel()
+    restored.load_state_dict(model.state_dict())
+    assert restored.observation_overhead() == model.observation_overhead()
+    for _ in range(OBSERVED_WINDOW):
+        model.observe_observed(0.9)
+    assert model.observation_overhead() == 0.0
 
 
 def test_old_checkpoint_state_leaves_the_windows_empty():
