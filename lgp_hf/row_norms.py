@@ -21,8 +21,8 @@ import contextlib
 import functools
 
 import torch
-from torch.autograd.graph import get_gradient_edge
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from transformers.pytorch_utils import Conv1D
 
 from .token_sampling import row_token_variances, token_scores
