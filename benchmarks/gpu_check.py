@@ -3,7 +3,7 @@
 
 The CPU test suite cannot run CUDA kernels (cuBLAS, cuDNN, the fused attention kernels) nor bf16 on GPU matrix
 units; this script runs on them and prints everything, in one process (the step cost in processes of its own).
-Sized for about 6 minutes on an H100 at the defaults (an estimate: not yet timed on one):
+Sized for about 7 minutes on an H100 at the defaults (an estimate: not yet timed on one):
 
   (a) unbiased      `lgp_hf.verify_unbiased` at control_fraction 0.5 (`--draws` 64 sampled backwards against the
                     exact gradient, z-tests along the exact gradient, random and per-tensor directions) on the
@@ -26,14 +26,20 @@ Sized for about 6 minutes on an H100 at the defaults (an estimate: not yet timed
   (d) race          `time_to_accuracy.py --subset --bf16`, one seed, `--race_seconds` 45 s of training per run:
                     Trainer at batch 128 and 64, lgp_fauto, lgp_f0.5; its table gives per run steps, seconds per
                     step, test accuracy, F (`lgp_variance_factor`), the step cost and F x cost.
+  (e) LM step cost  `step_cost.py --model gpt2_small` (124 M parameters, random tokens) at `--lm_batch_size` 8 x
+                    `--lm_sequence_length` 512 under bf16: Trainer, f = 1 with the weight gradients at keep 1, 0.5
+                    and 0.25, the defaults (lgp_fauto) and lgp_f1_keepauto. The open question of issue 25: whether
+                    the token draw makes a language model's step cheaper on a GPU by more than its F (1.06-1.07 at
+                    keep 0.5, 1.54-1.59 at 0.25 on `lm_finetune.py`'s task) makes it dearer.
 
     python benchmarks/gpu_check.py               # on a machine with CUDA; exit status 1 when (a) or (b) fails
     python benchmarks/gpu_check.py --parts a b   # the checks only
     python benchmarks/gpu_check.py --allow_cpu --check_batch 8 --draws 16 --gpt2_vocab 1000 --identity_steps 2 \\
-        --batch_size 16 --step_rounds 2 --race_seconds 5 --race_eval_samples 64   # smoke test on the CPU (several minutes)
+        --batch_size 16 --step_rounds 2 --race_seconds 5 --race_eval_samples 64 --lm_batch_size 1 \
+        --lm_sequence_length 64   # smoke test on the CPU (several minutes)
 
 Without a CUDA device (and without --allow_cpu) it says so and exits 0. On the CPU (--allow_cpu) bf16 autocast is
-the CPU's, and (c) and (d) run in fp32: only to check the script.
+the CPU's, and (c), (d) and (e) run in fp32: only to check the script.
 """
 
 from __future__ import annotations
@@ -63,15 +69,17 @@ GPT2_BATCH = (16, 128)  # sequences x tokens
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--allow_cpu", action="store_true", help="Without CUDA, run everything on the CPU (slow, for the script).")
-    parser.add_argument("--parts", nargs="+", choices=list("abcd"), default=list("abcd"), help="Which parts to run (default: all).")
+    parser.add_argument("--parts", nargs="+", choices=list("abcde"), default=list("abcde"), help="Which parts to run (default: all).")
     parser.add_argument("--draws", type=int, default=64, help="(a) sampled backwards per unbiasedness check.")
     parser.add_argument("--check_batch", type=int, default=64, help="(a) ViT images per unbiasedness check.")
     parser.add_argument("--gpt2_vocab", type=int, default=50257, help="(a) vocabulary of the small GPT-2.")
     parser.add_argument("--identity_steps", type=int, default=5, help="(b) optimizer steps compared.")
     parser.add_argument("--batch_size", type=int, default=128, help="(c), (d) batch size of Trainer and the lgp runs.")
-    parser.add_argument("--step_rounds", type=int, default=6, help="(c) rounds of step_cost.py's rotation (the first discarded).")
+    parser.add_argument("--step_rounds", type=int, default=6, help="(c), (e) rounds of step_cost.py's rotation (the first discarded).")
     parser.add_argument("--race_seconds", type=float, default=45.0, help="(d) training seconds per run of the race.")
     parser.add_argument("--race_eval_samples", type=int, default=1000, help="(d) test images per evaluation (3 per run and a final one).")
+    parser.add_argument("--lm_batch_size", type=int, default=8, help="(e) sequences per batch of GPT-2 small.")
+    parser.add_argument("--lm_sequence_length", type=int, default=512, help="(e) tokens per sequence of GPT-2 small.")
     return parser.parse_args(argv)
 
 
@@ -187,7 +195,7 @@ def check_f1_identical(cli, cuda: bool, data: common.ImageData, tmp: str) -> int
     return failures
 
 
-# ---------------------------------------------------------------- (c) step cost and (d) race
+# ---------------------------------------------------------------- (c) step cost, (d) race, (e) the LM's step cost
 
 
 def step_cost(cli, cuda: bool) -> None:
@@ -197,6 +205,17 @@ def step_cost(cli, cuda: bool) -> None:
         "--batch_size", str(cli.batch_size), "--fractions", "0.5", "0.25", "--weight_gradient_keep", "1.0", "0.5",
         "--runs", "lgp_f0.25_linear", "lgp_f1_keepauto", "--rounds", str(cli.step_rounds),
         "--steps_per_turn", "4", "--output_dir", tempfile.mkdtemp(prefix="gpu_step_cost_"), *(["--bf16"] if cuda else []),
+    ])
+
+
+def lm_step_cost(cli, cuda: bool) -> None:
+    import step_cost as step_cost_script  # benchmarks/, next to this script
+
+    step_cost_script.main([
+        "--model", "gpt2_small", "--batch_size", str(cli.lm_batch_size), "--sequence_length", str(cli.lm_sequence_length),
+        "--fractions", "1.0", "--weight_gradient_keep", "1.0", "0.5", "0.25", "--runs", "lgp_fauto", "lgp_f1_keepauto",
+        "--rounds", str(cli.step_rounds), "--steps_per_turn", "4", "--output_dir", tempfile.mkdtemp(prefix="gpu_lm_step_cost_"),
+        *(["--bf16"] if cuda else []),
     ])
 
 
@@ -241,6 +260,9 @@ def main(argv=None) -> int:
     if "d" in cli.parts:
         print("\n(d) equal-time race", flush=True)
         race(cli, cuda)
+    if "e" in cli.parts:
+        print(f"\n(e) GPT-2 small step cost, {cli.lm_batch_size} x {cli.lm_sequence_length} tokens", flush=True)
+        lm_step_cost(cli, cuda)
     checked = "(a) and (b)" if {"a", "b"} <= set(cli.parts) else "the checks run"
     print(f"\n{f'{failures} check(s) failed' if failures else f'{checked}: no failure'}; {time.perf_counter() - start:.0f} s in all")
     return 1 if failures else 0
