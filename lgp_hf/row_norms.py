@@ -57,7 +57,7 @@ class RowGradientNorms:
     """Hooks on the linear layers of `modules` that add each row's squared gradient norm into `squared_norms`, and
     on their parameters' gradient accumulation (`AccumulateGrad`, run once per backward with the parameter's whole
     gradient there, not by the `torch.autograd.grad` of a block's replay) that hold the gradient each backward gives
-    them in `batch_gradients` (`batch_squared_norm`: its squared norm; the update's, with its sampling variance); with a
+    them in `batch_gradients` (`take_batch_squared_norm`: its squared norm; the update's, with its sampling variance); with a
     keep below 1 in `token_keeps` (`weight_gradient_keep`), each row's token sampling variance at each keep into
     `token_variances` (rows x keeps; 0 at keep 1). With a `calibration` (`weight_gradient_keep="auto"`), only layers
     whose sampling saves time at a keep are counted there, and `keep_savings` adds up the seconds they would save
@@ -106,11 +106,12 @@ class RowGradientNorms:
         """The layers' trainable weights and biases, each once."""
         return list({id(p): p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None and p.requires_grad}.values())
 
-    def batch_squared_norm(self) -> float:
+    def take_batch_squared_norm(self) -> float:
         """The squared norm of the gradient the layers' parameters were given in the recorded backward: ||sum_i g_i||^2
         at f = 1 without token draws; with them, that of the update, whose expectation adds their variance (0 before
-        any backward)."""
-        return sum(float(gradient.double().pow(2).sum()) for gradient in self.batch_gradients.values())
+        any backward). Lets go of the gradients: they are not held until the next observed step."""
+        gradients, self.batch_gradients = self.batch_gradients, {}
+        return sum(float(gradient.double().pow(2).sum()) for gradient in gradients.values())
 
     @contextlib.contextmanager
     def recording(self, row_count, row_index):

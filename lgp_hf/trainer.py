@@ -254,7 +254,7 @@ class PredictedGradientMixin:
             )
         work = self.replay.take_counts() + (self.token_sampler.take_counts() if self.token_sampler is not None else (0, 0))
         self._step_rows = [self._step_rows[0] + work[0], self._step_rows[1] + work[1]]
-        norms = (self.row_norms.squared_norms, self.row_norms.batch_squared_norm()) if observe else (None, None)
+        norms = (self.row_norms.squared_norms, self.row_norms.take_batch_squared_norm()) if observe else (None, None)
         predictor = self.sampler.predictor  # applied or measured in this step
         predicted = predictor.finish_micro_batch(self._fit_design(fraction)) if predictor is not None else None
         tokens = self.row_norms.token_variances if observe else None
@@ -604,8 +604,8 @@ class PredictedGradientMixin:
 
     def lgp_summary(self) -> dict[str, float | str | None]:
         """Statistics of the run so far: control fraction, rows drawn and computed, the variance factor F, the step
-        cost (`costs.StepCostModel.step_cost`: medians of recent timed steps), the last observed step's extra time
-        at f = 1, the gradient noise scale and the optimizer step's batch, the last decision of "auto" and the
+        cost (`costs.StepCostModel.step_cost`: medians of recent timed steps), an observed step's extra time at
+        f = 1 (`costs.StepCostModel.observation_overhead`), the gradient noise scale and the optimizer step's batch, the last decision of "auto" and the
         unbiasedness check."""
         decision = self._last_decision or {}
         return {
